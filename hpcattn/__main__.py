@@ -1,0 +1,3 @@
+from hpcattn.cli import main
+
+main(prog_name="hpcattn")

@@ -1,0 +1,160 @@
+"""Exact ring attention across MPI ranks.
+
+Every rank holds the queries, keys and values of its positions (see ``hpcattn.layouts``). For P
+steps it computes blockwise attention of its queries against the K/V block it currently holds
+while that block is already travelling to rank r+1 and the next one arrives from rank r-1
+(non-blocking MPI, two buffers). Partial results are merged by their log-sum-exp.
+
+Causal attention uses global positions, so the same loop serves every layout; a block whose keys
+all lie in the future of every local query is skipped (never computed), and with ``zigzag`` or
+``striped`` every rank does about the same work.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .backend import array_module
+from .blockwise import attention, merge_partials
+from .errors import CollectiveError, HpcattnError
+from .layouts import check_layout, local_count, positions
+from .validate import check_qkv
+
+
+class RingComm:
+    """Send to rank+1 and receive from rank-1, non-blocking; ``progress()`` between tiles.
+
+    MPICH's PyPI build only moves a posted message while some MPI call runs, so ``progress`` is
+    called from the compute loop (``MPI.Request.Testall``); that is what hides the exchange.
+    """
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.right = (comm.rank + 1) % comm.size
+        self.left = (comm.rank - 1) % comm.size
+        self.reqs = []
+
+    def send_recv(self, send_buf, recv_buf, tag=0):
+        from mpi4py import MPI
+
+        self.reqs = [self.comm.Irecv([recv_buf, MPI.BYTE], source=self.left, tag=tag),
+                     self.comm.Isend([send_buf, MPI.BYTE], dest=self.right, tag=tag)]
+
+    def progress(self):
+        from mpi4py import MPI
+
+        if self.reqs:
+            MPI.Request.Testall(self.reqs)
+
+    def wait(self):
+        from mpi4py import MPI
+
+        if self.reqs:
+            MPI.Request.Waitall(self.reqs)
+        self.reqs = []
+
+
+def _describe(q, k, v):
+    """What every rank tells the others before the ring starts (and its local error, if any)."""
+    try:
+        check_qkv(q, k, v)
+        err = None
+    except HpcattnError as exc:
+        err = str(exc)
+    return {"err": err, "q": tuple(getattr(q, "shape", ())), "kv": tuple(getattr(k, "shape", ())),
+            "dtype": str(getattr(q, "dtype", "?"))}
+
+
+def check_ring_inputs(q, k, v, comm, layout):
+    """Collective validation: raises the same CollectiveError on every rank, or returns N."""
+    check_layout(layout)
+    size = comm.size
+    infos = comm.allgather(_describe(q, k, v))
+    for r, info in enumerate(infos):
+        if info["err"]:
+            raise CollectiveError(f"rank {r}: {info['err']}")
+    ref = infos[0]
+    for r, info in enumerate(infos):
+        if info["q"][0] != ref["q"][0] or info["q"][2:] != ref["q"][2:] or info["kv"][2:] != ref["kv"][2:] \
+                or info["dtype"] != ref["dtype"]:
+            raise CollectiveError(
+                f"rank {r} has q {info['q']}, k/v {info['kv']}, {info['dtype']} but rank 0 has q {ref['q']}, "
+                f"k/v {ref['kv']}, {ref['dtype']}; expected equal batch, heads, head_dim and dtype on every rank")
+        if info["q"][1] != info["kv"][1]:
+            raise CollectiveError(f"rank {r} holds {info['q'][1]} query rows but {info['kv'][1]} key rows; "
+                                  "expected q, k and v sharded alike")
+    counts = [info["q"][1] for info in infos]
+    n = sum(counts)
+    if n < size:
+        raise CollectiveError(f"sequence length N={n} is smaller than the number of ranks P={size}; "
+                              "expected N >= P")
+    want = [local_count(n, size, r, layout) for r in range(size)]
+    if counts != want:
+        raise CollectiveError(f"ranks hold {counts} positions but layout {layout!r} with N={n} on "
+                              f"P={size} ranks assigns {want}; shard inputs with hpcattn.shard")
+    return n
+
+
+def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
+                   scale: float | None = None, stats: dict | None = None, **block_kw):
+    """Exact attention over the global sequence whose shards the ranks of ``comm`` hold.
+
+    ``q``, ``k``, ``v`` are this rank's shards, (batch, n_local, heads, head_dim), laid out by
+    ``layout`` (use ``hpcattn.shard``). Returns this rank's ``(out, lse)`` rows, identical (to
+    rounding) to single-rank ``attention`` on the global arrays. If ``stats`` is a dict it receives
+    ``compute_s`` (time in attention), ``wait_s`` (time blocked in the exchange), ``steps``
+    and ``skipped`` (blocks skipped by the causal mask).
+    """
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    n = check_ring_inputs(q, k, v, comm, layout)
+    size, rank = comm.size, comm.rank
+    xp = array_module(q)
+    q_pos = positions(n, size, rank, layout)
+    t_compute = t_wait = 0.0
+    skipped = 0
+    if size == 1:
+        t0 = time.perf_counter()
+        out, lse = attention(q, k, v, causal=causal, scale=scale, check_finite=False, **block_kw)
+        t_compute = time.perf_counter() - t0
+    else:
+        ring = RingComm(comm)
+        b, nk, hkv, d = k.shape
+        row = b * hkv * d  # elements per sequence position in one of k or v
+        counts = [local_count(n, size, r, layout) for r in range(size)]
+        bufs = [xp.empty(2 * max(counts) * row, dtype=k.dtype) for _ in range(2)]
+        bufs[0][: nk * row] = k.reshape(-1)   # (b, n, hkv, d) -> kv block, k then v
+        bufs[0][nk * row: 2 * nk * row] = v.reshape(-1)
+        out = lse = None
+        for step in range(size):
+            src = (rank - step) % size          # whose block we hold now
+            cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
+            n_src = counts[src]
+            if step < size - 1:
+                n_next = counts[(src - 1) % size]
+                ring.send_recv(cur[: 2 * n_src * row], nxt[: 2 * n_next * row])
+            k_pos = positions(n, size, src, layout)
+            t0 = time.perf_counter()
+            if causal and q_pos[-1] < k_pos[0]:
+                skipped += 1                     # every key is in every query's future
+            else:
+                kb = cur[: n_src * row].reshape(b, n_src, hkv, d)
+                vb = cur[n_src * row: 2 * n_src * row].reshape(b, n_src, hkv, d)
+                o, l = attention(q, kb, vb, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                                 check_finite=False, progress=ring.progress, **block_kw)
+                if out is None:
+                    out, lse = o, l
+                else:
+                    merge_partials(out, lse, o, l)
+            t1 = time.perf_counter()
+            ring.wait()
+            t_compute += t1 - t0
+            t_wait += time.perf_counter() - t1
+        if out is None:  # cannot happen for causal (a query always sees itself), kept for safety
+            raise HpcattnError("no key block was visible to this rank's queries")
+    if stats is not None:
+        stats.update(compute_s=t_compute, wait_s=t_wait, steps=size, skipped=skipped)
+    return out, lse
