@@ -55,6 +55,16 @@ class RingComm:
         self.reqs = []
 
 
+def make_ring_comm(comm, xp):
+    """The exchange for this backend: plain ``RingComm`` for NumPy; for CuPy, ``hpcattn.gpu``
+    decides between passing device buffers (CUDA-aware MPI) and staging through host memory."""
+    if xp is np:
+        return RingComm(comm)
+    from .gpu import make_ring_comm as make_gpu_ring_comm
+
+    return make_gpu_ring_comm(comm)
+
+
 def _describe(q, k, v):
     """What every rank tells the others before the ring starts (and its local error, if any)."""
     try:
@@ -121,7 +131,7 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
         out, lse = attention(q, k, v, causal=causal, scale=scale, check_finite=False, **block_kw)
         t_compute = time.perf_counter() - t0
     else:
-        ring = RingComm(comm)
+        ring = make_ring_comm(comm, xp)
         b, nk, hkv, d = k.shape
         row = b * hkv * d  # elements per sequence position in one of k or v
         counts = [local_count(n, size, r, layout) for r in range(size)]

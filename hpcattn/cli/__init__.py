@@ -19,6 +19,7 @@ COMMANDS = {
     "mixers": "hpcattn.cli.mixers:mixers",
     "submit": "hpcattn.cli.submit:submit",
     "status": "hpcattn.cli.status:status",
+    "merge": "hpcattn.cli.merge:merge",
 }
 
 
