@@ -1,0 +1,134 @@
+"""Blockwise attention on one rank against the float64 textbook reference."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from hpcattn import HpcattnError, attention, merge_partials
+from hpcattn.reference import naive_attention
+
+TOL = {"float32": 2e-6, "float64": 1e-12}
+
+
+def make(rng, b, nq, nk, h, hkv, d, dtype):
+    return (rng.standard_normal((b, nq, h, d)).astype(dtype),
+            rng.standard_normal((b, nk, hkv, d)).astype(dtype),
+            rng.standard_normal((b, nk, hkv, d)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 1, 1),        # single token
+    (2, 37, 37, 4, 2, 8),      # GQA, ragged against every tile size
+    (1, 200, 200, 6, 1, 16),   # MQA
+    (1, 130, 130, 3, 3, 5),    # odd head dim
+    (3, 64, 64, 2, 2, 64),     # exactly one tile row
+])
+@pytest.mark.parametrize("blocks", [(16, 16), (7, 33), (None, None)])
+def test_matches_reference(dtype, causal, shape, blocks):
+    rng = np.random.default_rng(hash((dtype, causal, shape, blocks)) % 2**32)
+    b, nq, nk, h, hkv, d = shape
+    q, k, v = make(rng, b, nq, nk, h, hkv, d, dtype)
+    copies = [x.copy() for x in (q, k, v)]
+    out, lse = attention(q, k, v, causal=causal, block_q=blocks[0], block_k=blocks[1])
+    ref, ref_lse = naive_attention(q, k, v, causal=causal)
+    assert out.dtype == np.dtype(dtype) and out.shape == q.shape
+    assert lse.dtype == np.dtype(dtype) and lse.shape == (b, h, nq)
+    assert np.abs(out - ref).max() <= TOL[dtype]
+    assert np.abs(lse - ref_lse).max() <= TOL[dtype] * 10
+    for x, c in zip((q, k, v), copies):
+        assert np.array_equal(x, c), "attention must not modify its inputs"
+
+
+def test_non_square_and_scale():
+    rng = np.random.default_rng(3)
+    q, k, v = make(rng, 2, 50, 170, 4, 2, 8, "float64")
+    out, lse = attention(q, k, v, scale=0.37, block_q=16, block_k=40)
+    ref, ref_lse = naive_attention(q, k, v, scale=0.37)
+    assert np.abs(out - ref).max() < 1e-12 and np.abs(lse - ref_lse).max() < 1e-12
+
+
+def test_causal_with_global_positions_and_empty_rows():
+    """Positions decide the mask; a query that sees no key gets out 0 and lse -inf."""
+    rng = np.random.default_rng(4)
+    q, k, v = make(rng, 1, 40, 60, 2, 2, 8, "float64")
+    q_pos = np.arange(100, 140) - 30          # 70..109
+    k_pos = np.arange(60) * 2 + 50            # 50..168, strided
+    out, lse = attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos, block_q=8, block_k=8)
+    ref, ref_lse = naive_attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert np.abs(out - ref).max() < 1e-12
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    fin = np.isfinite(ref_lse)
+    assert np.abs(lse[fin] - ref_lse[fin]).max() < 1e-12
+    # every key in the future of every query: all rows empty
+    out, lse = attention(q, k, v, causal=True, q_pos=np.arange(40), k_pos=np.arange(60) + 40)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+
+
+def test_fully_masked_tiles_are_skipped():
+    """With a causal mask over contiguous positions, roughly half the tiles are never computed."""
+    rng = np.random.default_rng(5)
+    q, k, v = make(rng, 1, 256, 256, 1, 1, 4, "float64")
+    calls = []
+    attention(q, k, v, causal=True, block_q=32, block_k=32, progress=lambda: calls.append(1))
+    assert len(calls) == 8 * 9 // 2          # lower triangle of an 8x8 tile grid, diagonal included
+    calls.clear()
+    attention(q, k, v, causal=False, block_q=32, block_k=32, progress=lambda: calls.append(1))
+    assert len(calls) == 64
+
+
+def test_merge_partials_equals_attention_over_the_union():
+    rng = np.random.default_rng(6)
+    q, k, v = make(rng, 2, 30, 90, 4, 2, 8, "float64")
+    o1, l1 = attention(q, k[:, :35], v[:, :35])
+    o2, l2 = attention(q, k[:, 35:], v[:, 35:])
+    merge_partials(o1, l1, o2, l2)
+    ref, ref_lse = naive_attention(q, k, v)
+    assert np.abs(o1 - ref).max() < 1e-12 and np.abs(l1 - ref_lse).max() < 1e-12
+    # merging an empty partial (lse -inf) changes nothing
+    o3, l3 = np.zeros_like(o1), np.full_like(l1, -np.inf)
+    merge_partials(o1, l1, o3, l3)
+    assert np.abs(o1 - ref).max() < 1e-12
+
+
+def test_never_materialises_the_score_matrix():
+    """N=8192: an N x N float32 score matrix is 256 MiB; blockwise stays at O(N d) + one tile."""
+    rng = np.random.default_rng(7)
+    n, d = 8192, 16
+    q, k, v = make(rng, 1, n, n, 1, 1, d, "float32")
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    attention(q, k, v, causal=True, block_q=256, block_k=512)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda q, k, v: (q.astype(np.int64), k, v), r"q has dtype int64; expected one of float32, float64"),
+    (lambda q, k, v: (q.astype(np.float16), k.astype(np.float16), v.astype(np.float16)),
+     r"q has dtype float16; expected one of float32, float64"),
+    (lambda q, k, v: (q, k.astype(np.float64), v), r"q, k, v have dtypes float32, float64, float32"),
+    (lambda q, k, v: (q[0], k, v), r"q has shape \(8, 4, 8\); expected 4 dimensions"),
+    (lambda q, k, v: (q, k[:, :5], v), r"k has shape \(1, 5, 2, 8\) but v has \(1, 8, 2, 8\)"),
+    (lambda q, k, v: (q[..., :3, :], k, v), r"q has 3 heads and k/v 2; expected q heads to be a multiple"),
+    (lambda q, k, v: (q[..., :4], k, v), r"k/v head_dim 8 differs from q head_dim 4"),
+])
+def test_bad_input_is_a_one_line_error(bad, message):
+    rng = np.random.default_rng(8)
+    q, k, v = bad(*make(rng, 1, 8, 8, 4, 2, 8, "float32"))
+    with pytest.raises(HpcattnError, match=message) as info:
+        attention(q, k, v)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_reported(which, value):
+    rng = np.random.default_rng(9)
+    arrs = dict(zip("qkv", make(rng, 1, 8, 8, 2, 2, 4, "float32")))
+    arrs[which][0, 5, 1, 2] = value
+    with pytest.raises(HpcattnError, match=rf"{which} contains NaN or Inf \(first at index \(0, 5, 1, 2\)\)"):
+        attention(arrs["q"], arrs["k"], arrs["v"])

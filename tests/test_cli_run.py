@@ -1,0 +1,87 @@
+"""``hpcattn run`` as a user runs it: through mpiexec, with --check, and when things go wrong."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run(cmd, timeout=180, **kw):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s")
+
+
+def test_help_explains_every_option(hpcattn_cmd):
+    proc = run(hpcattn_cmd + ["run", "--help"])
+    assert proc.returncode == 0
+    for opt in ("--np", "--seq-len", "--heads", "--kv-heads", "--head-dim", "--dtype", "--causal",
+                "--layout", "--seed", "--repeats", "--check", "--check-rows", "--tolerance"):
+        assert opt in proc.stdout
+
+
+@pytest.mark.parametrize("np_, layout, extra", [
+    (2, "zigzag", ["--causal"]),
+    (3, "striped", ["--causal", "--kv-heads", "2"]),
+    (4, "contiguous", ["--dtype", "float64"]),
+])
+def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout, extra):
+    proc = run(hpcattn_cmd + ["run", "--np", str(np_), "-N", "1001", "-H", "4", "-d", "16",
+                              "--layout", layout, "--check", "--check-rows", "32", *extra])
+    assert proc.returncode == 0, proc.stderr
+    assert f"ranks              {np_}  (layout {layout}" in proc.stdout
+    assert "PASSED" in proc.stdout and "N  1,001" in proc.stdout
+
+
+def test_under_mpiexec_directly(hpcattn_cmd, mpiexec):
+    proc = run([mpiexec, "-n", "2"] + hpcattn_cmd + ["run", "-N", "512", "-H", "2", "-d", "8", "--check"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("hpcattn run: exact ring attention") == 1  # rank 0 prints, once
+
+
+def test_check_failure_exits_1(hpcattn_cmd, mpiexec):
+    proc = run(hpcattn_cmd + ["run", "--np", "2", "-N", "256", "-H", "2", "-d", "8", "--check",
+                              "--tolerance", "1e-30"])
+    assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--np", "4", "-N", "3"], "sequence length N=3 is smaller than the number of ranks P=4; expected N >= P"),
+    (["--np", "2", "-H", "6", "--kv-heads", "4"], "kv_heads=4 does not divide heads=6"),
+])
+def test_bad_input_exits_2_with_one_line(hpcattn_cmd, mpiexec, args, message):
+    proc = run(hpcattn_cmd + ["run", *args])
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if "hpcattn: error" in ln]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_wrong_np_under_mpiexec(hpcattn_cmd, mpiexec):
+    proc = run([mpiexec, "-n", "2"] + hpcattn_cmd + ["run", "--np", "3", "-N", "64"])
+    assert proc.returncode != 0 and "--np 3 was given but this job already runs on 2 MPI ranks" in proc.stderr
+
+
+def test_a_failing_rank_aborts_the_job_instead_of_hanging(mpiexec):
+    """Rank 1 fails while rank 0 waits in a collective: fail() must MPI_Abort everyone."""
+    code = ("from hpcattn.launch import fail, world\n"
+            "c = world()\n"
+            "if c.rank == 1:\n"
+            "    fail(RuntimeError('disk on fire'), c)\n"
+            "c.Barrier()\n")
+    proc = run([mpiexec, "-n", "2", sys.executable, "-c", code], timeout=60)
+    assert proc.returncode != 0
+    assert "hpcattn: error: rank 1/2: RuntimeError: disk on fire" in proc.stderr
+
+
+def test_np_without_mpiexec_is_a_clear_error(hpcattn_cmd, tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))
+    # a python whose directory has no mpiexec: a symlink to this interpreter in an empty folder
+    py = tmp_path / "python"
+    py.symlink_to(sys.executable)
+    proc = run([str(py), "-m", "hpcattn", "run", "--np", "2"], env=env)
+    if "mpiexec was not found" not in proc.stderr:
+        pytest.skip("this interpreter resolves mpiexec elsewhere")
+    assert proc.returncode == 2

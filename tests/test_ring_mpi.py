@@ -1,0 +1,137 @@
+"""Ring attention across ranks equals single-rank attention and the float64 reference.
+
+Runs serially (1 rank) and under ``mpiexec -n P python -m pytest --with-mpi`` (see MPI_SIZES).
+"""
+import numpy as np
+import pytest
+
+import hpcattn
+from hpcattn import CollectiveError, LAYOUTS, ring_attention, shard, unshard
+from hpcattn.reference import naive_attention
+
+MPI_SIZES = (2, 3, 4)
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+
+def communicators():
+    world = MPI.COMM_WORLD
+    return {"world": world, "dup": world.Dup(), "self": MPI.COMM_SELF}
+
+
+@pytest.fixture(params=["world", "dup", "self"])
+def comm(request):
+    c = communicators()[request.param]
+    yield c
+    if request.param == "dup":
+        c.Free()
+
+
+def global_inputs(n, b=2, h=4, hkv=2, d=8, dtype="float64", seed=0):
+    rng = np.random.default_rng([seed, n, h, hkv])  # same on every rank
+    return (rng.standard_normal((b, n, h, d)).astype(dtype),
+            rng.standard_normal((b, n, hkv, d)).astype(dtype),
+            rng.standard_normal((b, n, hkv, d)).astype(dtype))
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [4, 11, 64, 203])  # uneven: not divisible by P nor 2P
+def test_ring_equals_reference(comm, layout, causal, n):
+    q, k, v = global_inputs(n)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, lse = ring_attention(*local, comm, causal=causal, layout=layout, block_q=16, block_k=16)
+    out_g = unshard(out, comm, layout)
+    lse_g = unshard(lse, comm, layout, axis=2)
+    ref, ref_lse = naive_attention(q, k, v, causal=causal)
+    assert np.abs(out_g - ref).max() < 1e-12
+    assert np.abs(lse_g - ref_lse).max() < 1e-12
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_float32_equals_single_rank(layout):
+    comm = MPI.COMM_WORLD
+    q, k, v = global_inputs(300, b=1, h=4, hkv=1, d=16, dtype="float32")
+    single, single_lse = hpcattn.attention(q, k, v, causal=True)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    stats = {}
+    out, lse = ring_attention(*local, comm, causal=True, layout=layout, stats=stats)
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    assert np.abs(unshard(out, comm, layout) - single).max() < 2e-6
+    assert stats["steps"] == comm.size
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_causal_contiguous_skips_future_blocks():
+    comm = MPI.COMM_WORLD
+    q, k, v = global_inputs(40)
+    stats = {}
+    ring_attention(*[shard(x, comm, "contiguous") for x in (q, k, v)], comm, causal=True,
+                   layout="contiguous", stats=stats)
+    # rank r sees blocks of ranks 0..r only; the others are skipped, not computed
+    assert stats["skipped"] == comm.size - 1 - comm.rank
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shard_unshard_round_trip_is_exact(comm, layout):
+    n = 29
+    b, h, d = 2, 3, 5
+    bb, nn, hh, dd = np.meshgrid(np.arange(b), np.arange(n), np.arange(h), np.arange(d), indexing="ij")
+    x = (((bb * 1_000_003 + nn) * 1009 + hh) * 101 + dd).astype(np.int64)
+    for axis in (1, 2):
+        xa = np.moveaxis(x, 1, axis).copy()
+        back = unshard(shard(xa, comm, layout, axis=axis), comm, layout, axis=axis)
+        assert back.dtype == xa.dtype and np.array_equal(back, xa)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_mismatched_shapes_raise_the_same_error_everywhere():
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        pytest.skip("needs 2 ranks")
+    q, k, v = [shard(x, comm, "contiguous") for x in global_inputs(16)]
+    if comm.rank == 1:
+        q = np.ascontiguousarray(q[..., :4])  # head_dim 4 on rank 1 only
+        k = np.ascontiguousarray(k[..., :4])
+        v = np.ascontiguousarray(v[..., :4])
+    with pytest.raises(CollectiveError, match=r"rank 1 has q \(2, \d+, 4, 4\).*expected equal batch"):
+        ring_attention(q, k, v, comm)
+    comm.Barrier()  # everyone got here: no hang
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_nan_on_one_rank_is_reported_on_all_ranks():
+    comm = MPI.COMM_WORLD
+    q, k, v = [shard(x, comm, "zigzag") for x in global_inputs(16)]
+    bad = comm.size - 1
+    if comm.rank == bad:
+        v = v.copy()
+        v[0, 0, 0, 0] = np.nan
+    with pytest.raises(CollectiveError, match=rf"rank {bad}: v contains NaN or Inf"):
+        ring_attention(q, k, v, comm, layout="zigzag")
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_too_few_positions_and_wrong_sharding():
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        pytest.skip("needs 2 ranks")
+    one = np.ones((1, 1 if comm.rank == 0 else 0, 1, 2))
+    with pytest.raises(CollectiveError, match=rf"N=1 is smaller than the number of ranks P={comm.size}"):
+        ring_attention(one, one, one, comm)
+    q, k, v = global_inputs(4 * comm.size)
+    q, k, v = [x[:, :2 if comm.rank == 0 else 5] for x in (q, k, v)]  # 2 vs 5 rows: no layout does that
+    with pytest.raises(CollectiveError, match="layout 'striped'.*assigns"):
+        ring_attention(q, k, v, comm, layout="striped")
+    comm.Barrier()
