@@ -66,6 +66,25 @@ class AttentionCase:
         return f / 2 if self.causal else f
 
 
+def attention_case(params: dict) -> tuple[AttentionCase, float | None]:
+    """The case and check tolerance a job's parameter dict describes (``tolerance`` is not a case
+    field: it only judges the check; None means the dtype's default)."""
+    params = dict(params)
+    tol = params.pop("tolerance", None)
+    return AttentionCase(**params), tol
+
+
+def resolved_params(case: AttentionCase, tolerance: float | None) -> dict:
+    """Every parameter of ``case`` with defaults filled in (what a results file records)."""
+    params = dataclasses.asdict(case)
+    if params["kv_heads"] is None:
+        params["kv_heads"] = params["heads"]
+    params = {k: v for k, v in params.items() if v is not None}
+    if case.check_rows:
+        params["tolerance"] = default_tolerance(case.dtype) if tolerance is None else float(tolerance)
+    return params
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

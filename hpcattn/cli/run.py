@@ -61,10 +61,50 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
     return ok
 
 
+# command-line option -> job sweep key (an option given on the command line overrides the job)
+OVERRIDES = {"seq_len": "seq_len", "batch": "batch", "heads": "heads", "kv_heads": "kv_heads",
+             "head_dim": "head_dim", "dtype": "dtype", "causal": "causal", "layout": "layout",
+             "seed": "seed", "repeats": "repeats", "tolerance": "tolerance", "block_q": "block_q",
+             "block_k": "block_k"}
+JOB_ONLY = ("output", "array_task", "array_tasks", "force")
+
+
+def _given(ctx, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def job_overrides(ctx, values: dict) -> dict:
+    """Sweep keys fixed by options the user typed (not by defaults)."""
+    over = {key: values[opt] for opt, key in OVERRIDES.items() if _given(ctx, opt)}
+    if values["check"] or _given(ctx, "check_rows"):
+        over["check_rows"] = values["check_rows"]
+    return over
+
+
+def _load(job_file, overrides):
+    from ..jobs import load_job
+
+    return load_job(job_file).with_overrides(overrides)
+
+
 @click.command(context_settings={"show_default": True})
+@click.argument("job_file", required=False, metavar="[JOB.toml]")
 @click.option("--np", "np_", type=click.IntRange(min=1), default=None,
               help="Number of MPI ranks. Starts mpiexec itself when not already under MPI; "
                    "leave it out under mpiexec/srun.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Results file of a job (default: the job's [output] path, results/<name>.h5).")
+@click.option("--array-task", type=click.IntRange(min=0), default=None,
+              help="Run only cases c with c % ARRAY_TASKS == ARRAY_TASK (Slurm arrays); "
+                   "default output <stem>.task<I>.h5, combine with 'hpcattn merge'.")
+@click.option("--array-tasks", type=click.IntRange(min=1), default=None,
+              help="Number of array tasks the job's cases are split over.")
+@click.option("--force", is_flag=True, help="Recompute every case, discarding earlier results in the output.")
+@click.option("--progress/--no-progress", default=None, show_default=False,
+              help="Progress bar on rank 0. Default: only when stderr is a terminal "
+                   "(--np passes it on when yours is).")
 @click.option("--seq-len", "-N", type=click.IntRange(min=1), default=4096, help="Global sequence length N.")
 @click.option("--batch", "-B", type=click.IntRange(min=1), default=1, help="Batch size.")
 @click.option("--heads", "-H", type=click.IntRange(min=1), default=8, help="Query heads.")
@@ -85,27 +125,56 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
               help="Max abs error --check accepts. Default 1e-5 (float32), 1e-10 (float64).")
 @click.option("--block-q", type=click.IntRange(min=1), default=None, help="Query tile rows (tuning).")
 @click.option("--block-k", type=click.IntRange(min=1), default=None, help="Key tile rows (tuning).")
-def run(np_, seq_len, batch, heads, kv_heads, head_dim, dtype, causal, layout, seed, repeats,
-        check, check_rows, tolerance, block_q, block_k):
-    """Run exact ring attention on random inputs and print a one-screen summary.
+@click.pass_context
+def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, seq_len, batch, heads,
+        kv_heads, head_dim, dtype, causal, layout, seed, repeats, check, check_rows, tolerance,
+        block_q, block_k):
+    """Run exact ring attention on random inputs, or every case of a job file.
 
-    Every rank generates its shard of q, k, v (standard normal, defined per global position, so
-    results do not depend on the rank count), the ranks run ring attention, and rank 0 prints N,
-    ranks, layout, dtype, wall time, GFLOP/s (4*B*N^2*H*d, halved when causal) and peak memory per
-    rank. Exit status: 0 on success, 1 when --check fails, 2 on bad input.
+    Without JOB.toml: one case, and rank 0 prints N, ranks, layout, dtype, wall time, GFLOP/s
+    (4*B*N^2*H*d, halved when causal) and peak memory per rank. Every rank generates its shard of
+    q, k, v (defined per global position, so results do not depend on the rank count).
+
+    With JOB.toml: every case of the job's sweep (options typed here override the job's values),
+    results written to HDF5 as they complete. Rerunning skips completed cases; SIGTERM, SIGINT or
+    SIGUSR1 stop after the current case with the file intact.
+
+    Exit status: 0 on success, 1 when a check fails, 2 on bad input, 128+N when stopped by signal N.
 
     \b
     Examples:
       hpcattn run --np 4 --seq-len 65536 --heads 8 --head-dim 64 --causal --layout zigzag --check
       mpiexec -n 4 hpcattn run -N 16384 --causal --layout striped --repeats 3
+      mpiexec -n 4 hpcattn run jobs/quickstart.toml
+      hpcattn run --np 2 jobs/ring-scaling.toml --array-task 0 --array-tasks 4
     """
+    values = ctx.params
+    if job_file is None:
+        given = [f"--{name.replace('_', '-')}" for name in JOB_ONLY if _given(ctx, name)]
+        if given:
+            raise click.UsageError(f"{given[0]} needs a job file; expected 'hpcattn run JOB.toml {given[0]} ...'")
+    elif (array_task is None) != (array_tasks is None) or (
+            array_tasks is not None and array_task >= array_tasks):
+        raise click.UsageError(f"--array-task {array_task} --array-tasks {array_tasks} is not a valid "
+                               "pair; expected both, with 0 <= ARRAY_TASK < ARRAY_TASKS")
     if np_ is not None and not under_mpi():
-        sys.exit(relaunch(np_, ["run", *_strip_np(sys.argv[1:] if sys.argv[1:2] != ["run"]
-                                                       else sys.argv[2:])]))
+        argv = _strip_np(sys.argv[1:] if sys.argv[1:2] != ["run"] else sys.argv[2:])
+        if job_file is not None:
+            from ..errors import HpcattnError
+
+            try:  # a bad job file is reported before any process starts
+                _load(job_file, job_overrides(ctx, values))
+            except HpcattnError as exc:
+                raise click.ClickException(str(exc)) from None
+            if progress is None and sys.stderr.isatty():
+                argv.append("--progress")  # mpiexec gives the ranks pipes, not our terminal
+        sys.exit(relaunch(np_, ["run", *argv]))
     comm = world()
     if np_ is not None and np_ != comm.size:
         fail(click.UsageError(f"--np {np_} was given but this job already runs on {comm.size} MPI "
                               "ranks; leave out --np under mpiexec/srun"), comm)
+    if job_file is not None:
+        sys.exit(_run_job_file(ctx, comm, job_file, values))
     case = AttentionCase(seq_len=seq_len, batch=batch, heads=heads, kv_heads=kv_heads,
                          head_dim=head_dim, dtype=dtype, causal=causal, layout=layout, seed=seed,
                          repeats=repeats, check_rows=check_rows if check else 0,
@@ -122,3 +191,50 @@ def run(np_, seq_len, batch, heads, kv_heads, head_dim, dtype, causal, layout, s
     ok = comm.bcast(ok, root=0)
     if not ok:
         sys.exit(1)
+
+
+def _run_job_file(ctx, comm, job_file, values) -> int:
+    """Load the job on rank 0 (one reader, one message), run it on all ranks; the exit status."""
+    import time
+
+    from ..errors import CollectiveError, HpcattnError
+    from ..runner import run_job
+
+    job = err = None
+    if comm.rank == 0:
+        try:
+            job = _load(job_file, job_overrides(ctx, values))
+        except HpcattnError as exc:
+            err = str(exc)
+    job, err = comm.bcast((job, err), root=0)
+    if err:
+        fail(CollectiveError(err), comm)
+    t0 = time.monotonic()
+    try:
+        summary = run_job(job, comm, output=values["output"], array_task=values["array_task"],
+                          array_tasks=values["array_tasks"], force=values["force"],
+                          progress=values["progress"], argv=sys.argv)
+    except Exception as exc:  # noqa: BLE001 - every failure must end the whole job
+        fail(exc, comm)
+    if comm.rank == 0:
+        print_job_summary(job, summary, time.monotonic() - t0)
+    if summary["stopped"]:
+        return 128 + summary["stopped"]
+    return 1 if summary["failed_checks"] else 0
+
+
+def print_job_summary(job, s: dict, seconds: float) -> None:
+    import signal
+
+    done = s["skipped"] + s["ran"]
+    part = f" (array part: {s['selected']} of {s['total']})" if s["selected"] != s["total"] else ""
+    click.echo(f"hpcattn run: job {job.name}: {done}/{s['selected']} cases complete{part}, "
+               f"{s['ran']} run now, {s['skipped']} already done, {seconds:.1f} s -> {s['path']}")
+    if s["failed_checks"]:
+        click.echo(f"  check FAILED in cases {', '.join(map(str, s['failed_checks']))} "
+                   f"(see max_abs_err in {s['path']})", err=True)
+    if s["stopped"]:
+        click.echo(f"  stopped by {signal.Signals(s['stopped']).name}; rerun the same command to "
+                   f"finish the remaining {s['selected'] - done} cases", err=True)
+    elif done == s["selected"]:
+        click.echo(f"  next: hpcattn analyze {s['path']}")

@@ -1,0 +1,37 @@
+"""``hpcattn merge``: combine the results files of one job's parts (Slurm array tasks)."""
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def merge(out, parts):
+    """Merge PARTS (results files of one job, e.g. from 'hpcattn run JOB.toml --array-task I
+    --array-tasks N') into OUT.
+
+    OUT gets every completed case of every part, with activations re-linked into OUT.h5.d/ (hard
+    links where possible), so OUT stands alone and can be resumed with
+    'hpcattn run JOB.toml --output OUT'. An existing OUT counts as one more part, so merging again
+    after more tasks finished is safe. Exit status 2 when a part is missing, corrupt, or belongs to
+    another job; 0 otherwise (missing cases are listed).
+
+    \b
+    Example:
+      hpcattn merge results/ring-scaling.h5 results/ring-scaling.task*.h5
+    """
+    from ..errors import HpcattnError
+    from ..store import merge as merge_files
+
+    try:
+        s = merge_files(out, list(parts))
+    except HpcattnError as exc:
+        raise click.ClickException(str(exc)) from None
+    total = s["n_cases"]
+    line = f"hpcattn merge: {s['cases']}" + (f"/{total}" if total is not None else "") + \
+        f" cases from {s['parts']} files -> {out}"
+    click.echo(line)
+    if s["missing"]:
+        shown = ", ".join(map(str, s["missing"][:20])) + (" ..." if len(s["missing"]) > 20 else "")
+        click.echo(f"  missing cases: {shown} (rerun their array tasks, then merge again)", err=True)
