@@ -1,0 +1,134 @@
+"""The CUDA attention kernels, run unmodified on the CPU (hpcattn.emulation), match the float64
+reference: float32 within 1e-5; float16/bfloat16 within twice the error of a NumPy reference
+computed in that precision. Small shapes only: every CUDA thread is a fiber."""
+import numpy as np
+import pytest
+
+from hpcattn.emulation import attention_emulated
+from hpcattn.errors import HpcattnError
+from hpcattn.gpu import kernels
+from hpcattn.reference import naive_attention
+
+pytestmark = pytest.mark.timeout(120)
+
+LOW = ("float16", "bfloat16")
+# (batch, n_q, n_k, heads, kv_heads, head_dim, causal): ragged tiles, GQA/MQA, both head dims
+SHAPES = [
+    (1, 70, 90, 2, 1, 64, False),
+    (2, 33, 130, 4, 2, 64, True),
+    (1, 64, 64, 2, 2, 128, True),
+    (1, 100, 45, 3, 1, 128, False),
+    (1, 1, 7, 1, 1, 64, True),
+]
+
+
+def np_dtype(name):
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install '.[nvrtc]')")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_inputs(rng, b, nq, nk, h, hkv, d, dtype):
+    q = rng.standard_normal((b, nq, h, d), dtype=np.float32)
+    k = rng.standard_normal((b, nk, hkv, d), dtype=np.float32)
+    v = rng.standard_normal((b, nk, hkv, d), dtype=np.float32)
+    return [x.astype(dtype) for x in (q, k, v)]
+
+
+def lowprec_attention(q, k, v, *, causal, q_pos, k_pos, dtype):
+    """Attention with every intermediate rounded to ``dtype`` (matmuls accumulate in float32 and
+    round their result, as fp16/bf16 GEMMs do): the error budget of a low-precision reference."""
+    def rnd(x):
+        return x.astype(dtype).astype(np.float32)
+
+    qf, kf, vf = (x.astype(np.float32) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    kf, vf = np.repeat(kf, g, axis=2), np.repeat(vf, g, axis=2)
+    scale = np.float32(1 / np.sqrt(q.shape[3]))
+    s = rnd(np.einsum("bqhd,bkhd->bhqk", rnd(qf * scale), kf))
+    if causal:
+        s = np.where(q_pos[:, None] >= k_pos[None, :], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    p = rnd(np.exp(s - np.where(np.isfinite(m), m, 0)))
+    l = rnd(p.sum(-1, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        o = rnd(np.einsum("bhqk,bkhd->bqhd", p, vf))
+        return rnd(o / np.where(l > 0, l, 1).transpose(0, 2, 1, 3))
+
+
+def positions(rng, nq, nk, causal):
+    """Shuffled-chunk positions (like a zig-zag shard), so tiles are not simply sorted."""
+    if not causal:
+        return None, None
+    k_pos = np.concatenate([np.arange(nk // 2, nk), np.arange(nk // 2)]).astype(np.int64)
+    q_pos = np.sort(rng.choice(nk + 8, size=nq, replace=nq > nk + 8)).astype(np.int64)
+    return q_pos, k_pos
+
+
+@pytest.mark.parametrize("dtype", ["float32", *LOW])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}q{}k{}h{}kv{}d{}{}".format(*s[:6], "c" * s[6]))
+def test_emulated_kernel_matches_float64_reference(shape, dtype):
+    b, nq, nk, h, hkv, d, causal = shape
+    rng = np.random.default_rng(hash(shape) % 2**32)
+    dt = np_dtype(dtype)
+    q, k, v = make_inputs(rng, b, nq, nk, h, hkv, d, dt)
+    q_pos, k_pos = positions(rng, nq, nk, causal)
+    out, lse = attention_emulated(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    assert out.dtype == dt and lse.dtype == np.float32
+    ref, ref_lse = naive_attention(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    err = np.abs(out.astype(np.float64) - ref).max()
+    seen = np.isfinite(ref_lse)
+    assert np.array_equal(np.isfinite(lse), seen), "rows that see no key must have lse = -inf"
+    assert np.all(out[~seen.transpose(0, 2, 1)].astype(np.float32) == 0)
+    lse_err = np.abs(lse[seen] - ref_lse[seen]).max() if seen.any() else 0.0
+    assert lse_err <= 1e-5, f"lse error {lse_err:.3g}"
+    if dtype == "float32":
+        assert err <= 1e-5, f"float32 error {err:.3g}"
+    else:
+        ref_low = lowprec_attention(q, k, v, causal=causal, q_pos=q_pos, k_pos=k_pos, dtype=dt)
+        budget = np.abs(ref_low - ref).max()
+        assert err <= 2 * budget, f"{dtype} error {err:.3g} > 2 x {budget:.3g} (low-precision reference)"
+
+
+def test_rows_that_see_no_key_get_zero_and_minus_inf():
+    rng = np.random.default_rng(1)
+    q, k, v = make_inputs(rng, 1, 20, 30, 2, 1, 64, np.float32)
+    q_pos = np.arange(20, dtype=np.int64)          # rows 0..9 come before every key
+    k_pos = np.arange(10, 40, dtype=np.int64)
+    out, lse = attention_emulated(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert np.all(out[:, :10] == 0) and np.all(np.isneginf(lse[:, :, :10]))
+    ref, ref_lse = naive_attention(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert np.abs(out - ref).max() <= 1e-5 and np.abs(lse[:, :, 10:] - ref_lse[:, :, 10:]).max() <= 1e-5
+
+
+def test_tiles_in_the_future_are_skipped_not_masked():
+    """K/V rows of a tile fully in every query's future hold NaN: a masked (not skipped) tile
+    would still multiply them by p = 0 and poison the output."""
+    bk = kernels.BLOCK_K[64]
+    rng = np.random.default_rng(2)
+    q, k, v = make_inputs(rng, 1, 50, 2 * bk, 2, 1, 64, np.float32)
+    q_pos = np.arange(50, dtype=np.int64)
+    k_pos = np.concatenate([np.arange(bk), np.arange(1000, 1000 + bk)]).astype(np.int64)
+    k[:, bk:] = np.nan
+    v[:, bk:] = np.nan
+    out, lse = attention_emulated(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos)
+    ref, ref_lse = naive_attention(q, k[:, :bk], v[:, :bk], causal=True, q_pos=q_pos, k_pos=k_pos[:bk])
+    assert np.isfinite(out).all()
+    assert np.abs(out - ref).max() <= 1e-5 and np.abs(lse - ref_lse).max() <= 1e-5
+
+
+def test_no_keys_gives_zero_and_minus_inf():
+    q = np.ones((1, 5, 1, 64), np.float32)
+    kv = np.ones((1, 0, 1, 64), np.float32)
+    out, lse = attention_emulated(q, kv, kv, causal=True)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+
+
+def test_unsupported_head_dim_and_dtype_are_rejected():
+    x = np.ones((1, 4, 1, 96), np.float32)
+    with pytest.raises(HpcattnError, match="head_dim 96 .* expected one of 64, 128"):
+        attention_emulated(x, x, x)
+    y = np.ones((1, 4, 1, 64), np.float64)
+    with pytest.raises(HpcattnError, match="dtype float64 .* expected one of"):
+        attention_emulated(y, y, y)
