@@ -1,0 +1,88 @@
+"""``hpcattn analyze``: tables, CSV/JSON and figures from results files."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--group-by", "-g", multiple=True, metavar="KEY",
+              help="Print one block per value of KEY (repeatable), e.g. --group-by layout.")
+@click.option("--sort-by", "-s", multiple=True, metavar="KEY",
+              help="Sort rows by KEY (repeatable); default: file and case order.")
+@click.option("--where", "-w", multiple=True, metavar="KEY=VALUE",
+              help="Keep only cases whose KEY equals VALUE (repeatable), e.g. --where causal=true.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              help="Also write every column of every case as CSV ('-' for stdout).")
+@click.option("--json", "as_json", is_flag=True, help="Print the cases as JSON instead of the table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the standard figure (time, memory, GFLOP/s and error versus N, log-log, "
+                   "one line per mixer or layout) to this PNG/PDF/SVG. Needs matplotlib "
+                   "(pip install 'hpcattn[plot]').")
+@click.option("--x", "x_key", default="seq_len", show_default=True, metavar="KEY",
+              help="Horizontal axis of --plot.")
+@click.option("--series", multiple=True, metavar="KEY",
+              help="Keys that tell plot lines apart (repeatable); default: mixer, else what varies.")
+def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, x_key, series):
+    """Summarise one or more results files (from 'hpcattn run JOB.toml').
+
+    Prints one row per completed case: the parameters that matter (sequence length, layout or
+    mixer, and whatever the sweep varied), time per case (median over repeats, slowest rank),
+    GFLOP/s, peak memory per rank (arrays; RSS), the check's max abs error and whether it passed,
+    and any other scalar result. Several files are compared in one table (column 'file').
+
+    \b
+    Examples:
+      hpcattn analyze results/quickstart.h5 --plot quickstart.png
+      hpcattn analyze results/ring-scaling.h5 --sort-by seq_len --csv ring.csv
+      hpcattn analyze a.h5 b.h5 --group-by layout --where causal=true
+    """
+    from .. import analyze as an
+    from ..errors import HpcattnError
+
+    try:
+        rows = an.load_rows(list(files))
+        rows = _filter(rows, where)
+        if not rows:
+            raise HpcattnError(f"no completed cases in {', '.join(files)}"
+                               + (" match " + " ".join(where) if where else ""))
+        rows = an.sort_rows(rows, list(group_by) + list(sort_by))
+        cols = an.columns(rows)
+        if as_json:
+            click.echo(json.dumps(an.public(rows), indent=1, default=str))
+        else:
+            click.echo(an.table(rows, cols, group_by=group_by))
+        if csv_path:
+            text = an.to_csv(rows, an.all_columns(rows))
+            with click.open_file(csv_path, "w") as fh:
+                fh.write(text)
+        if plot_path:
+            drawn = an.plot(rows, plot_path, x=x_key, series=series or None,
+                            title=", ".join(sorted({r["file"] for r in rows})))
+            click.echo(f"figure: {plot_path} ({', '.join(drawn) or 'no data'})", err=True)
+    except HpcattnError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _filter(rows, where):
+    for cond in where:
+        key, sep, want = cond.partition("=")
+        if not sep:
+            from ..errors import HpcattnError
+
+            raise HpcattnError(f"--where {cond!r} is not KEY=VALUE; expected e.g. layout=zigzag")
+        rows = [r for r in rows if key in r and _same(r[key], want)]
+    return rows
+
+
+def _same(val, text: str) -> bool:
+    if isinstance(val, bool):
+        return text.lower() in (("true", "1", "yes") if val else ("false", "0", "no"))
+    if isinstance(val, (int, float)):
+        try:
+            return float(text) == float(val)
+        except ValueError:
+            return False
+    return str(val) == text
