@@ -7,6 +7,10 @@ unnormalised accumulator, so the (N x N) score matrix never exists: memory is O(
 (``q_pos``/``k_pos``), which is what lets the ring apply it to any layout; tiles that are fully
 masked are skipped, tiles that are fully visible are computed without a mask.
 
+On CPU a tile costs two GEMMs and one elementwise pass (see ``_attention_numpy``): the scale and
+log2(e) are folded into Q, the running max into the score GEMM, and the row sums into the value
+GEMM. Tiles are sized for one core's L2; run one BLAS thread per rank (``hpcattn._threads``).
+
 CuPy inputs go to the CUDA kernels in ``kernels/`` (see ``hpcattn.gpu``); NumPy inputs run here.
 """
 from __future__ import annotations
@@ -16,8 +20,19 @@ import numpy as np
 from .backend import is_gpu_array
 from .validate import check_qkv
 
-DEFAULT_BLOCK_Q = 256
+# Tiles: a (512 x 512) float32 score tile is 1 MiB, about one core's L2; measured fastest at
+# d=64 (see /work/notes/perf.md). With GQA the g query heads of a kv head share the tile rows.
+DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_K = 512
+DEFAULT_BLOCK_Q = DEFAULT_BLOCK_ROWS  # for callers that read it; divided by the GQA group size
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Fast-path bounds (powers of two, so rescaling is exact): a tile whose row sums exceed FAST_MAX
+# relative to the running max is recomputed on the exact path; running sums above RENORM are
+# renormalised.
+FAST_MAX = 2.0 ** 32
+RENORM = 2.0 ** 16
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
@@ -57,7 +72,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
 
         return attention_gpu(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos)
     return _attention_numpy(q, k, v, causal, scale, q_pos, k_pos,
-                            block_q or DEFAULT_BLOCK_Q, block_k or DEFAULT_BLOCK_K, progress)
+                            block_q or max(1, DEFAULT_BLOCK_ROWS // (q.shape[2] // k.shape[2])),
+                            block_k or DEFAULT_BLOCK_K, progress)
 
 
 def _tile_bounds(pos, block):
@@ -70,59 +86,116 @@ def _tile_bounds(pos, block):
     return out
 
 
+def _tiles(n, block, pos, causal):
+    if causal:
+        return _tile_bounds(pos, block)
+    return [(s, min(s + block, n), 0, 0) for s in range(0, n, block)]
+
+
+def _augmented(x, b, hkv, n, d, dt):
+    """(b*hkv, n, d+1) copy of k or v (batch, n, hkv, d) with a column of ones appended."""
+    xa = np.empty((b, hkv, n, d + 1), dtype=dt)
+    xa[..., :d] = x.transpose(0, 2, 1, 3)
+    xa[..., d] = 1
+    return xa.reshape(b * hkv, n, d + 1)
+
+
 def _attention_numpy(q, k, v, causal, scale, q_pos, k_pos, block_q, block_k, progress):
+    """Online softmax in base 2 with the running max folded into the score GEMM.
+
+    Scores are ``s = [c*q, -m] @ [k, 1]^T`` with ``c = scale*log2(e)``, i.e. already shifted by
+    the row's running max ``m``; ``[acc, l] += exp2(s) @ [v, 1]`` then yields the weighted values
+    and the row sums in one GEMM. So a tile costs two GEMMs and ONE elementwise pass (exp2), not
+    the textbook max/subtract/exp/sum. ``m`` need not be the exact max, only close enough that
+    exp2 cannot overflow: a tile whose sums exceed FAST_MAX (or are not finite) is redone on the
+    exact path (row max, subtract, exp2), which is also used while any row has seen no key.
+    """
     b, nq, h, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     dt = q.dtype
-    # (b, hkv, n, g, d): the g query heads that share a kv head sit next to each other, so a
-    # query tile reshapes to (b, hkv, tile*g, d) without a copy.
-    # (a fresh array: scaling must never touch the caller's q, even when the view is contiguous)
-    qh = np.empty((b, hkv, nq, g, d), dtype=dt)
-    np.multiply(q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4), dt.type(scale), out=qh)
-    kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # (b, hkv, nk, d)
-    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))
-    out = np.zeros((b, hkv, nq, g, d), dtype=dt)
-    lse = np.full((b, hkv, nq, g), -np.inf, dtype=dt)
-
-    q_tiles = _tile_bounds(q_pos, block_q) if causal else [(s, min(s + block_q, nq), 0, 0)
-                                                             for s in range(0, nq, block_q)]
-    k_tiles = _tile_bounds(k_pos, block_k) if causal else [(s, min(s + block_k, nk), 0, 0)
-                                                             for s in range(0, nk, block_k)]
-    for qs, qe, qmin, qmax in q_tiles:
-        rows = (qe - qs) * g
-        qt = qh[:, :, qs:qe].reshape(b, hkv, rows, d)
-        m = np.full((b, hkv, rows), -np.inf, dtype=dt)
-        l = np.zeros((b, hkv, rows), dtype=dt)
-        acc = np.zeros((b, hkv, rows, d), dtype=dt)
-        for ks, ke, kmin, kmax in k_tiles:
-            if causal and qmax < kmin:
-                continue  # every key in this tile is in every query's future
-            s = np.matmul(qt, kh[:, :, ks:ke].swapaxes(-1, -2))  # (b, hkv, rows, tk)
-            if causal and qmin < kmax:  # straddles the diagonal: mask per element
-                visible = np.repeat(q_pos[qs:qe], g)[:, None] >= k_pos[None, ks:ke]
-                np.putmask(s, ~np.broadcast_to(visible, s.shape), -np.inf)
-            m_new = np.maximum(m, s.max(axis=-1))
-            m_safe = np.where(np.isneginf(m_new), 0, m_new).astype(dt, copy=False)
-            s -= m_safe[..., None]
-            np.exp(s, out=s)
-            alpha = np.exp(m - m_safe)
-            l *= alpha
-            l += s.sum(axis=-1)
-            acc *= alpha[..., None]
-            acc += np.matmul(s, vh[:, :, ks:ke])
-            m = m_new
-            if progress is not None:
-                progress()
-        seen = l > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            acc /= np.where(seen, l, 1)[..., None]
-            tile_lse = np.where(seen, np.log(np.where(seen, l, 1)) + m, -np.inf)
-        out[:, :, qs:qe] = acc.reshape(b, hkv, qe - qs, g, d)
-        lse[:, :, qs:qe] = tile_lse.reshape(b, hkv, qe - qs, g)
-    out = out.transpose(0, 2, 1, 3, 4).reshape(b, nq, h, d)
-    lse = lse.transpose(0, 1, 3, 2).reshape(b, h, nq)
+    slabs = b * hkv
+    # (b, hkv, nq, g, d+1): the g query heads sharing a kv head are adjacent rows, so a query tile
+    # is rows [qs*g, qe*g) of one slab; the last column holds -m (a fresh array: the caller's q
+    # is never touched).
+    qa = np.empty((b, hkv, nq, g, d + 1), dtype=dt)
+    np.multiply(q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4), dt.type(scale * LOG2E),
+                out=qa[..., :d])
+    qa = qa.reshape(slabs, nq * g, d + 1)
+    ka = _augmented(k, b, hkv, nk, d, dt)
+    va = _augmented(v, b, hkv, nk, d, dt)
+    out = np.empty((slabs, nq * g, d), dtype=dt)
+    lse = np.empty((slabs, nq * g), dtype=dt)
+    q_tiles = _tiles(nq, block_q, q_pos, causal)
+    k_tiles = _tiles(nk, block_k, k_pos, causal)
+    s_buf = np.empty(min(block_q, nq) * g * min(block_k, nk), dtype=dt)
+    t_buf = np.empty(min(block_q, nq) * g * (d + 1), dtype=dt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for qs, qe, qmin, qmax in q_tiles:
+            r0, r1 = qs * g, qe * g
+            rows = r1 - r0
+            acc = np.zeros((slabs, rows, d + 1), dtype=dt)   # [:, :, d] is the running sum l
+            m = np.zeros((slabs, rows), dtype=dt)
+            qa[:, r0:r1, d] = 0
+            fast = [False] * slabs
+            tmp = t_buf[: rows * (d + 1)].reshape(rows, d + 1)
+            q_rep = np.repeat(q_pos[qs:qe], g) if causal else None
+            for ks, ke, kmin, kmax in k_tiles:
+                if causal and qmax < kmin:
+                    continue  # every key in this tile is in every query's future
+                s = s_buf[: rows * (ke - ks)].reshape(rows, ke - ks)
+                # straddles the diagonal: mask per element (same mask for every slab)
+                hidden = q_rep[:, None] < k_pos[None, ks:ke] if causal and qmin < kmax else None
+                for sl in range(slabs):
+                    fast[sl] = _tile(qa[sl, r0:r1], ka[sl, ks:ke], va[sl, ks:ke], acc[sl], m[sl],
+                                     s, tmp, hidden, fast[sl], d)
+                if progress is not None:
+                    progress()
+            l = acc[:, :, d]
+            seen = l > 0
+            l_safe = np.where(seen, l, 1)
+            np.divide(acc[:, :, :d], l_safe[..., None], out=out[:, r0:r1])
+            lse[:, r0:r1] = np.where(seen, (m + np.log2(l_safe)) * dt.type(LN2), -np.inf)
+    out = out.reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nq, h, d)
+    lse = lse.reshape(b, hkv, nq, g).transpose(0, 1, 3, 2).reshape(b, h, nq)
     return out, lse
+
+
+def _scores(qt, kt, s, hidden):
+    np.matmul(qt, kt.T, out=s)
+    if hidden is not None:
+        np.putmask(s, hidden, -np.inf)
+
+
+def _tile(qt, kt, vt, acc, m, s, tmp, hidden, fast, d):
+    """Fold one (query tile x key tile) of one slab into ``acc``/``m``; returns whether the
+    next tile may take the fast path (every row has seen a key)."""
+    _scores(qt, kt, s, hidden)
+    if fast:
+        np.exp2(s, out=s)
+        np.matmul(s, vt, out=tmp)
+        if tmp[:, d].max() <= FAST_MAX:     # False for inf/nan: then redo exactly
+            acc += tmp
+            l = acc[:, d]
+            if l.max() > RENORM:            # keep headroom: shift m by whole powers of two
+                delta = np.floor(np.log2(np.maximum(l, 1)))
+                acc *= np.exp2(-delta)[:, None]
+                m += delta
+                np.negative(m, out=qt[:, d])
+            return True
+        _scores(qt, kt, s, hidden)
+    r = s.max(axis=1)                       # row max relative to m; -inf where all masked
+    fresh = acc[:, d] == 0
+    delta = np.where(fresh, r, np.maximum(r, 0))
+    delta[np.isneginf(r)] = 0
+    s -= delta[:, None]
+    np.exp2(s, out=s)
+    np.matmul(s, vt, out=tmp)
+    acc *= np.exp2(-delta)[:, None]
+    acc += tmp
+    m += delta
+    np.negative(m, out=qt[:, d])
+    return bool((acc[:, d] > 0).all())
 
 
 def merge_partials(out, lse, out_b, lse_b):
