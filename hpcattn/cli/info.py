@@ -1,0 +1,58 @@
+"""``hpcattn info``: versions, the MPI library and whether it is CUDA-aware, GPUs, kernel caches."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+
+import click
+
+from .._version import __version__
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict:
+    from ..gpu.environment import cache_report, cupy_report, mpi_report
+
+    versions = {"hpcattn": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "mpi4py", "h5py", "click", "ml_dtypes"):
+        versions[dist] = _version(dist)
+    return {"versions": versions, "mpi": mpi_report(), "gpu": cupy_report(), "kernels": cache_report()}
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def info(as_json):
+    """Show versions, the MPI library (CUDA-aware or not), the GPUs seen and the kernel caches."""
+    data = collect()
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+        return
+    v, mpi, gpu, ker = data["versions"], data["mpi"], data["gpu"], data["kernels"]
+    click.echo("hpcattn " + v["hpcattn"] + " (Python " + v["python"] + ", " + sys.platform + ")")
+    click.echo("  " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in ("numpy", "mpi4py", "h5py", "click", "ml_dtypes")))
+    click.echo(f"MPI: {mpi['library']}" + (f" (MPI {mpi['standard']})" if mpi.get("standard") else ""))
+    if mpi.get("mpi4py"):
+        click.echo(f"  CUDA-aware: {'yes' if mpi['cuda_aware'] else 'no'} ({mpi['cuda_aware_reason']}); "
+                   "override with HPCATTN_CUDA_AWARE=0|1")
+    if gpu["cupy"] is None:
+        click.echo("CuPy: not installed (pip install '.[gpu]')")
+    else:
+        click.echo(f"CuPy {gpu['cupy']}, NVRTC {gpu.get('nvrtc')}"
+                   + (f", CUDA driver {gpu['driver']}" if gpu.get("driver") else ""))
+    if gpu["gpus"]:
+        click.echo(f"GPUs: {len(gpu['gpus'])}")
+        for g in gpu["gpus"]:
+            click.echo(f"  {g['id']}: {g['name']} (sm_{g['sm']}, {g['memory_gib']} GiB)")
+    else:
+        click.echo(f"GPUs: none ({gpu.get('gpus_reason')})")
+    click.echo(f"Kernels: {ker['kernel_dir']} ({', '.join(ker['kernel_sources'])}; digest {ker['kernel_digest']})")
+    click.echo(f"Kernel compile cache: {ker['cupy_cache_dir']} ({ker['cupy_cache_cubins']} cubins, "
+               f"{ker['cupy_cache_bytes'] / 2**20:.1f} MiB)")

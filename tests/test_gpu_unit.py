@@ -1,0 +1,67 @@
+"""GPU-path logic that needs no GPU: CUDA-aware detection and its override, node-local rank,
+``hpcattn info`` telling the truth on this machine."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from hpcattn.errors import HpcattnError
+from hpcattn.gpu import cuda_aware_mpi
+from hpcattn.gpu.ring import ENV_CUDA_AWARE, LOCAL_RANK_VARS, local_rank
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+
+@pytest.mark.parametrize("value, want", [("0", False), ("1", True)])
+def test_env_overrides_cuda_aware_detection(monkeypatch, value, want):
+    monkeypatch.setenv(ENV_CUDA_AWARE, value)
+    assert cuda_aware_mpi() == (want, f"set by {ENV_CUDA_AWARE}={value}")
+
+
+def test_bad_override_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(ENV_CUDA_AWARE, "yes")
+    with pytest.raises(HpcattnError, match=r"HPCATTN_CUDA_AWARE='yes'; expected 0 .* or 1"):
+        cuda_aware_mpi()
+
+
+def test_detection_asks_the_mpi_library(monkeypatch):
+    monkeypatch.delenv(ENV_CUDA_AWARE, raising=False)
+    aware, why = cuda_aware_mpi()
+    assert "MPIX_" in why or "no CUDA-support query" in why
+    if "pypi.org/p/mpich" in MPI.Get_library_version():  # the PyPI MPICH is built without CUDA
+        assert aware is False
+
+
+def test_local_rank_from_launcher_environment(monkeypatch):
+    for var in LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert local_rank() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert local_rank() == 3
+    assert local_rank(MPI.COMM_SELF) == 0
+
+
+def _gpus_visible():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def test_info_reports_the_machine_truthfully(monkeypatch):
+    from hpcattn.cli.info import info
+
+    monkeypatch.delenv(ENV_CUDA_AWARE, raising=False)
+    res = CliRunner().invoke(info, ["--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["mpi"]["library"].split()[0] in MPI.Get_library_version()
+    assert data["mpi"]["cuda_aware"] == cuda_aware_mpi()[0]
+    assert bool(data["gpu"]["gpus"]) == _gpus_visible()
+    if not _gpus_visible():
+        assert data["gpu"]["gpus_reason"]
+    assert "attention_fwd.cu" in data["kernels"]["kernel_sources"]
+    text = CliRunner().invoke(info, []).output
+    assert "CUDA-aware" in text and ("GPUs: none" in text) == (not _gpus_visible())
