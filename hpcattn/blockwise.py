@@ -7,9 +7,8 @@ unnormalised accumulator, so the (N x N) score matrix never exists: memory is O(
 (``q_pos``/``k_pos``), which is what lets the ring apply it to any layout; tiles that are fully
 masked are skipped, tiles that are fully visible are computed without a mask.
 
-On CPU a tile costs two GEMMs and one elementwise pass (see ``_attention_numpy``): the scale and
-log2(e) are folded into Q, the running max into the score GEMM, and the row sums into the value
-GEMM. Tiles are sized for one core's L2; run one BLAS thread per rank (``hpcattn._threads``).
+On CPU a tile costs two GEMMs and one elementwise pass (see ``_attention_numpy``): the scale is
+folded into Q, the running max into the score GEMM, and the row sums into the value GEMM. Tiles are sized for one core's L2; run one BLAS thread per rank (``hpcattn._threads``).
 
 CuPy inputs go to the CUDA kernels in ``kernels/`` (see ``hpcattn.gpu``); NumPy inputs run here.
 """
@@ -26,11 +25,8 @@ DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_K = 512
 DEFAULT_BLOCK_Q = DEFAULT_BLOCK_ROWS  # for callers that read it; divided by the GQA group size
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# Fast-path bounds (powers of two, so rescaling is exact): a tile whose row sums exceed FAST_MAX
-# relative to the running max is recomputed on the exact path; running sums above RENORM are
-# renormalised.
+# Fast-path bounds: a tile whose row sums exceed FAST_MAX relative to the running max is
+# recomputed on the exact path; running sums above RENORM are renormalised.
 FAST_MAX = 2.0 ** 32
 RENORM = 2.0 ** 16
 
@@ -101,14 +97,16 @@ def _augmented(x, b, hkv, n, d, dt):
 
 
 def _attention_numpy(q, k, v, causal, scale, q_pos, k_pos, block_q, block_k, progress):
-    """Online softmax in base 2 with the running max folded into the score GEMM.
+    """Online softmax with the running max folded into the score GEMM.
 
-    Scores are ``s = [c*q, -m] @ [k, 1]^T`` with ``c = scale*log2(e)``, i.e. already shifted by
-    the row's running max ``m``; ``[acc, l] += exp2(s) @ [v, 1]`` then yields the weighted values
-    and the row sums in one GEMM. So a tile costs two GEMMs and ONE elementwise pass (exp2), not
-    the textbook max/subtract/exp/sum. ``m`` need not be the exact max, only close enough that
-    exp2 cannot overflow: a tile whose sums exceed FAST_MAX (or are not finite) is redone on the
-    exact path (row max, subtract, exp2), which is also used while any row has seen no key.
+    Scores are ``s = [scale*q, -m] @ [k, 1]^T``, i.e. already shifted by the row's running max
+    ``m``; ``[acc, l] += exp(s) @ [v, 1]`` then yields the weighted values and the row sums in one
+    GEMM. So a tile costs two GEMMs and ONE elementwise pass (exp), not the textbook
+    max/subtract/exp/sum. ``m`` need not be the exact max, only close enough that exp cannot
+    overflow: a tile whose sums exceed FAST_MAX (or are not finite) is redone on the exact path
+    (row max, subtract, exp), which is also used while any row has seen no key.
+    (``exp2`` with log2(e) folded into q is faster still, but rounding ``scale*log2(e)*q`` to
+    float32 costs accuracy at large scores; see /work/notes/perf.md.)
     """
     b, nq, h, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
@@ -119,7 +117,7 @@ def _attention_numpy(q, k, v, causal, scale, q_pos, k_pos, block_q, block_k, pro
     # is rows [qs*g, qe*g) of one slab; the last column holds -m (a fresh array: the caller's q
     # is never touched).
     qa = np.empty((b, hkv, nq, g, d + 1), dtype=dt)
-    np.multiply(q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4), dt.type(scale * LOG2E),
+    np.multiply(q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4), dt.type(scale),
                 out=qa[..., :d])
     qa = qa.reshape(slabs, nq * g, d + 1)
     ka = _augmented(k, b, hkv, nk, d, dt)
@@ -155,7 +153,8 @@ def _attention_numpy(q, k, v, causal, scale, q_pos, k_pos, block_q, block_k, pro
             seen = l > 0
             l_safe = np.where(seen, l, 1)
             np.divide(acc[:, :, :d], l_safe[..., None], out=out[:, r0:r1])
-            lse[:, r0:r1] = np.where(seen, (m + np.log2(l_safe)) * dt.type(LN2), -np.inf)
+            # in float64: m may be large, and m + log(l) must not lose log(l)'s digits
+            lse[:, r0:r1] = np.where(seen, m + np.log(l_safe, dtype=np.float64), -np.inf)
     out = out.reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nq, h, d)
     lse = lse.reshape(b, hkv, nq, g).transpose(0, 1, 3, 2).reshape(b, h, nq)
     return out, lse
@@ -172,26 +171,29 @@ def _tile(qt, kt, vt, acc, m, s, tmp, hidden, fast, d):
     next tile may take the fast path (every row has seen a key)."""
     _scores(qt, kt, s, hidden)
     if fast:
-        np.exp2(s, out=s)
+        np.exp(s, out=s)
         np.matmul(s, vt, out=tmp)
         if tmp[:, d].max() <= FAST_MAX:     # False for inf/nan: then redo exactly
             acc += tmp
             l = acc[:, d]
-            if l.max() > RENORM:            # keep headroom: shift m by whole powers of two
-                delta = np.floor(np.log2(np.maximum(l, 1)))
-                acc *= np.exp2(-delta)[:, None]
+            if l.max() > RENORM:            # keep headroom: shift m by whole numbers
+                delta = np.floor(np.log(np.maximum(l, 1)))
+                acc *= np.exp(-delta)[:, None]
                 m += delta
                 np.negative(m, out=qt[:, d])
             return True
         _scores(qt, kt, s, hidden)
-    r = s.max(axis=1)                       # row max relative to m; -inf where all masked
+    # m stays a whole number (exact in the GEMM column and in m + delta), so the shift of later
+    # tiles is exactly the one earlier tiles were rescaled by
+    r = np.ceil(s.max(axis=1))              # row max relative to m; -inf where all masked
     fresh = acc[:, d] == 0
     delta = np.where(fresh, r, np.maximum(r, 0))
     delta[np.isneginf(r)] = 0
     s -= delta[:, None]
-    np.exp2(s, out=s)
+    np.exp(s, out=s)
     np.matmul(s, vt, out=tmp)
-    acc *= np.exp2(-delta)[:, None]
+    # rows that had seen no key hold zeros; their delta may be far below 0 (exp(-delta) = inf)
+    acc *= np.where(fresh, 0, np.exp(-delta))[:, None]
     acc += tmp
     m += delta
     np.negative(m, out=qt[:, d])
