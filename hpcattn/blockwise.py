@@ -7,7 +7,7 @@ unnormalised accumulator, so the (N x N) score matrix never exists: memory is O(
 (``q_pos``/``k_pos``), which is what lets the ring apply it to any layout; tiles that are fully
 masked are skipped, tiles that are fully visible are computed without a mask.
 
-On CPU a tile costs two GEMMs and one elementwise pass (see ``_attention_numpy``): the scale is
+On CPU a tile costs two GEMMs and one elementwise pass (see ``PartialAttention``): the scale is
 folded into Q, the running max into the score GEMM, and the row sums into the value GEMM. Tiles are sized for one core's L2; run one BLAS thread per rank (``hpcattn._threads``).
 
 CuPy inputs go to the CUDA kernels in ``kernels/`` (see ``hpcattn.gpu``); NumPy inputs run here.
@@ -67,9 +67,54 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         from .gpu import attention_gpu
 
         return attention_gpu(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos)
-    return _attention_numpy(q, k, v, causal, scale, q_pos, k_pos,
-                            block_q or max(1, DEFAULT_BLOCK_ROWS // (q.shape[2] // k.shape[2])),
-                            block_k or DEFAULT_BLOCK_K, progress)
+    part = PartialAttention(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos,
+                            block_q=block_q, block_k=block_k)
+    part.add(k, v, k_pos=k_pos, progress=progress)
+    return part.result()
+
+
+def partial_attention(q, kv_heads, *, causal, scale, q_pos, **block_kw):
+    """Running attention of ``q`` over key/value blocks added one at a time (what a ring rank
+    keeps): ``pack(k, v, buf)`` puts a block into a flat buffer of ``packed_size(n)`` elements
+    (the form that travels), ``add_packed(buf, n, k_pos, progress)`` folds it in, ``result()``
+    gives ``(out, lse)``. NumPy: :class:`PartialAttention`; other backends: attention per block
+    merged by log-sum-exp (:class:`MergedAttention`)."""
+    cls = MergedAttention if is_gpu_array(q) else PartialAttention
+    return cls(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos, **block_kw)
+
+
+class MergedAttention:
+    """Blocks packed as k then v (batch, n, kv_heads, d); each block's attention merged in."""
+
+    def __init__(self, q, kv_heads, *, causal, scale, q_pos, **block_kw):
+        self.q, self.causal, self.scale, self.q_pos, self.block_kw = q, causal, scale, q_pos, block_kw
+        b, _, _, d = q.shape
+        self.shape = lambda n: (b, n, kv_heads, d)
+        self.row = b * kv_heads * d
+        self.out = self.lse = None
+
+    def packed_size(self, n: int) -> int:
+        return 2 * n * self.row
+
+    def pack(self, k, v, buf):
+        n = k.shape[1]
+        buf[: n * self.row] = k.reshape(-1)
+        buf[n * self.row: 2 * n * self.row] = v.reshape(-1)
+
+    def add_packed(self, buf, n, k_pos, progress=None):
+        kb = buf[: n * self.row].reshape(self.shape(n))
+        vb = buf[n * self.row: 2 * n * self.row].reshape(self.shape(n))
+        o, l = attention(self.q, kb, vb, causal=self.causal, scale=self.scale, q_pos=self.q_pos,
+                         k_pos=k_pos, check_finite=False, progress=progress, **self.block_kw)
+        if self.out is None:
+            self.out, self.lse = o, l
+        else:
+            merge_partials(self.out, self.lse, o, l)
+
+    def result(self):
+        if self.out is None:
+            raise ValueError("no key block was added")
+        return self.out, self.lse
 
 
 def _tile_bounds(pos, block):
@@ -88,76 +133,105 @@ def _tiles(n, block, pos, causal):
     return [(s, min(s + block, n), 0, 0) for s in range(0, n, block)]
 
 
-def _augmented(x, b, hkv, n, d, dt):
-    """(b*hkv, n, d+1) copy of k or v (batch, n, hkv, d) with a column of ones appended."""
-    xa = np.empty((b, hkv, n, d + 1), dtype=dt)
-    xa[..., :d] = x.transpose(0, 2, 1, 3)
-    xa[..., d] = 1
-    return xa.reshape(b * hkv, n, d + 1)
+class PartialAttention:
+    """Online softmax with the running max folded into the score GEMM (NumPy).
 
-
-def _attention_numpy(q, k, v, causal, scale, q_pos, k_pos, block_q, block_k, progress):
-    """Online softmax with the running max folded into the score GEMM.
-
-    Scores are ``s = [scale*q, -m] @ [k, 1]^T``, i.e. already shifted by the row's running max
-    ``m``; ``[acc, l] += exp(s) @ [v, 1]`` then yields the weighted values and the row sums in one
-    GEMM. So a tile costs two GEMMs and ONE elementwise pass (exp), not the textbook
-    max/subtract/exp/sum. ``m`` need not be the exact max, only close enough that exp cannot
-    overflow: a tile whose sums exceed FAST_MAX (or are not finite) is redone on the exact path
-    (row max, subtract, exp), which is also used while any row has seen no key.
+    Queries are kept as ``[scale*q, -m]`` (one row per query and head; the g query heads sharing a
+    kv head are adjacent rows of one "slab" per batch and kv head), keys and values as
+    ``[k, 1]``/``[v, 1]``. A tile's scores ``[scale*q, -m] @ [k, 1]^T`` are already shifted by the
+    row's running max ``m``, and ``[acc, l] += exp(s) @ [v, 1]`` gives the weighted values and the
+    row sums in one GEMM: a tile costs two GEMMs and ONE elementwise pass (exp), not the
+    textbook max/subtract/exp/sum. ``m`` need not be the exact max, only close enough that exp
+    cannot overflow: a tile whose sums exceed FAST_MAX (or are not finite) is redone on the exact
+    path (row max, subtract, exp), which also serves while any row of the tile has seen no key.
     (``exp2`` with log2(e) folded into q is faster still, but rounding ``scale*log2(e)*q`` to
     float32 costs accuracy at large scores; see /work/notes/perf.md.)
+
+    The state persists between ``add`` calls, so a ring rank folds in every arriving block with
+    no per-block output and no merge.
     """
-    b, nq, h, d = q.shape
-    nk, hkv = k.shape[1], k.shape[2]
-    g = h // hkv
-    dt = q.dtype
-    slabs = b * hkv
-    # (b, hkv, nq, g, d+1): the g query heads sharing a kv head are adjacent rows, so a query tile
-    # is rows [qs*g, qe*g) of one slab; the last column holds -m (a fresh array: the caller's q
-    # is never touched).
-    qa = np.empty((b, hkv, nq, g, d + 1), dtype=dt)
-    np.multiply(q.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4), dt.type(scale),
-                out=qa[..., :d])
-    qa = qa.reshape(slabs, nq * g, d + 1)
-    ka = _augmented(k, b, hkv, nk, d, dt)
-    va = _augmented(v, b, hkv, nk, d, dt)
-    out = np.empty((slabs, nq * g, d), dtype=dt)
-    lse = np.empty((slabs, nq * g), dtype=dt)
-    q_tiles = _tiles(nq, block_q, q_pos, causal)
-    k_tiles = _tiles(nk, block_k, k_pos, causal)
-    s_buf = np.empty(min(block_q, nq) * g * min(block_k, nk), dtype=dt)
-    t_buf = np.empty(min(block_q, nq) * g * (d + 1), dtype=dt)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for qs, qe, qmin, qmax in q_tiles:
-            r0, r1 = qs * g, qe * g
-            rows = r1 - r0
-            acc = np.zeros((slabs, rows, d + 1), dtype=dt)   # [:, :, d] is the running sum l
-            m = np.zeros((slabs, rows), dtype=dt)
-            qa[:, r0:r1, d] = 0
-            fast = [False] * slabs
-            tmp = t_buf[: rows * (d + 1)].reshape(rows, d + 1)
-            q_rep = np.repeat(q_pos[qs:qe], g) if causal else None
-            for ks, ke, kmin, kmax in k_tiles:
-                if causal and qmax < kmin:
-                    continue  # every key in this tile is in every query's future
-                s = s_buf[: rows * (ke - ks)].reshape(rows, ke - ks)
-                # straddles the diagonal: mask per element (same mask for every slab)
-                hidden = q_rep[:, None] < k_pos[None, ks:ke] if causal and qmin < kmax else None
-                for sl in range(slabs):
-                    fast[sl] = _tile(qa[sl, r0:r1], ka[sl, ks:ke], va[sl, ks:ke], acc[sl], m[sl],
-                                     s, tmp, hidden, fast[sl], d)
-                if progress is not None:
-                    progress()
-            l = acc[:, :, d]
-            seen = l > 0
-            l_safe = np.where(seen, l, 1)
-            np.divide(acc[:, :, :d], l_safe[..., None], out=out[:, r0:r1])
-            # in float64: m may be large, and m + log(l) must not lose log(l)'s digits
-            lse[:, r0:r1] = np.where(seen, m + np.log(l_safe, dtype=np.float64), -np.inf)
-    out = out.reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nq, h, d)
-    lse = lse.reshape(b, hkv, nq, g).transpose(0, 1, 3, 2).reshape(b, h, nq)
-    return out, lse
+
+    def __init__(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None):
+        b, nq, h, d = q.shape
+        self.g, self.d, self.dt = h // kv_heads, d, q.dtype
+        self.b, self.hkv, self.nq, self.h = b, kv_heads, nq, h
+        self.slabs = b * kv_heads
+        self.causal, self.q_pos = causal, q_pos
+        self.block_q = block_q or max(1, DEFAULT_BLOCK_ROWS // self.g)
+        self.block_k = block_k or DEFAULT_BLOCK_K
+        scale = 1.0 / np.sqrt(d) if scale is None else scale
+        # a fresh array: the caller's q is never touched
+        qa = np.empty((b, kv_heads, nq, self.g, d + 1), dtype=self.dt)
+        np.multiply(q.reshape(b, nq, kv_heads, self.g, d).transpose(0, 2, 1, 3, 4),
+                    self.dt.type(scale), out=qa[..., :d])
+        qa[..., d] = 0
+        self.qa = qa.reshape(self.slabs, nq * self.g, d + 1)
+        self.acc = np.zeros((self.slabs, nq * self.g, d + 1), dtype=self.dt)  # [..., d]: sum l
+        self.m = np.zeros((self.slabs, nq * self.g), dtype=self.dt)
+        self.q_tiles = _tiles(nq, self.block_q, q_pos, causal)
+        self.fast = np.zeros((len(self.q_tiles), self.slabs), dtype=bool)
+        self._s = np.empty(0, dtype=self.dt)
+        self._t = np.empty(min(self.block_q, nq) * self.g * (d + 1), dtype=self.dt)
+
+    def packed_size(self, n: int) -> int:
+        return 2 * self.slabs * n * (self.d + 1)
+
+    def pack(self, k, v, buf):
+        """``[k, 1]`` then ``[v, 1]``, each (slabs, n, d+1), into the flat ``buf``."""
+        n, d = k.shape[1], self.d
+        half = self.slabs * n * (d + 1)
+        for x, part in ((k, buf[:half]), (v, buf[half: 2 * half])):
+            xa = part.reshape(self.b, self.hkv, n, d + 1)
+            xa[..., :d] = x.transpose(0, 2, 1, 3)
+            xa[..., d] = 1
+
+    def add(self, k, v, *, k_pos=None, progress=None):
+        buf = np.empty(self.packed_size(k.shape[1]), dtype=self.dt)
+        self.pack(k, v, buf)
+        self.add_packed(buf, k.shape[1], k_pos, progress)
+
+    def add_packed(self, buf, n, k_pos, progress=None):
+        """Fold in the key block packed in ``buf`` (``n`` keys at positions ``k_pos``)."""
+        d, g, causal = self.d, self.g, self.causal
+        half = self.slabs * n * (d + 1)
+        ka = buf[:half].reshape(self.slabs, n, d + 1)
+        va = buf[half: 2 * half].reshape(self.slabs, n, d + 1)
+        k_tiles = _tiles(n, self.block_k, k_pos, causal)
+        need = min(self.block_q, self.nq) * g * min(self.block_k, n)
+        if self._s.size < need:
+            self._s = np.empty(need, dtype=self.dt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i, (qs, qe, qmin, qmax) in enumerate(self.q_tiles):
+                r0, r1 = qs * g, qe * g
+                rows = r1 - r0
+                tmp = self._t[: rows * (d + 1)].reshape(rows, d + 1)
+                q_rep = np.repeat(self.q_pos[qs:qe], g) if causal else None
+                for ks, ke, kmin, kmax in k_tiles:
+                    if causal and qmax < kmin:
+                        continue  # every key in this tile is in every query's future
+                    s = self._s[: rows * (ke - ks)].reshape(rows, ke - ks)
+                    # straddles the diagonal: mask per element (same mask for every slab)
+                    hidden = q_rep[:, None] < k_pos[None, ks:ke] if causal and qmin < kmax else None
+                    for sl in range(self.slabs):
+                        self.fast[i, sl] = _tile(self.qa[sl, r0:r1], ka[sl, ks:ke], va[sl, ks:ke],
+                                                 self.acc[sl, r0:r1], self.m[sl, r0:r1], s, tmp,
+                                                 hidden, self.fast[i, sl], d)
+                    if progress is not None:
+                        progress()
+
+    def result(self):
+        """``(out, lse)`` in the caller's layouts; rows that saw no key: out 0, lse -inf."""
+        b, hkv, nq, g, d = self.b, self.hkv, self.nq, self.g, self.d
+        l = self.acc[:, :, d]
+        seen = l > 0
+        l_safe = np.where(seen, l, 1)
+        out = np.empty((self.slabs, nq * g, d), dtype=self.dt)
+        np.divide(self.acc[:, :, :d], l_safe[..., None], out=out)
+        # in float64: m may be large, and m + log(l) must not lose log(l)'s digits
+        lse = np.where(seen, self.m + np.log(l_safe, dtype=np.float64), -np.inf).astype(self.dt)
+        out = out.reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nq, self.h, d)
+        lse = lse.reshape(b, hkv, nq, g).transpose(0, 1, 3, 2).reshape(b, self.h, nq)
+        return out, lse
 
 
 def _scores(qt, kt, s, hidden):

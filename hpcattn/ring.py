@@ -3,7 +3,9 @@
 Every rank holds the queries, keys and values of its positions (see ``hpcattn.layouts``). For P
 steps it computes blockwise attention of its queries against the K/V block it currently holds
 while that block is already travelling to rank r+1 and the next one arrives from rank r-1
-(non-blocking MPI, two buffers). Partial results are merged by their log-sum-exp.
+(non-blocking MPI, two buffers). On CPU every arriving block is folded into one running
+online-softmax state (``blockwise.PartialAttention``); other backends merge per-block partial
+results by their log-sum-exp (``blockwise.MergedAttention``).
 
 Causal attention uses global positions, so the same loop serves every layout; a block whose keys
 all lie in the future of every local query is skipped (never computed), and with ``zigzag`` or
@@ -16,7 +18,7 @@ import time
 import numpy as np
 
 from .backend import array_module
-from .blockwise import attention, merge_partials
+from .blockwise import attention, partial_attention
 from .errors import CollectiveError, HpcattnError
 from .layouts import check_layout, local_count, positions
 from .validate import check_qkv
@@ -132,39 +134,36 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
         t_compute = time.perf_counter() - t0
     else:
         ring = make_ring_comm(comm, xp)
-        b, nk, hkv, d = k.shape
-        row = b * hkv * d  # elements per sequence position in one of k or v
+        # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
+        # per head), and every block is folded into one running state: no per-step output, no merge
+        part = partial_attention(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos, **block_kw)
         counts = [local_count(n, size, r, layout) for r in range(size)]
-        bufs = [xp.empty(2 * max(counts) * row, dtype=k.dtype) for _ in range(2)]
-        bufs[0][: nk * row] = k.reshape(-1)   # (b, n, hkv, d) -> kv block, k then v
-        bufs[0][nk * row: 2 * nk * row] = v.reshape(-1)
-        out = lse = None
+        bufs = [xp.empty(part.packed_size(max(counts)), dtype=k.dtype) for _ in range(2)]
+        part.pack(k, v, bufs[0])
+        computed = 0
         for step in range(size):
             src = (rank - step) % size          # whose block we hold now
             cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
             n_src = counts[src]
             if step < size - 1:
                 n_next = counts[(src - 1) % size]
-                ring.send_recv(cur[: 2 * n_src * row], nxt[: 2 * n_next * row])
+                ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)])
             k_pos = positions(n, size, src, layout)
             t0 = time.perf_counter()
             if causal and q_pos[-1] < k_pos[0]:
                 skipped += 1                     # every key is in every query's future
             else:
-                kb = cur[: n_src * row].reshape(b, n_src, hkv, d)
-                vb = cur[n_src * row: 2 * n_src * row].reshape(b, n_src, hkv, d)
-                o, l = attention(q, kb, vb, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                                 check_finite=False, progress=ring.progress, **block_kw)
-                if out is None:
-                    out, lse = o, l
-                else:
-                    merge_partials(out, lse, o, l)
+                part.add_packed(cur[: part.packed_size(n_src)], n_src, k_pos, progress=ring.progress)
+                computed += 1
             t1 = time.perf_counter()
             ring.wait()
             t_compute += t1 - t0
             t_wait += time.perf_counter() - t1
-        if out is None:  # cannot happen for causal (a query always sees itself), kept for safety
+        if not computed:  # cannot happen for causal (a query always sees itself), kept for safety
             raise HpcattnError("no key block was visible to this rank's queries")
+        t0 = time.perf_counter()
+        out, lse = part.result()
+        t_compute += time.perf_counter() - t0
     if stats is not None:
         stats.update(compute_s=t_compute, wait_s=t_wait, steps=size, skipped=skipped)
     return out, lse
