@@ -198,20 +198,32 @@ class Mixer:
 def masked_softmax(s, bias=None):
     """Row softmax of scores ``s`` (+ additive ``bias``, -inf hides a key) over the last axis.
 
+    Works in place on ``s`` (callers pass a fresh score array: one N x N buffer, not five).
     Returns (p, lse); rows that see no key get p = 0 and lse = -inf.
     """
     xp = array_module(s)
     if bias is not None:
-        s = s + bias
+        if s.shape == xp.broadcast_shapes(s.shape, bias.shape):
+            s += bias
+        else:
+            s = s + bias
     m = s.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)
-    p = xp.exp(s - m)
-    total = p.sum(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0).astype(s.dtype, copy=False)
+    s -= m
+    xp.exp(s, out=s)
+    total = s.sum(axis=-1, keepdims=True)
     seen = total > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = p / xp.where(seen, total, 1)
+    s /= xp.where(seen, total, 1)
+    with np.errstate(divide="ignore"):
         lse = xp.where(seen, xp.log(xp.where(seen, total, 1)) + m, -np.inf)[..., 0]
-    return p, lse
+    return s, lse
+
+
+def scores(q, k, scale=None):
+    """Fresh (b, h, Nq, Nk) score array q k^T * scale (default 1/sqrt(d))."""
+    s = array_module(q).matmul(q, k.swapaxes(-1, -2))
+    s *= scale or scale_of(q.shape[-1])
+    return s
 
 
 def causal_bias(n: int, xp, dtype, offset: int = 0):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import Mixer, Param, SEED, as_xp, masked_softmax, register, scale_of
+from .base import Mixer, Param, SEED, as_xp, masked_softmax, register, scores
 
 
 def _softmax(s):
@@ -41,7 +41,7 @@ class Linformer(Mixer):
     def _weights(self, q, k):
         e, f = self.projections(q.shape[2], q)
         xp = array_module(q)
-        return _softmax(xp.matmul(q, xp.matmul(e, k).swapaxes(-1, -2)) * scale_of(q.shape[-1])), f
+        return _softmax(scores(q, xp.matmul(e, k))), f
 
     def _apply(self, q, k, v, causal):
         p, f = self._weights(q, k)

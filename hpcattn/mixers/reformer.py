@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..errors import HpcattnError
-from .base import Mixer, Param, SEED, as_xp, masked_softmax, register, scale_of
+from .base import Mixer, Param, SEED, as_xp, masked_softmax, register, scores
 from .sparse import run_block_pattern
 
 SELF_SCORE = -1e5
@@ -123,8 +123,7 @@ class Reformer(Mixer):
             union = union | self._neighbours(c[..., :, None], c[..., None, :], nc)
         i = xp.arange(n)
         bias = self._bias(i[:, None], i[None, :], causal) + xp.where(union, 0.0, -np.inf)
-        s = xp.matmul(q, kn.swapaxes(-1, -2)) * scale_of(q.shape[-1])
-        return masked_softmax(s, bias.astype(q.dtype))[0]
+        return masked_softmax(scores(q, kn), bias.astype(q.dtype))[0]
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         bh = batch * heads

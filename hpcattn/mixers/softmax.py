@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..blockwise import attention
-from .base import Mixer, Param, causal_bias, masked_softmax, register, scale_of
+from .base import Mixer, Param, causal_bias, masked_softmax, register, scores
 
 
 def softmax_matrix(q, k, causal, scale=None):
     """The textbook dense P for head-major q/k (b, h, n, d)."""
-    xp = array_module(q)
-    s = xp.matmul(q, k.swapaxes(-1, -2)) * (scale or scale_of(q.shape[-1]))
-    bias = causal_bias(q.shape[2], xp, s.dtype) if causal else None
-    return masked_softmax(s, bias)[0]
+    bias = causal_bias(q.shape[2], array_module(q), q.dtype) if causal else None
+    return masked_softmax(scores(q, k, scale), bias)[0]
 
 
 class _Softmax(Mixer):

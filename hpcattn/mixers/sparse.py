@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import Mixer, Param, SEED, causal_bias, masked_softmax, register, scale_of
+from .base import Mixer, Param, SEED, causal_bias, masked_softmax, register, scale_of, scores
 
 TILE_ELEMENTS = 1 << 22  # score elements formed at once (memory of one group of query blocks)
 
@@ -54,7 +54,7 @@ def block_sparse_attention(q, k, v, *, block, table, qblocks, out, lse, n_valid,
         else:
             ks, vs = kb[:, heads, idx], vb[:, heads, idx]
         shape = (b, h, len(rows), m * block, d)
-        s = xp.matmul(qb[:, :, rows], ks.reshape(shape).swapaxes(-1, -2)) * scale
+        s = scores(qb[:, :, rows], ks.reshape(shape), scale)
         kj = (idx[..., None] * block + within).reshape(hh, len(rows), 1, m * block)
         valid = xp.repeat(tbl >= 0, block, axis=-1)[:, :, None, :] & (kj < n_valid)
         bias = xp.where(valid, 0.0, -np.inf).astype(s.dtype)[None]
@@ -90,8 +90,7 @@ def dense_pattern_matrix(q, k, allowed, causal):
     bias = xp.where(xp.asarray(allowed), 0.0, -np.inf).astype(q.dtype)[None]
     if causal:
         bias = bias + causal_bias(q.shape[2], xp, q.dtype)
-    s = xp.matmul(q, k.swapaxes(-1, -2)) * scale_of(q.shape[-1])
-    return masked_softmax(s, bias)[0]
+    return masked_softmax(scores(q, k), bias)[0]
 
 
 def _causal_fn(qi, kj):
