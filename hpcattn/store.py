@@ -133,7 +133,8 @@ def provenance(comm=None, argv=None) -> dict:
     try:
         from mpi4py import MPI
 
-        info["mpi_library_version"] = MPI.Get_library_version().strip().splitlines()[0]
+        # Open MPI pads the string with NULs, which HDF5 strings cannot hold
+        info["mpi_library_version"] = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
         info["mpi_version"] = "%d.%d" % MPI.Get_version()
         info["mpi4py_version"] = __import__("mpi4py").__version__
     except Exception:  # noqa: BLE001 - provenance must never stop a run
