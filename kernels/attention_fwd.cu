@@ -21,9 +21,10 @@
 // Compile-time configuration comes from Python (hpcattn/gpu/kernels.py) as -D options, so the
 // launch geometry and the shared-memory size are declared in one place.
 #include "hpcattn_common.cuh"
+#include "attention_fwd_mma.cuh"
 
 #if !defined(HPCATTN_THREADS) || !defined(HPCATTN_BLOCK_Q) || !defined(HPCATTN_BLOCK_K_D64) \
-    || !defined(HPCATTN_BLOCK_K_D128)
+    || !defined(HPCATTN_BLOCK_K_D128) || !defined(HPCATTN_MMA_BLOCK_K)
 #error "compile with the -D options from hpcattn.gpu.kernels.compile_options()"
 #endif
 
@@ -241,3 +242,22 @@ HPCATTN_ATTENTION_FWD(attention_fwd_f16_d64, __half, 64, HPCATTN_BLOCK_K_D64)
 HPCATTN_ATTENTION_FWD(attention_fwd_f16_d128, __half, 128, HPCATTN_BLOCK_K_D128)
 HPCATTN_ATTENTION_FWD(attention_fwd_bf16_d64, __nv_bfloat16, 64, HPCATTN_BLOCK_K_D64)
 HPCATTN_ATTENTION_FWD(attention_fwd_bf16_d128, __nv_bfloat16, 128, HPCATTN_BLOCK_K_D128)
+
+// Tensor-core entry points (sm_80+), fp16/bf16 only; same argument list.
+#define HPCATTN_ATTENTION_FWD_MMA(NAME, T, D, BK)                                               \
+    extern "C" __global__ void __launch_bounds__(HPCATTN_THREADS) NAME(                        \
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,             \
+        T* __restrict__ out, float* __restrict__ lse, const long long* __restrict__ q_pos,     \
+        const long long* __restrict__ k_pos, const long long* __restrict__ q_bounds,           \
+        const long long* __restrict__ k_bounds, int n_q, int n_k, int heads, int kv_heads,     \
+        float scale_log2, int causal) {                                                        \
+        extern __shared__ float4 hpcattn_smem[];                                               \
+        hpcattn::attention_fwd_mma<T, D, BK>(q, k, v, out, lse, q_pos, k_pos, q_bounds,        \
+                                             k_bounds, n_q, n_k, heads, kv_heads, scale_log2,  \
+                                             causal, reinterpret_cast<T*>(hpcattn_smem));      \
+    }
+
+HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_f16_d64, __half, 64, HPCATTN_MMA_BLOCK_K)
+HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_f16_d128, __half, 128, HPCATTN_MMA_BLOCK_K)
+HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_bf16_d64, __nv_bfloat16, 64, HPCATTN_MMA_BLOCK_K)
+HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_bf16_d128, __nv_bfloat16, 128, HPCATTN_MMA_BLOCK_K)

@@ -45,11 +45,12 @@ def test_every_entry_point_compiles_without_spills_within_limits(arch):
     assert set(rep) == set(kernels.KERNELS), "ptxas reported other entry points than KERNELS declares"
     for name, res in rep.items():
         head_dim = int(name.rsplit("_d", 1)[1])
+        variant = "mma" if "_mma_" in name else "simt"
         assert res.spill_stores == 0 and res.spill_loads == 0, f"{name} sm_{arch} spills: {res}"
         assert res.stack_bytes == 0, f"{name} sm_{arch} uses a stack frame (local memory): {res}"
         assert res.registers * kernels.THREADS <= MAX_REGISTERS_PER_SM, f"{name} cannot launch: {res}"
         assert res.static_smem <= STATIC_SMEM_LIMIT
-        dynamic = kernels.attention_smem_bytes(head_dim)
+        dynamic = kernels.attention_smem_bytes(head_dim, variant)
         assert res.static_smem + dynamic <= kernels.MAX_DYNAMIC_SMEM[arch], \
             f"{name} needs {res.static_smem + dynamic} B shared memory; sm_{arch} allows {kernels.MAX_DYNAMIC_SMEM[arch]}"
 
@@ -58,9 +59,10 @@ def test_every_entry_point_compiles_without_spills_within_limits(arch):
 def test_cubin_is_for_the_requested_arch(arch):
     cubin, _ = nvrtc.compile_for_arch(arch, source=_tiny_kernel())
     assert cubin[:4] == b"\x7fELF"
-    # ELF e_flags of a CUDA cubin carry the SM number in their low byte
+    # ELF e_flags of a CUDA cubin carry the SM number: low byte up to CUDA 12, next byte from 13
     e_flags = int.from_bytes(cubin[48:52], "little")
-    assert e_flags & 0xFF == int(arch), f"cubin e_flags {e_flags:#x} not for sm_{arch}"
+    sm = e_flags & 0xFF if NVRTC_VERSION[0] < 13 else (e_flags >> 8) & 0xFF
+    assert sm == int(arch), f"cubin e_flags {e_flags:#x} not for sm_{arch}"
 
 
 def _tiny_kernel():

@@ -165,8 +165,9 @@ def launch(plan: kernels.Launch, lib: ctypes.CDLL | None = None, spec: dict | No
         raise HpcattnError(f"emulated {plan.kernel} failed: {err.decode()}")
 
 
-def attention_emulated(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None):
-    """``hpcattn.attention`` semantics for NumPy inputs, computed by the CUDA kernel on the CPU.
+def attention_emulated(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, variant=None):
+    """``hpcattn.attention`` semantics for NumPy inputs, computed by the CUDA kernel on the CPU
+    (``variant`` "simt" or "mma" as in ``hpcattn.gpu.kernels.plan_attention``).
 
     Outputs are poisoned (NaN) before the launch, so an element the kernel forgets stays NaN.
     """
@@ -176,7 +177,8 @@ def attention_emulated(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=N
     if causal:
         q_pos = np.arange(q.shape[1]) if q_pos is None else q_pos
         k_pos = np.arange(k.shape[1]) if k_pos is None else k_pos
-    plan = kernels.plan_attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, xp=np)
+    plan = kernels.plan_attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, xp=np,
+                                  variant=variant)
     plan.out[...] = np.nan
     plan.lse[...] = np.nan
     launch(plan)

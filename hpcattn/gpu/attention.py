@@ -47,10 +47,13 @@ def _prepare(x):
     return x.copy() if x.data.ptr % 16 else x
 
 
-def attention_gpu(q, k, v, *, causal: bool = False, scale: float | None = None, q_pos=None, k_pos=None):
+def attention_gpu(q, k, v, *, causal: bool = False, scale: float | None = None, q_pos=None, k_pos=None,
+                  variant: str | None = None):
     """``hpcattn.attention`` for CuPy arrays: returns ``(out, lse)`` on the device, lse float32.
 
-    Supported: float32/float16/bfloat16, head_dim 64 or 128 (else ``HpcattnError``).
+    Supported: float32/float16/bfloat16, head_dim 64 or 128 (else ``HpcattnError``). ``variant``:
+    "mma" (tensor cores; default for fp16/bf16 on sm_80+) or "simt" (CUDA cores; any dtype);
+    ``HPCATTN_GPU_KERNEL=simt`` forces SIMT.
     """
     import cupy
 
@@ -59,7 +62,10 @@ def attention_gpu(q, k, v, *, causal: bool = False, scale: float | None = None, 
     if causal:
         q_pos = cupy.arange(q.shape[1], dtype=cupy.int64) if q_pos is None else cupy.asarray(q_pos)
         k_pos = cupy.arange(k.shape[1], dtype=cupy.int64) if k_pos is None else cupy.asarray(k_pos)
-    plan = kernels.plan_attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, xp=cupy)
+    if variant is None and int(cupy.cuda.Device().compute_capability) < 80:
+        variant = "simt"  # mma.sync m16n8k16 needs sm_80
+    plan = kernels.plan_attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, xp=cupy,
+                                  variant=variant)
     launch(plan)
     if 0 in plan.grid:  # nothing launched: no query rows (or batch/heads 0)
         plan.lse.fill(-np.inf)

@@ -39,6 +39,10 @@ def zigzag_positions(n: int):
     return np.concatenate([np.arange(half, n), np.arange(half)]).astype(np.int64)
 
 
+def variants(dtype: str):
+    return kernels.VARIANTS if dtype in kernels.MMA_DTYPES else ("simt",)
+
+
 def run_checks(dtypes, head_dims, out=print) -> bool:
     import cupy
 
@@ -46,7 +50,7 @@ def run_checks(dtypes, head_dims, out=print) -> bool:
 
     rng = np.random.default_rng(0)
     ok = True
-    for dtype in dtypes:
+    for dtype, variant in ((dt, var) for dt in dtypes for var in variants(dt)):
         dt = np_dtype(dtype)
         for d in head_dims:
             for b, nq, nk, h, hkv, causal, zigzag in CHECK_SHAPES:
@@ -56,11 +60,12 @@ def run_checks(dtypes, head_dims, out=print) -> bool:
                 q_pos = zigzag_positions(nq) if zigzag else np.arange(nq, dtype=np.int64)
                 k_pos = zigzag_positions(nk) if zigzag else np.arange(nk, dtype=np.int64)
                 o, lse = attention_gpu(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), causal=causal,
-                                       q_pos=q_pos if causal else None, k_pos=k_pos if causal else None)
+                                       q_pos=q_pos if causal else None, k_pos=k_pos if causal else None,
+                                       variant=variant)
                 verdict = judge(q, k, v, cupy.asnumpy(o), cupy.asnumpy(lse), causal=causal, q_pos=q_pos,
                                 k_pos=k_pos)
                 ok &= verdict.ok
-                out(f"  {dtype:8s} d={d:3d} b={b} q={nq:4d} k={nk:4d} h={h}/{hkv} "
+                out(f"  {dtype:8s} {variant:4s} d={d:3d} b={b} q={nq:4d} k={nk:4d} h={h}/{hkv} "
                     f"{'causal' if causal else 'full  '}{' zigzag' if zigzag else '       '} {verdict}")
     return ok
 
@@ -91,8 +96,8 @@ def run_bench(dtypes, head_dims, seqs, heads_list, repeats, out=print) -> list[d
     from .attention import attention_gpu
 
     rows = []
-    out(f"  {'dtype':8s} {'d':>4s} {'N':>6s} {'H':>3s} {'causal':>6s} {'ms':>9s} {'TFLOP/s':>8s}")
-    for dtype in dtypes:
+    out(f"  {'dtype':8s} {'kern':4s} {'d':>4s} {'N':>6s} {'H':>3s} {'causal':>6s} {'ms':>9s} {'TFLOP/s':>8s}")
+    for dtype, variant in ((dt, var) for dt in dtypes for var in variants(dt)):
         dt = cupy.dtype(np_dtype(dtype))
         for d in head_dims:
             for n in seqs:
@@ -100,11 +105,11 @@ def run_bench(dtypes, head_dims, seqs, heads_list, repeats, out=print) -> list[d
                     q, k, v = (cupy.random.standard_normal((1, n, h, d), dtype=cupy.float32).astype(dt)
                                for _ in range(3))
                     for causal in (False, True):
-                        t = time_call(lambda: attention_gpu(q, k, v, causal=causal), repeats)
+                        t = time_call(lambda: attention_gpu(q, k, v, causal=causal, variant=variant), repeats)
                         tf = attention_flops(1, n, h, d, causal) / t / 1e12
-                        rows.append(dict(dtype=dtype, head_dim=d, seq=n, heads=h, causal=causal,
+                        rows.append(dict(dtype=dtype, variant=variant, head_dim=d, seq=n, heads=h, causal=causal,
                                          seconds=t, tflops=tf))
-                        out(f"  {dtype:8s} {d:4d} {n:6d} {h:3d} {str(causal):>6s} {t * 1e3:9.3f} {tf:8.2f}")
+                        out(f"  {dtype:8s} {variant:4s} {d:4d} {n:6d} {h:3d} {str(causal):>6s} {t * 1e3:9.3f} {tf:8.2f}")
                     del q, k, v
     return rows
 

@@ -11,6 +11,7 @@ Importing this module needs NumPy only (no CuPy, no GPU).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,12 @@ BLOCK_Q = 64
 #: 72 KiB for d=128, float32 tiles whatever the input dtype).
 BLOCK_K = {64: 64, 128: 32}
 HEAD_DIMS = tuple(sorted(BLOCK_K))
+#: keys per tile of the tensor-core (mma.sync) kernels, fp16/bf16 only, sm_80 and newer
+MMA_BLOCK_K = 64
 DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+MMA_DTYPES = ("float16", "bfloat16")
+#: "simt" (CUDA cores, every dtype) or "mma" (tensor cores, fp16/bf16)
+VARIANTS = ("simt", "mma")
 #: largest dynamic shared memory a block may opt in to, by compute capability (CUDA guide,
 #: table "Technical Specifications per Compute Capability").
 MAX_DYNAMIC_SMEM = {"80": 166912, "86": 101376, "87": 166912, "89": 101376, "90": 232448}
@@ -52,24 +58,39 @@ ATTENTION_FWD_ARGS = (
 )
 
 
-def attention_kernel_name(dtype: str, head_dim: int) -> str:
-    return f"attention_fwd_{DTYPES[dtype]}_d{head_dim}"
+def attention_kernel_name(dtype: str, head_dim: int, variant: str = "simt") -> str:
+    return f"attention_fwd_{'mma_' if variant == 'mma' else ''}{DTYPES[dtype]}_d{head_dim}"
 
 
 #: every entry point in attention_fwd.cu with its argument list
-KERNELS = {attention_kernel_name(dt, d): ATTENTION_FWD_ARGS for dt in DTYPES for d in HEAD_DIMS}
+KERNELS = {attention_kernel_name(dt, d, var): ATTENTION_FWD_ARGS
+           for var in VARIANTS for dt in (MMA_DTYPES if var == "mma" else DTYPES) for d in HEAD_DIMS}
 
 
-def attention_smem_bytes(head_dim: int) -> int:
-    """Dynamic shared memory of one block: Qt[D][BQ], Kt[D][BK], Vs[BK][D], Ps[BQ][BK] floats."""
+def attention_smem_bytes(head_dim: int, variant: str = "simt") -> int:
+    """Dynamic shared memory of one block. SIMT: Qt[D][BQ], Kt[D][BK], Vs[BK][D], Ps[BQ][BK]
+    floats; mma: Qs[BQ][D+8], Ks[BK][D+8], Vt[D][BK+8] 16-bit elements."""
+    if variant == "mma":
+        return 2 * (BLOCK_Q * (head_dim + 8) + MMA_BLOCK_K * (head_dim + 8) + head_dim * (MMA_BLOCK_K + 8))
     bk = BLOCK_K[head_dim]
     return 4 * (head_dim * BLOCK_Q + 2 * head_dim * bk + BLOCK_Q * bk)
+
+
+def default_variant(dtype: str) -> str:
+    """Tensor cores for fp16/bf16 unless HPCATTN_GPU_KERNEL=simt; SIMT for float32."""
+    forced = os.environ.get("HPCATTN_GPU_KERNEL", "").strip()
+    if forced and forced not in VARIANTS:
+        raise HpcattnError(f"HPCATTN_GPU_KERNEL={forced!r}; expected one of {', '.join(VARIANTS)}")
+    if dtype not in MMA_DTYPES:
+        return "simt"
+    return forced or "mma"
 
 
 def compile_defines() -> tuple[str, ...]:
     """The -D options that configure the kernels (the .cu refuses to compile without them)."""
     return (f"-DHPCATTN_THREADS={THREADS}", f"-DHPCATTN_BLOCK_Q={BLOCK_Q}",
-            f"-DHPCATTN_BLOCK_K_D64={BLOCK_K[64]}", f"-DHPCATTN_BLOCK_K_D128={BLOCK_K[128]}")
+            f"-DHPCATTN_BLOCK_K_D64={BLOCK_K[64]}", f"-DHPCATTN_BLOCK_K_D128={BLOCK_K[128]}",
+            f"-DHPCATTN_MMA_BLOCK_K={MMA_BLOCK_K}")
 
 
 def compile_options() -> tuple[str, ...]:
@@ -121,11 +142,12 @@ def check_head_dim(head_dim: int) -> None:
                            f"expected one of {', '.join(map(str, HEAD_DIMS))}")
 
 
-def plan_attention(q, k, v, *, causal: bool, scale: float, q_pos, k_pos, xp) -> Launch:
+def plan_attention(q, k, v, *, causal: bool, scale: float, q_pos, k_pos, xp, variant=None) -> Launch:
     """Outputs allocated with ``xp`` and the kernel call that fills them.
 
     q (b, n_q, heads, d), k/v (b, n_k, kv_heads, d), C-contiguous, one dtype of ``DTYPES``;
-    q_pos/k_pos int64 positions (ignored unless ``causal``).
+    q_pos/k_pos int64 positions (ignored unless ``causal``); ``variant`` "simt" or "mma"
+    (default: ``default_variant``).
     """
     b, n_q, heads, d = q.shape
     n_k, kv_heads = k.shape[1], k.shape[2]
@@ -134,6 +156,10 @@ def plan_attention(q, k, v, *, causal: bool, scale: float, q_pos, k_pos, xp) -> 
         raise HpcattnError(f"dtype {dtype} is not supported by the GPU kernels; "
                            f"expected one of {', '.join(DTYPES)}")
     check_head_dim(d)
+    variant = default_variant(dtype) if variant is None else variant
+    if variant not in VARIANTS or (variant == "mma" and dtype not in MMA_DTYPES):
+        raise HpcattnError(f"kernel variant {variant!r} for {dtype}; expected simt, or mma for "
+                           f"{' / '.join(MMA_DTYPES)}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not x.flags.c_contiguous:
             raise HpcattnError(f"{name} is not C-contiguous; expected contiguous arrays")
@@ -149,7 +175,8 @@ def plan_attention(q, k, v, *, causal: bool, scale: float, q_pos, k_pos, xp) -> 
         q_pos = xp.ascontiguousarray(q_pos, dtype=xp.int64)
         k_pos = xp.ascontiguousarray(k_pos, dtype=xp.int64)
         values.update(q_pos=q_pos, k_pos=k_pos, q_bounds=tile_bounds(q_pos, BLOCK_Q, xp),
-                      k_bounds=tile_bounds(k_pos, BLOCK_K[d], xp), causal=1)
+                      k_bounds=tile_bounds(k_pos, MMA_BLOCK_K if variant == "mma" else BLOCK_K[d], xp),
+                      causal=1)
     grid = (-(-n_q // BLOCK_Q), heads, b)  # callers skip the launch when it is empty
-    return Launch(attention_kernel_name(dtype, d), grid, (THREADS, 1, 1),
-                  attention_smem_bytes(d), values, out, lse)
+    return Launch(attention_kernel_name(dtype, d, variant), grid, (THREADS, 1, 1),
+                  attention_smem_bytes(d, variant), values, out, lse)

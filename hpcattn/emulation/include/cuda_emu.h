@@ -7,7 +7,10 @@
 //   - threadIdx / blockIdx / blockDim / gridDim, __global__/__device__/__forceinline__ etc.;
 //   - __syncthreads(): a barrier of the whole block; reaching it with some threads exited, or a
 //     warp collective with some lanes elsewhere, is reported as an error (a hang on a GPU);
-//   - __shfl_xor_sync(0xffffffff, v, m) as a warp collective (all 32 lanes exchange);
+//   - __shfl_xor_sync(0xffffffff, v, m) and __syncwarp() as warp collectives;
+//   - the tensor-core instruction mma.sync.m16n8k16 (fp16/bf16 -> fp32) as a warp collective that
+//     reassembles A, B from the 32 lanes' registers in the layout the PTX ISA documents (kernels
+//     reach it through `#if defined(HPCATTN_EMULATION)` around their one asm statement);
 //   - dynamic shared memory: every `extern __shared__ T name[];` is one page-aligned buffer,
 //     filled with 0xFF bytes (NaN as float) before each block, and the pages past the launch's
 //     shared-memory size are made inaccessible, so an overrun faults instead of passing;
@@ -35,6 +38,7 @@
 #define __shared__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define HPCATTN_EMULATION 1
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -110,6 +114,9 @@ struct Launch {
     void* body_arg = nullptr;
     const char* error = nullptr;
     unsigned long long shuffle[MAX_THREADS / 32][2][32];  // two slots per warp, by parity
+    struct MmaRegs {
+        unsigned a[4], b[2];
+    } mma[MAX_THREADS / 32][2][32];
 };
 
 inline Launch& launch_state() {
@@ -196,6 +203,42 @@ inline bool run_block() {
     }
 }
 
+// All lanes of the calling warp wait here (a warp collective); returns this lane's index.
+inline unsigned warp_barrier(unsigned* warp = nullptr, unsigned long long* call = nullptr) {
+    Fiber* f = launch_state().current;
+    const unsigned t = linear(*f);
+    if (warp) *warp = t / 32;
+    if (call) *call = f->warp_calls;
+    ++f->warp_calls;
+    yield(AT_WARP);
+    return t % 32;
+}
+
+// d += A(16x16) * B(16x8) with A, B spread over the warp's registers as mma.m16n8k16 has them
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16"): lane = 4 * group + tig.
+template <class T>
+void mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2]) {
+    Launch& L = launch_state();
+    const unsigned t = linear(*L.current), warp = t / 32, lane = t % 32;
+    auto& slot = L.mma[warp][L.current->warp_calls & 1];
+    memcpy(slot[lane].a, a, sizeof slot[lane].a);
+    memcpy(slot[lane].b, b, sizeof slot[lane].b);
+    warp_barrier();
+    auto half = [](unsigned w, int k) -> float {
+        const uint16_t h = uint16_t((k & 1) ? w >> 16 : w & 0xffffu);
+        return T::emu_bf16 ? bf16_to_f32(h) : f16_to_f32(h);
+    };
+    auto A = [&](int r, int k) { return half(slot[(r % 8) * 4 + (k % 8) / 2].a[(r >= 8) + 2 * (k >= 8)], k); };
+    auto B = [&](int k, int n) { return half(slot[n * 4 + (k % 8) / 2].b[k >= 8], k); };
+    const int g = int(lane) / 4, tig = int(lane) % 4;
+    for (int e = 0; e < 4; ++e) {
+        const int r = g + 8 * (e >= 2), c = 2 * tig + (e & 1);
+        double dot = 0.0;  // products are exact and summed wide on the tensor core
+        for (int k = 0; k < 16; ++k) dot += double(A(r, k)) * double(B(k, c));
+        d[e] = float(double(d[e]) + dot);
+    }
+}
+
 // ---- launch: unpack a CUDA-style void** argument array into the kernel's parameters ----
 template <class... A, size_t... I>
 std::tuple<A...> unpack(void** args, std::index_sequence<I...>) {
@@ -269,6 +312,11 @@ const char* launch(void (*kernel)(A...), const unsigned grid[3], const unsigned 
 #define gridDim (::emu::g_gridDim)
 
 inline void __syncthreads() { emu::yield(emu::AT_SYNCTHREADS); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (mask != 0xffffffffu) emu::fail("__syncwarp with a partial mask is not emulated");
+    emu::warp_barrier();
+}
+inline void __trap() { emu::fail("__trap() called"); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
@@ -279,8 +327,7 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
     const unsigned t = emu::linear(*f), warp = t / 32, lane = t % 32;
     auto& slot = L.shuffle[warp][f->warp_calls & 1];
     memcpy(&slot[lane], &value, sizeof(T));
-    ++f->warp_calls;
-    emu::yield(emu::AT_WARP);  // all 32 lanes have written their value when this returns
+    emu::warp_barrier();  // all 32 lanes have written their value when this returns
     T result;
     memcpy(&result, &slot[(lane ^ unsigned(lane_mask)) & 31u], sizeof(T));
     return result;

@@ -4,5 +4,5 @@
 
 #define CUDART_INF_F (std::numeric_limits<float>::infinity())
 #define CUDART_NAN_F (std::numeric_limits<float>::quiet_NaN())
-#define CUDART_LN2_F 6.93147182e-1f
+#define CUDART_LN2_F 0.693147181F
 #define CUDART_L2E_F 1.44269502e+0f
