@@ -27,6 +27,10 @@ HIDDEN = {"compute_s", "wait_s", "counts", "skipped_blocks", "elapsed_s", "rows"
           "max_lse_err", "max_rel_err", "ranks"}
 PLOTS = (("wall_s", "time per case (s)", True), ("mem_mib", "peak memory per rank (MiB)", True),
          ("gflops", "throughput (GFLOP/s)", True), ("error", "max abs error", True))
+BOOKKEEPING = {"index", "kind", "run", "completed_at", "params_json"}
+# in CSV/JSON but too wide or too internal for the terminal table
+TABLE_HIDDEN = {"budget_bytes", "input_bytes", "predicted_bytes", "reason", "mixer_params",
+                "time_complexity", "memory_complexity"}
 ERROR_KEYS = ("max_abs_err", "rel_err", "error", "max_err")
 
 
@@ -70,9 +74,9 @@ def _row(group, label: str) -> dict:
                 row[key] = bool(arr.all())
             elif arr.dtype.kind in "iuf" and arr.size:
                 row[key] = _num(arr.max() if arr.ndim else arr)
-    for key, val in attrs.items():
-        if key.startswith("result_") or key in ("status",):
-            row[key] = str(val)
+    for key, val in attrs.items():   # string results (a mixer's status, reason, complexity)
+        if key not in BOOKKEEPING and not key.startswith("param_") and isinstance(val, str):
+            row[key] = val
     return row
 
 
@@ -109,7 +113,7 @@ def columns(rows) -> list[str]:
     ident = (["file"] if len({r["file"] for r in rows}) > 1 else []) + ["case"]
     shown = [k for k in ("mixer", "layout", "seq_len") if k in params] + varying(rows, params + ["ranks"])
     taken = set(ident) | set(shown) | set(metrics) | set(params) | {"kind", "file", "ranks"}
-    extra = [k for k in all_columns(rows) if k not in taken]
+    extra = [k for k in all_columns(rows) if k not in taken and k not in TABLE_HIDDEN]
     return ident + list(dict.fromkeys(shown)) + metrics + extra
 
 
