@@ -43,4 +43,4 @@ class FNet(Mixer):
         return xp.broadcast_to(xp.asarray(f.astype(cdt)), q.shape[:2] + (n, n))
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
-        return 8 * batch * heads * n * head_dim * itemsize
+        return 10 * batch * heads * n * head_dim * itemsize

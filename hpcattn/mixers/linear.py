@@ -86,7 +86,9 @@ class _Kernelised(Mixer):
 
     @staticmethod
     def _normalise(y):
-        return y[..., :-1] / y[..., -1:]   # numerator / denominator (the appended ones column)
+        """numerator / denominator (the appended ones column); 0 where nothing was seen"""
+        den = y[..., -1:]
+        return y[..., :-1] / array_module(y).where(den == 0, 1, den)
 
     def _apply(self, q, k, v, causal):
         qf, kf, vv = self._augmented(q, k, v)
@@ -102,7 +104,7 @@ class _Kernelised(Mixer):
         qf, kf = self.feature_map(q, True), self.feature_map(k, False)
         xp = array_module(q)
         a = decay_matrix(qf, kf) if causal else xp.matmul(qf, kf.swapaxes(-1, -2))
-        return a / a.sum(axis=-1, keepdims=True)
+        return self._normalise(xp.concatenate([a, a.sum(axis=-1, keepdims=True)], axis=-1))
 
     def n_features(self, head_dim):
         return head_dim
@@ -110,7 +112,7 @@ class _Kernelised(Mixer):
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         f = self.n_features(head_dim)
         bh = batch * heads
-        return (3 * bh * n * f + 4 * bh * n * (head_dim + 1) + 3 * bh * self.chunk ** 2
+        return (6 * bh * n * f + 2 * bh * n * (head_dim + 1) + 3 * bh * self.chunk ** 2
                 + 2 * bh * f * (head_dim + 1)) * itemsize
 
 
@@ -136,7 +138,7 @@ class Performer(_Kernelised):
     time_complexity = "O(N m d)"
     memory_complexity = "O(N m + m d)"
     params = {"features": Param(256, "random features m", minimum=1),
-              "eps": Param(1e-6, "added to every feature (the reference code's stabiliser)", minimum=0.0),
+              "eps": Param(0.0, "added to every feature, in unshifted units", minimum=0.0),
               "chunk": Param(64, "chunk length of the causal prefix sum", minimum=1),
               "seed": SEED}
 
@@ -166,7 +168,9 @@ class Performer(_Kernelised):
         x = x * d ** -0.25
         w = as_xp(self.projection(x.shape[1], d), x)
         wx = xp.matmul(x, w.swapaxes(-1, -2)[None])                 # (b, h, n, m)
-        # constant shifts cancel in P: per query row, and one per (batch, head) over all keys
+        # constant factors cancel in P: one per query row, one per (batch, head) over all keys.
+        # eps scales with them (the reference code adds it after the shift, which lets a future
+        # key change a causal P)
         shift = wx.max(axis=-1, keepdims=True) if is_query else wx.max(axis=(-1, -2), keepdims=True)
         half_norm = 0.5 * (x * x).sum(axis=-1, keepdims=True)
-        return (xp.exp(wx - half_norm - shift) + self.eps) / np.sqrt(self.features)
+        return (xp.exp(wx - half_norm - shift) + self.eps * xp.exp(-shift)) / np.sqrt(self.features)

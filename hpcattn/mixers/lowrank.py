@@ -117,4 +117,4 @@ class Nystrom(Mixer):
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         bh = batch * heads
         m = min(self.landmarks, n)
-        return (6 * bh * n * m + 4 * bh * n * head_dim + 8 * bh * m * m) * itemsize
+        return (3 * bh * n * m + 2 * bh * n * head_dim + 8 * bh * m * m) * itemsize

@@ -8,7 +8,9 @@ first to the last). A position never attends to itself unless nothing else is vi
 -1e5). Rounds are combined by their log-sum-exp, with each key's weight divided by the number
 of rounds in which it was seen, so P is exactly the softmax over the union of the rounds' sets:
 P_ij = exp(s_ij) / sum_{l in U(i)} exp(s_il) for j in U(i) = union_r {j : chunk_r(j) in
-{chunk_r(i), chunk_r(i) - 1}}. apply runs the block-sparse engine on the sorted sequence
+{chunk_r(i), chunk_r(i) - 1}}. With ``causal`` P is lower-triangular, but (as in the paper) which
+earlier keys a query sees depends on where later tokens hash, since they take chunk slots.
+apply runs the block-sparse engine on the sorted sequence
 (O(r N (log N + c d)) time, O(r N c) memory); matrix builds U(i) densely.
 """
 from __future__ import annotations

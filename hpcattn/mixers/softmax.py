@@ -55,4 +55,4 @@ class ExactNaive(_Softmax):
         return array_module(q).matmul(softmax_matrix(q, k, causal), v)
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
-        return 3 * batch * heads * n * n * itemsize + 2 * batch * heads * n * head_dim * itemsize
+        return 3 * batch * heads * n * n * itemsize // 2 + 2 * batch * heads * n * head_dim * itemsize
