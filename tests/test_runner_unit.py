@@ -13,7 +13,7 @@ from mpi4py import MPI
 from hpcattn import runner, store
 from hpcattn.cli.run import run as run_cmd
 from hpcattn.errors import CollectiveError
-from hpcattn.jobs import load_job
+from hpcattn.jobs import JobFileError, load_job
 
 from jobfiles import TINY, assert_same_results, comparable, write_job
 
@@ -229,3 +229,22 @@ def test_cli_resume_onto_corrupt_file(tmp_path, job, kind):
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
     res = CliRunner().invoke(run_cmd, [job.path, "--force"])   # the way out the message names
     assert res.exit_code == 0, res.output
+
+
+def test_real_mixer_cases_through_the_runner(tmp_path):
+    """The mixers package's own contract (MIXER_CASE_KEYS, check_mixer_case, run_mixer_case)."""
+    pytest.importorskip("hpcattn.mixers.cases")
+    path = write_job(tmp_path / "m.toml", kind="mixer", output=tmp_path / "m.h5",
+                     sweep={"task": "error", "mixer": ["exact_blockwise", "fnet"], "seq_len": 32,
+                            "head_dim": 8, "repeats": 1})
+    assert runner.run_job(load_job(path), COMM)["ran"] == 2
+    with store.open_results(tmp_path / "m.h5") as f:
+        exact, fnet = (f[f"cases/case_000{i}"] for i in range(2))
+        assert exact.attrs["status"] == "ok" and exact["rel_err"][()] < 1e-5 < fnet["rel_err"][()]
+        assert json.loads(exact.attrs["params_json"])["heads"] == 2   # defaults recorded
+    bad = write_job(tmp_path / "b.toml", kind="mixer", sweep={"mixer": ["fnet", "nosuch"], "seq_len": 32})
+    with pytest.raises(CollectiveError, match=r"case 1 \(mixer=nosuch\): mixer case mixer='nosuch' is unknown"):
+        runner.run_job(load_job(bad), COMM, output=str(tmp_path / "b.h5"))
+    typo = write_job(tmp_path / "t.toml", kind="mixer", sweep={"mixer": "fnet", "windw": 3})
+    with pytest.raises(JobFileError, match=r"t\.toml:7: sweep\.windw is not a known key"):
+        load_job(typo)
