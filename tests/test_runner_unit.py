@@ -13,6 +13,7 @@ from mpi4py import MPI
 from hpcattn import runner, store
 from hpcattn.cli.run import run as run_cmd
 from hpcattn.errors import CollectiveError
+from hpcattn.launch import under_mpi
 from hpcattn.jobs import JobFileError, load_job
 
 from jobfiles import TINY, assert_same_results, comparable, write_job
@@ -197,6 +198,9 @@ def test_cli_job_errors_are_one_line(tmp_path):
     assert "bad.toml:7: sweep.layuot is not a known key" in res.output
     res = CliRunner().invoke(run_cmd, [str(tmp_path / "absent.toml")])
     assert res.exit_code == 2 and "does not exist" in res.output
+    if not under_mpi():   # with --np the job is checked before mpiexec starts
+        res = CliRunner().invoke(run_cmd, ["--np", "2", bad])
+        assert res.exit_code == 2 and "hpcattn: error: " in res.output and "sweep.layuot" in res.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -165,7 +165,8 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
             try:  # a bad job file is reported before any process starts
                 _load(job_file, job_overrides(ctx, values))
             except HpcattnError as exc:
-                raise click.ClickException(str(exc)) from None
+                click.echo(f"hpcattn: error: {exc}", err=True)
+                sys.exit(2)
             if progress is None and sys.stderr.isatty():
                 argv.append("--progress")  # mpiexec gives the ranks pipes, not our terminal
         sys.exit(relaunch(np_, ["run", *argv]))
