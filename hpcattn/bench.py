@@ -79,8 +79,8 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def traced_peak(fn) -> int:
-    """Peak bytes of arrays alive while ``fn`` runs, including those alive before it (NumPy
-    reports its allocations to tracemalloc)."""
+    """Peak bytes of the arrays ``fn`` allocates (NumPy reports its allocations to tracemalloc;
+    arrays that existed before are not counted)."""
     import tracemalloc
 
     tracemalloc.start()
@@ -247,13 +247,13 @@ def ring_max_n(cfg: BenchConfig, comm) -> dict:
     size = comm.size
     budget = cfg.budget_mb * 2 ** 20
     unit = size * 64
-    probes = [unit * 4, unit * 16]
+    probes = [unit * 16, unit * 64]   # n_local >= one 512-row tile: tile buffers at full size
     peaks = [max(_ring_case(cfg, comm, n, 1)["peak_array_bytes"]) for n in probes]
     slope, const = _fit([n / size for n in probes], peaks, (1, 0))
     n_max = int((budget - const) / slope * size) // unit * unit
     res = {"probe_n": probes, "probe_peak_bytes": peaks, "bytes_per_token": slope,
            "fixed_bytes": const, "predicted_n": n_max, "ranks": size, "budget_bytes": budget}
-    if n_max >= probes[-1]:
+    if n_max >= unit:
         run = _ring_case(cfg, comm, n_max, 1, check_rows=16)
         res.update(n=n_max, peak_array_bytes=max(run["peak_array_bytes"]),
                    peak_rss_bytes=max(run["peak_rss_bytes"]), wall_s=run["wall_s"][0],
@@ -271,18 +271,16 @@ def vanilla_max_n(cfg: BenchConfig) -> dict:
 
         def peak(n):
             q, k, v = _inputs(cfg, n)
-            return traced_peak(lambda: vanilla_mha(q, k, v, causal=cfg.causal,
-                                                   heads_at_once=at_once))
+            return q.nbytes + k.nbytes + v.nbytes + traced_peak(
+                lambda: vanilla_mha(q, k, v, causal=cfg.causal, heads_at_once=at_once))
         peaks = [peak(n) for n in probes]
         a, b, c = _fit(probes, peaks, (2, 1, 0))
         n_max = int((-b + (b * b - 4 * a * (c - budget)) ** 0.5) / (2 * a)) // 64 * 64
         entry = {"probe_n": probes, "probe_peak_bytes": peaks, "bytes_per_n2": a,
                  "bytes_per_token": b, "predicted_n": n_max}
         if n_max >= 64:
-            q, k, v = _inputs(cfg, n_max)
             t0 = time.perf_counter()
-            entry["peak_array_bytes"] = traced_peak(
-                lambda: vanilla_mha(q, k, v, causal=cfg.causal, heads_at_once=at_once))
+            entry["peak_array_bytes"] = peak(n_max)
             entry["wall_s"] = time.perf_counter() - t0
             entry["n"] = n_max
         res[name] = entry

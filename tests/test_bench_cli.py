@@ -25,10 +25,16 @@ def test_quick_prints_tables_and_writes_results(tmp_path):
     with h5py.File(out) as f:
         kinds = sorted(g.attrs["kind"] for g in f["cases"].values())
         assert kinds == ["bench_maxn", "bench_ring", "bench_serial"]
-        ring = f["cases/case_0002/maxn/ring"]
-        assert ring["n"][()] >= ring["probe_n"][-1]        # the real run at the predicted maximum
+        maxn = f["cases/case_0002/maxn"]
+        ring = maxn["ring"]
+        assert ring["n"][()] == ring["predicted_n"][()] > 0  # a real run at the predicted maximum
         assert ring["peak_array_bytes"][()] <= ring["budget_bytes"][()] * 1.05
         assert ring["max_abs_err"][()] < 1e-5
+        for key in ("all_heads", "per_head"):
+            van = maxn["vanilla"][key]
+            assert van["n"][()] == van["predicted_n"][()] > 0
+            assert van["peak_array_bytes"][()] <= maxn["vanilla/budget_bytes"][()] * 1.05
+        assert ring["n"][()] > maxn["vanilla/per_head/n"][()]
 
 
 @pytest.mark.parametrize("causal", [False, True])
