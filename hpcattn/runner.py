@@ -167,7 +167,8 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
                 if c in done and done[c] != store.params_json(params[c]):
                     raise store.ResultsError(
                         f"{path}: {store.case_name(c)} was computed with other parameters "
-                        f"({done[c]}); rerun with --force or choose another --output")
+                        f"({_diff(json.loads(done[c]), params[c])}); rerun with --force or "
+                        "choose another --output")
             status = ("ok", [c for c in mine if c not in done])
         except HpcattnError as exc:
             master.unlock()
@@ -191,6 +192,13 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
         if master is not None:
             master.unlock()
     return comm.bcast(summary, root=0)
+
+
+def _diff(old: dict, new: dict) -> str:
+    """'repeats=1, now 2; ...' for the keys whose values differ."""
+    keys = sorted(set(old) | set(new), key=lambda k: (k not in new, k))
+    return "; ".join(f"{k}={old.get(k, '(unset)')!r}, now {new.get(k, '(unset)')!r}"
+                     for k in keys if old.get(k) != new.get(k))
 
 
 def _run_attention(job, comm, params, pending, master, bar, stop, summary) -> None:

@@ -81,7 +81,7 @@ def test_handlers_are_restored(job):
 def test_changed_parameters_refuse_to_resume(job):
     runner.run_job(job, COMM)
     other = job.with_overrides({"heads": 4})
-    with pytest.raises(CollectiveError, match="case_0000 was computed with other parameters"):
+    with pytest.raises(CollectiveError, match=r"case_0000 was computed with other parameters \(heads=2, now 4; kv_heads=2, now 4\)"):
         runner.run_job(other, COMM)
     assert runner.run_job(other, COMM, force=True)["ran"] == 6
 
