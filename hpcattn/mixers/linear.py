@@ -171,6 +171,10 @@ class Performer(_Kernelised):
         # constant factors cancel in P: one per query row, one per (batch, head) over all keys.
         # eps scales with them (the reference code adds it after the shift, which lets a future
         # key change a causal P)
-        shift = wx.max(axis=-1, keepdims=True) if is_query else wx.max(axis=(-1, -2), keepdims=True)
-        half_norm = 0.5 * (x * x).sum(axis=-1, keepdims=True)
-        return (xp.exp(wx - half_norm - shift) + self.eps * xp.exp(-shift)) / np.sqrt(self.features)
+        # (|x|^2/2 is inside the shifted exponent so large queries do not underflow to zero)
+        a = wx - 0.5 * (x * x).sum(axis=-1, keepdims=True)
+        shift = a.max(axis=-1, keepdims=True) if is_query else a.max(axis=(-1, -2), keepdims=True)
+        phi = xp.exp(a - shift)
+        if self.eps:
+            phi += self.eps * xp.exp(-shift)
+        return phi / np.sqrt(self.features)
