@@ -79,30 +79,32 @@ def check_interrupted_then_resume(mpiexec, job, out, ref):
     assert_same_results(comparable(out), ref)
 
 
-@pytest.mark.timeout(4 * RUN_TIMEOUT)
-def test_sigkill_one_rank_then_resume(reference, tmp_path):
+def kill_mid_run(reference, out, kill):
+    """Start the job, let one case complete, call ``kill(launcher)``; the run's stderr."""
     mpiexec, job, ref = reference
-    out = str(tmp_path / "killed.h5")
     proc = hpcattn_run(mpiexec, job, out, wait=False)
     wait_for_first_case(proc, out)
+    kill(proc)
+    _, err = finish(proc)
+    assert proc.returncode != 0
+    check_interrupted_then_resume(mpiexec, job, out, ref)
+    return err
+
+
+def sigkill_one_rank(proc):
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if "hpcattn" in " ".join(p.cmdline())]
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
     os.kill(max(p.pid for p in ranks), signal.SIGKILL)
-    finish(proc)
-    assert proc.returncode != 0
-    check_interrupted_then_resume(mpiexec, job, out, ref)
+
+
+@pytest.mark.timeout(4 * RUN_TIMEOUT)
+def test_sigkill_one_rank_then_resume(reference, tmp_path):
+    kill_mid_run(reference, str(tmp_path / "killed.h5"), sigkill_one_rank)
 
 
 @pytest.mark.timeout(4 * RUN_TIMEOUT)
 def test_sigterm_launcher_stops_cleanly_then_resume(reference, tmp_path):
-    mpiexec, job, ref = reference
-    out = str(tmp_path / "termed.h5")
-    proc = hpcattn_run(mpiexec, job, out, wait=False)
-    wait_for_first_case(proc, out)
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = finish(proc)
-    assert proc.returncode != 0
+    err = kill_mid_run(reference, str(tmp_path / "termed.h5"), lambda p: os.kill(p.pid, signal.SIGTERM))
     assert "stopped by SIGTERM; rerun the same command" in err
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-    check_interrupted_then_resume(mpiexec, job, out, ref)
