@@ -37,16 +37,11 @@ static_assert(THREADS % 32 == 0 && BQ == RPT * (THREADS / 8), "BLOCK_Q must be 4
 
 // Dynamic shared memory (floats): Qt[D][BQ], Kt[D][BK], Vs[BK][D], Ps[BQ][BK].
 template <typename T, int D, int BK>
-__device__ __forceinline__ void attention_fwd(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    T* __restrict__ out, float* __restrict__ lse,
-    const long long* __restrict__ q_pos, const long long* __restrict__ k_pos,
-    const long long* __restrict__ q_bounds, const long long* __restrict__ k_bounds,
-    int n_q, int n_k, int heads, int kv_heads, float scale_log2, int causal, float* smem) {
+__device__ __forceinline__ void attention_fwd(HPCATTN_ATTENTION_PARAMS(T), float4* smem_raw) {
     static_assert(D % 32 == 0 && BK % 32 == 0, "D and BK must be multiples of 32");
     constexpr int KC = BK / 32;  // 4-column groups of scores per thread
     constexpr int DC = D / 32;   // 4-dim groups of output per thread
-    float* Qt = smem;
+    float* Qt = reinterpret_cast<float*>(smem_raw);
     float* Kt = Qt + D * BQ;
     float* Vs = Kt + D * BK;
     float* Ps = Vs + BK * D;
@@ -221,43 +216,18 @@ __device__ __forceinline__ void attention_fwd(
 
 }  // namespace hpcattn
 
-// One extern "C" entry point per (dtype, head_dim); the argument list is declared once in
-// hpcattn/gpu/kernels.py (ATTENTION_FWD_ARGS) and used for both CuPy and the CPU emulation.
-#define HPCATTN_ATTENTION_FWD(NAME, T, D, BK)                                                   \
-    extern "C" __global__ void __launch_bounds__(HPCATTN_THREADS) NAME(                        \
-        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,             \
-        T* __restrict__ out, float* __restrict__ lse, const long long* __restrict__ q_pos,     \
-        const long long* __restrict__ k_pos, const long long* __restrict__ q_bounds,           \
-        const long long* __restrict__ k_bounds, int n_q, int n_k, int heads, int kv_heads,     \
-        float scale_log2, int causal) {                                                        \
-        extern __shared__ float4 hpcattn_smem[];                                               \
-        hpcattn::attention_fwd<T, D, BK>(q, k, v, out, lse, q_pos, k_pos, q_bounds, k_bounds,  \
-                                         n_q, n_k, heads, kv_heads, scale_log2, causal,        \
-                                         reinterpret_cast<float*>(hpcattn_smem));              \
-    }
+// One extern "C" entry point per (dtype, head_dim) and kernel variant; the argument list is
+// declared once in hpcattn/gpu/kernels.py (ATTENTION_FWD_ARGS) and used for both CuPy and the
+// CPU emulation.
+HPCATTN_ATTENTION_ENTRY(attention_fwd_f32_d64, attention_fwd, float, 64, HPCATTN_BLOCK_K_D64)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_f32_d128, attention_fwd, float, 128, HPCATTN_BLOCK_K_D128)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_f16_d64, attention_fwd, __half, 64, HPCATTN_BLOCK_K_D64)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_f16_d128, attention_fwd, __half, 128, HPCATTN_BLOCK_K_D128)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_bf16_d64, attention_fwd, __nv_bfloat16, 64, HPCATTN_BLOCK_K_D64)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_bf16_d128, attention_fwd, __nv_bfloat16, 128, HPCATTN_BLOCK_K_D128)
 
-HPCATTN_ATTENTION_FWD(attention_fwd_f32_d64, float, 64, HPCATTN_BLOCK_K_D64)
-HPCATTN_ATTENTION_FWD(attention_fwd_f32_d128, float, 128, HPCATTN_BLOCK_K_D128)
-HPCATTN_ATTENTION_FWD(attention_fwd_f16_d64, __half, 64, HPCATTN_BLOCK_K_D64)
-HPCATTN_ATTENTION_FWD(attention_fwd_f16_d128, __half, 128, HPCATTN_BLOCK_K_D128)
-HPCATTN_ATTENTION_FWD(attention_fwd_bf16_d64, __nv_bfloat16, 64, HPCATTN_BLOCK_K_D64)
-HPCATTN_ATTENTION_FWD(attention_fwd_bf16_d128, __nv_bfloat16, 128, HPCATTN_BLOCK_K_D128)
-
-// Tensor-core entry points (sm_80+), fp16/bf16 only; same argument list.
-#define HPCATTN_ATTENTION_FWD_MMA(NAME, T, D, BK)                                               \
-    extern "C" __global__ void __launch_bounds__(HPCATTN_THREADS) NAME(                        \
-        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,             \
-        T* __restrict__ out, float* __restrict__ lse, const long long* __restrict__ q_pos,     \
-        const long long* __restrict__ k_pos, const long long* __restrict__ q_bounds,           \
-        const long long* __restrict__ k_bounds, int n_q, int n_k, int heads, int kv_heads,     \
-        float scale_log2, int causal) {                                                        \
-        extern __shared__ float4 hpcattn_smem[];                                               \
-        hpcattn::attention_fwd_mma<T, D, BK>(q, k, v, out, lse, q_pos, k_pos, q_bounds,        \
-                                             k_bounds, n_q, n_k, heads, kv_heads, scale_log2,  \
-                                             causal, reinterpret_cast<T*>(hpcattn_smem));      \
-    }
-
-HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_f16_d64, __half, 64, HPCATTN_MMA_BLOCK_K)
-HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_f16_d128, __half, 128, HPCATTN_MMA_BLOCK_K)
-HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_bf16_d64, __nv_bfloat16, 64, HPCATTN_MMA_BLOCK_K)
-HPCATTN_ATTENTION_FWD_MMA(attention_fwd_mma_bf16_d128, __nv_bfloat16, 128, HPCATTN_MMA_BLOCK_K)
+// Tensor-core entry points (sm_80+), fp16/bf16 only.
+HPCATTN_ATTENTION_ENTRY(attention_fwd_mma_f16_d64, attention_fwd_mma, __half, 64, HPCATTN_MMA_BLOCK_K)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_mma_f16_d128, attention_fwd_mma, __half, 128, HPCATTN_MMA_BLOCK_K)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_mma_bf16_d64, attention_fwd_mma, __nv_bfloat16, 64, HPCATTN_MMA_BLOCK_K)
+HPCATTN_ATTENTION_ENTRY(attention_fwd_mma_bf16_d128, attention_fwd_mma, __nv_bfloat16, 128, HPCATTN_MMA_BLOCK_K)

@@ -56,18 +56,13 @@ __device__ __forceinline__ void mma16816(float d[4], const unsigned a[4], const 
 
 // Shared memory (bytes): Qs[BQ][D+8] T, Ks[BK][D+8] T, Vt[D][BK+8] T.
 template <typename T, int D, int BK>
-__device__ __forceinline__ void attention_fwd_mma(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    T* __restrict__ out, float* __restrict__ lse,
-    const long long* __restrict__ q_pos, const long long* __restrict__ k_pos,
-    const long long* __restrict__ q_bounds, const long long* __restrict__ k_bounds,
-    int n_q, int n_k, int heads, int kv_heads, float scale_log2, int causal, T* smem) {
+__device__ __forceinline__ void attention_fwd_mma(HPCATTN_ATTENTION_PARAMS(T), float4* smem_raw) {
     constexpr int BQ = HPCATTN_BLOCK_Q, THREADS = HPCATTN_THREADS, LD = D + 8, LDV = BK + 8;
     static_assert(BQ == 16 * (THREADS / 32), "each warp owns 16 query rows");
     constexpr int NT = BK / 8;  // n8 score tiles per row block
     constexpr int DT = D / 8;   // n8 output tiles
     static_assert(D % 16 == 0 && BK % 16 == 0, "D and BK must be multiples of 16");
-    T* Qs = smem;
+    T* Qs = reinterpret_cast<T*>(smem_raw);
     T* Ks = Qs + BQ * LD;
     T* Vt = Ks + BK * LD;
 

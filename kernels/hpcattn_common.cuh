@@ -11,6 +11,24 @@
 #include <cuda_bf16.h>
 #include <math_constants.h>
 
+// The parameter list of every attention entry point, in the order of
+// hpcattn.gpu.kernels.ATTENTION_FWD_ARGS (the emulation build checks the kinds match).
+#define HPCATTN_ATTENTION_PARAMS(T)                                                              \
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                  \
+        T* __restrict__ out, float* __restrict__ lse, const long long* __restrict__ q_pos,      \
+        const long long* __restrict__ k_pos, const long long* __restrict__ q_bounds,            \
+        const long long* __restrict__ k_bounds, int n_q, int n_k, int heads, int kv_heads,      \
+        float scale_log2, int causal
+#define HPCATTN_ATTENTION_ARGS \
+    q, k, v, out, lse, q_pos, k_pos, q_bounds, k_bounds, n_q, n_k, heads, kv_heads, scale_log2, causal
+
+// extern "C" entry point NAME running IMPL<T, D, BK> on the block's dynamic shared memory.
+#define HPCATTN_ATTENTION_ENTRY(NAME, IMPL, T, D, BK)                                            \
+    extern "C" __global__ void __launch_bounds__(HPCATTN_THREADS) NAME(HPCATTN_ATTENTION_PARAMS(T)) { \
+        extern __shared__ float4 hpcattn_smem[];                                                \
+        hpcattn::IMPL<T, D, BK>(HPCATTN_ATTENTION_ARGS, hpcattn_smem);                          \
+    }
+
 namespace hpcattn {
 
 // 8 consecutive elements (16-byte aligned for fp16/bf16, 32-byte for float) -> float[8].

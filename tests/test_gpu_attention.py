@@ -6,20 +6,13 @@ import pytest
 import hpcattn
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import kernels
+from hpcattn.gpu.environment import no_gpu_reason
 from hpcattn.gpu.accuracy import judge
 from hpcattn.gpu.check import CHECK_SHAPES, np_dtype, variants, zigzag_positions
 
 cupy = pytest.importorskip("cupy", reason="CuPy not installed; GPU tests need pip install '.[gpu]'")
 
-
-def _no_gpu_reason():
-    try:
-        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "the CUDA runtime reports 0 devices"
-    except Exception as exc:  # no driver / no device
-        return str(exc).splitlines()[0]
-
-
-NO_GPU = _no_gpu_reason()
+NO_GPU = no_gpu_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
               pytest.mark.skipif(NO_GPU is not None, reason=f"no usable GPU: {NO_GPU}")]
 

@@ -6,21 +6,14 @@ import pytest
 
 from hpcattn import ring_attention, shard
 from hpcattn.gpu import attention_gpu, cuda_aware_mpi, make_ring_comm, select_device
+from hpcattn.gpu.environment import no_gpu_reason
 from hpcattn.gpu.ring import ENV_CUDA_AWARE, DeviceRingComm, StagedRingComm
 
 MPI_SIZES = (2,)
 MPI = pytest.importorskip("mpi4py.MPI")
 cupy = pytest.importorskip("cupy", reason="CuPy not installed; GPU tests need pip install '.[gpu]'")
 
-
-def _no_gpu_reason():
-    try:
-        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "the CUDA runtime reports 0 devices"
-    except Exception as exc:
-        return str(exc).splitlines()[0]
-
-
-NO_GPU = _no_gpu_reason()
+NO_GPU = no_gpu_reason()
 pytestmark = [pytest.mark.mpi, pytest.mark.gpu, pytest.mark.timeout(300),
               pytest.mark.skipif(NO_GPU is not None, reason=f"no usable GPU: {NO_GPU}")]
 

@@ -42,12 +42,9 @@ def test_local_rank_from_launcher_environment(monkeypatch):
 
 
 def _gpus_visible():
-    try:
-        import cupy
+    from hpcattn.gpu.environment import no_gpu_reason
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    return no_gpu_reason() is None
 
 
 def test_info_reports_the_machine_truthfully(monkeypatch):

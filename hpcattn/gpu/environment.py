@@ -40,6 +40,12 @@ def cupy_report() -> dict:
     return rep
 
 
+def no_gpu_reason() -> str | None:
+    """None when CuPy can use a GPU here, else why not (for test skips and messages)."""
+    rep = cupy_report()
+    return None if rep["gpus"] else rep["gpus_reason"]
+
+
 def mpi_report() -> dict:
     try:
         from mpi4py import MPI

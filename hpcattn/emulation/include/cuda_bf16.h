@@ -3,12 +3,5 @@
 #pragma once
 #include "cuda_emu.h"
 
-struct __nv_bfloat16 {
-    unsigned short __x;
-    static constexpr bool emu_bf16 = true;
-};
-__device__ inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
-
-__device__ inline float __bfloat162float(__nv_bfloat16 h) { return emu::bf16_to_f32(h.__x); }
-__device__ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{emu::f32_to_bf16_rn(f)}; }
-__device__ inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+EMU_16BIT_FLOAT(__nv_bfloat16, true, bf16_to_f32, f32_to_bf16_rn, __bfloat162float, __float2bfloat16_rn,
+                __float2bfloat16, __bfloat16_as_ushort)

@@ -55,6 +55,17 @@ struct alignas(16) uint4 {
 struct alignas(8) uint2 {
     unsigned x, y;
 };
+// A 16-bit float type of cuda_fp16.h / cuda_bf16.h: storage, conversions, raw bits.
+#define EMU_16BIT_FLOAT(TYPE, IS_BF16, DECODE, ENCODE_RN, TO_FLOAT, FROM_FLOAT_RN, FROM_FLOAT, AS_USHORT) \
+    struct TYPE {                                                                                  \
+        unsigned short __x;                                                                        \
+        static constexpr bool emu_bf16 = IS_BF16;                                                  \
+    };                                                                                             \
+    inline float TO_FLOAT(TYPE h) { return emu::DECODE(h.__x); }                                   \
+    inline TYPE FROM_FLOAT_RN(float f) { return TYPE{emu::ENCODE_RN(f)}; }                         \
+    inline TYPE FROM_FLOAT(float f) { return FROM_FLOAT_RN(f); }                                   \
+    inline unsigned short AS_USHORT(TYPE h) { return h.__x; }
+
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 

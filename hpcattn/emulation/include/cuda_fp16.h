@@ -3,12 +3,5 @@
 #pragma once
 #include "cuda_emu.h"
 
-struct __half {
-    unsigned short __x;
-    static constexpr bool emu_bf16 = false;
-};
-__device__ inline unsigned short __half_as_ushort(__half h) { return h.__x; }
-
-__device__ inline float __half2float(__half h) { return emu::f16_to_f32(h.__x); }
-__device__ inline __half __float2half_rn(float f) { return __half{emu::f32_to_f16_rn(f)}; }
-__device__ inline __half __float2half(float f) { return __float2half_rn(f); }
+EMU_16BIT_FLOAT(__half, false, f16_to_f32, f32_to_f16_rn, __half2float, __float2half_rn, __float2half,
+                __half_as_ushort)
