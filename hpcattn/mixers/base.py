@@ -28,6 +28,7 @@ from ..errors import HpcattnError
 from ..validate import check_qkv
 
 REGISTRY: dict[str, type["Mixer"]] = {}
+DTYPES = ("float32", "float64")  # on NumPy and CuPy alike (the mixers are references, not kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +167,7 @@ class Mixer:
         ref = next(x for x in (q, v, k) if x is not None)
         q = ref if q is None else q
         k = (q if self.inputs != "qkv" or k is None else k)
-        check_qkv(q, k, k if v is None else v)
+        check_qkv(q, k, k if v is None else v, allowed=DTYPES)
         xp = array_module(q)
         group = q.shape[2] // k.shape[2]
 
