@@ -63,8 +63,10 @@ def time_seconds(value) -> int:
     parts = [int(p) for p in rest.split(":")]
     if days:
         h, m, s = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        h, m, s = parts
     else:
-        h, m, s = [(0, parts[0], 0), (0, parts[0], parts[1]), tuple(parts)][len(parts) - 1]
+        h, m, s = 0, parts[0], (parts[1] if len(parts) == 2 else 0)
     return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
 
 

@@ -68,8 +68,19 @@ STOPPED = {138: "stopped by SIGUSR1 before the time limit", 143: "stopped by SIG
 
 
 def _exit(rec: dict) -> str:
+    """``exit 138:0 (stopped by SIGUSR1 ...)``: Slurm's ExitCode is status:signal."""
     code = rec.get("ExitCode", "?")
-    why = STOPPED.get(int(code.split(":")[0])) if code.split(":")[0].isdigit() else None
+    status, _, sig = code.partition(":")
+    why = None
+    if sig.isdigit() and int(sig):
+        import signal
+
+        try:
+            why = f"killed by {signal.Signals(int(sig)).name}"
+        except ValueError:
+            why = f"killed by signal {sig}"
+    elif status.isdigit():
+        why = STOPPED.get(int(status))
     return f"exit {code}" + (f" ({why}; submit again to resume)" if why else "")
 
 
