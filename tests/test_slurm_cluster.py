@@ -1,0 +1,264 @@
+"""`hpcattn submit` / `hpcattn status` against a real Slurm: a one-node controller and daemon on
+localhost, started by slurm/local-cluster.sh (needs root and Debian's slurmctld, slurmd,
+slurm-client and munge; skipped with the reason otherwise). Every Slurm wait has a hard timeout,
+and a job a test leaves behind is cancelled."""
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from hpcattn import slurm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER = os.path.join(ROOT, "slurm", "local-cluster.sh")
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+pytestmark = pytest.mark.slow
+
+
+def _cluster(cmd: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([CLUSTER, cmd], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PATH": SBIN_PATH})
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """SLURM_CONF of a running local cluster: the one already up, else one started here (and
+    stopped again at the end, only the daemons started here)."""
+    if shutil.which("slurmctld", path=SBIN_PATH) is None or shutil.which("sbatch") is None:
+        pytest.skip("Slurm is not installed; 'slurm/local-cluster.sh install' (root, Debian) gets it")
+    if os.getuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (slurmd runs jobs as root, munged as munge)")
+    started = False
+    proc = _cluster("status", 30)
+    if proc.returncode != 0:
+        proc = _cluster("start", 120)
+        assert proc.returncode == 0, f"local Slurm did not come up:\n{proc.stdout}{proc.stderr}"
+        started = True
+    conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    if started:
+        _cluster("stop", 60)
+
+
+def hpcattn(args, cwd, timeout=60):
+    return subprocess.run([sys.executable, "-m", "hpcattn", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_job(folder, name, sweep, slurm_lines="", activations=False):
+    path = folder / f"{name}.toml"
+    path.write_text(textwrap.dedent(f"""\
+        [job]
+        name = "{name}"
+        [sweep]
+        {sweep}
+        [output]
+        path = "results/{name}.h5"
+        activations = {str(activations).lower()}
+        [slurm]
+        ntasks_per_node = 2
+        {slurm_lines}
+        """))
+    return path.name
+
+
+class Jobs:
+    """Submits through `hpcattn submit`; cancels whatever is still queued at the end."""
+
+    def __init__(self, cwd):
+        self.cwd, self.ids = cwd, []
+
+    def submit(self, *args):
+        proc = hpcattn(["submit", *args, "--parsable"], self.cwd)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        ids = proc.stdout.split()
+        assert ids and all(i.isdigit() for i in ids), proc.stdout
+        self.ids += ids
+        return ids
+
+    def wait(self, ids, timeout):
+        """`hpcattn status --wait`; its exit status and report."""
+        try:
+            proc = hpcattn(["status", "--wait", *ids], self.cwd, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"Slurm job(s) {ids} not finished within {timeout} s: "
+                        + hpcattn(["status", *ids], self.cwd).stdout)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def cancel_all(self):
+        for job_id in self.ids:
+            subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def jobs(slurm_cluster, tmp_path):
+    j = Jobs(tmp_path)
+    yield j
+    j.cancel_all()
+
+
+def cases_of(path):
+    """index -> run that computed it, of a results file (empty if not written yet)."""
+    import h5py
+
+    if not os.path.exists(path):
+        return {}
+    with h5py.File(path, "r") as f:
+        return {int(g.attrs["index"]): int(g.attrs["run"]) for g in f["cases"].values()}
+
+
+@pytest.mark.timeout(180)
+def test_submit_runs_a_job_that_writes_hdf5(jobs, tmp_path):
+    import h5py
+    import numpy as np
+
+    job = write_job(tmp_path, "small", "seq_len = [256, 512]\ncausal = [false, true]\nheads = 2\n"
+                    "head_dim = 16\ncheck_rows = 8", 'time = "00:03:00"', activations=True)
+    (job_id,) = jobs.submit(job)
+    rc, out = jobs.wait([job_id], 150)
+    assert rc == 0, out
+    assert re.search(rf"job {job_id}  small  COMPLETED  exit 0:0", out), out
+    assert "results  results/small.h5 (4/4 cases complete)" in out
+    with h5py.File(tmp_path / "results/small.h5", "r") as f:
+        assert f.attrs["n_cases"] == 4 and len(f["cases"]) == 4
+        assert f.attrs["ranks"] == 2, "srun --mpi=pmi2 must give one 2-rank job, not 2 singletons"
+        for g in f["cases"].values():
+            assert bool(g["check_passed"][()]) and np.asarray(g["wall_s"]).size == 1
+            n = int(g.attrs["param_seq_len"])
+            assert g["activations/out"].shape == (1, n, 2, 16)
+            assert np.isfinite(g["activations/out"][...]).all()
+    saved = (tmp_path / f"results/small.slurm/{job_id}.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in saved and "srun --mpi=pmi2" in saved
+    assert "4/4 cases complete" in (tmp_path / f"results/small.slurm/{job_id}.out").read_text()
+
+
+@pytest.mark.timeout(240)
+def test_array_sweep_merged_into_one_file(jobs, tmp_path):
+    job = write_job(tmp_path, "sweep", "seq_len = [128, 256]\ncausal = [false, true]\nheads = 2\n"
+                    "head_dim = 8", 'time = "00:03:00"')
+    array_id, merge_id = jobs.submit(job, "--array", "2", "--array-tasks", "2")
+    rc, out = jobs.wait([array_id, merge_id], 200)
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert lines[0] == f"array job {array_id}  sweep  tasks: 2 COMPLETED  (stderr in .err beside each log)"
+    assert "part results/sweep.task0.h5 (2 cases complete)" in lines[1]
+    assert "part results/sweep.task1.h5 (2 cases complete)" in lines[2]
+    assert re.search(rf"job {merge_id}  sweep-merge  COMPLETED  exit 0:0", out), out
+    assert cases_of(tmp_path / "results/sweep.task0.h5").keys() == {0, 2}
+    assert cases_of(tmp_path / "results/sweep.task1.h5").keys() == {1, 3}
+    assert cases_of(tmp_path / "results/sweep.h5").keys() == {0, 1, 2, 3}
+    merged_log = (tmp_path / f"results/sweep.slurm/{merge_id}.merge.out").read_text()
+    assert "4/4 cases from 2 files -> results/sweep.h5" in merged_log
+
+
+SLOW = "seq_len = 8192\nseed = [{}]\nheads = 4\nhead_dim = 32\ncausal = true\nrepeats = 2"
+
+
+@pytest.fixture(scope="module")
+def case_seconds(tmp_path_factory):
+    """Seconds one SLOW case takes here on 2 ranks (the interrupted jobs below are sized by it,
+    so that they are cut on fast and slow machines alike)."""
+    import h5py
+
+    folder = tmp_path_factory.mktemp("calibrate")
+    job = write_job(folder, "calibrate", SLOW.format("0, 1"))
+    proc = hpcattn(["run", "--np", "2", job], folder, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with h5py.File(folder / "results/calibrate.h5", "r") as f:
+        return max(float(g["elapsed_s"][()]) for g in f["cases"].values())
+
+
+def sweep_of(seconds, case_seconds):
+    """Number of SLOW cases that take about ``seconds`` (at least 6)."""
+    return max(6, min(80, math.ceil(seconds / case_seconds)))
+
+
+def wait_for_cases(path, n, timeout):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if len(cases_of(path)) >= n:
+                return
+        except OSError:
+            pass  # caught mid-publish; try again
+        time.sleep(0.5)
+    pytest.fail(f"{path} did not reach {n} complete cases within {timeout} s")
+
+
+@pytest.mark.timeout(300)
+def test_cancelled_job_resumes(jobs, tmp_path, case_seconds):
+    n = sweep_of(15, case_seconds)
+    job = write_job(tmp_path, "cancel", SLOW.format(", ".join(map(str, range(n)))), 'time = "00:05:00"')
+    results = tmp_path / "results/cancel.h5"
+    (job_id,) = jobs.submit(job)
+    wait_for_cases(results, 1, 120)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    rc, out = jobs.wait([job_id], 60)
+    assert rc == 1 and re.search(rf"job {job_id}  cancel  CANCELLED", out), out
+    first = cases_of(results)        # the file opens and keeps what was complete
+    assert 1 <= len(first) < n, f"cancel came too late to test anything: {out}"
+    assert set(first.values()) == {0}
+    (job_id,) = jobs.submit(job)     # the same submission again resumes
+    rc, out = jobs.wait([job_id], 200)
+    assert rc == 0, out
+    assert f"results  results/cancel.h5 ({n}/{n} cases complete)" in out
+    final = cases_of(results)
+    assert final.keys() == set(range(n))
+    assert {c: r for c, r in final.items() if c in first} == first, "completed cases were redone"
+    assert all(r >= 1 for c, r in final.items() if c not in first)
+    log = (tmp_path / f"results/cancel.slurm/{job_id}.out").read_text()
+    assert f"{n - len(first)} run now, {len(first)} already done" in log
+
+
+@pytest.mark.timeout(360)
+def test_time_limit_stops_job_and_resubmission_completes(jobs, tmp_path, case_seconds):
+    n = sweep_of(30, case_seconds)
+    # one minute, warned 50 s before: ~10 s of work, a third of what the sweep needs
+    job = write_job(tmp_path, "limit", SLOW.format(", ".join(map(str, range(n)))),
+                    'time = "1"\nsignal_before = 50')
+    results = tmp_path / "results/limit.h5"
+    (job_id,) = jobs.submit(job)
+    rc, out = jobs.wait([job_id], 150)
+    assert rc == 1, out
+    assert re.search(rf"job {job_id}  limit  (FAILED  exit 138:0 \(stopped by SIGUSR1|TIMEOUT)", out), out
+    first = cases_of(results)
+    assert 1 <= len(first) < n, out
+    err = (tmp_path / f"results/limit.slurm/{job_id}.err").read_text()
+    assert "stopped by SIGUSR1; rerun the same command" in err
+    (job_id,) = jobs.submit(job, "--time", "00:05:00")
+    rc, out = jobs.wait([job_id], 300)
+    assert rc == 0, out
+    final = cases_of(results)
+    assert final.keys() == set(range(n))
+    assert {c: r for c, r in final.items() if c in first} == first, "completed cases were redone"
+
+
+@pytest.mark.timeout(60)
+def test_slurm_rejection_is_reported(slurm_cluster, tmp_path):
+    job = write_job(tmp_path, "rejected", "seq_len = 128")
+    proc = hpcattn(["submit", job, "--partition", "nosuch"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("Error: sbatch rejected the script: sbatch: error: ")
+    assert "invalid partition" in proc.stderr.lower() and "nosuch" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "results/rejected.slurm").glob("*.sbatch"))
+
+
+@pytest.mark.timeout(60)
+def test_status_of_unknown_job(slurm_cluster, tmp_path):
+    proc = hpcattn(["status", "999999"], tmp_path)
+    assert proc.returncode == 1 and "Slurm does not know job(s) 999999" in proc.stdout
+    assert slurm.show_jobs(["999999"]) == []
