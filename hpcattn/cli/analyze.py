@@ -18,14 +18,22 @@ import click
               help="Also write every column of every case as CSV ('-' for stdout).")
 @click.option("--json", "as_json", is_flag=True, help="Print the cases as JSON instead of the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the standard figure (time, memory, GFLOP/s and error versus N, log-log, "
-                   "one line per mixer or layout) to this PNG/PDF/SVG. Needs matplotlib "
-                   "(pip install 'hpcattn[plot]').")
-@click.option("--x", "x_key", default="seq_len", show_default=True, metavar="KEY",
-              help="Horizontal axis of --plot.")
+              help="Write the standard figure for the cases' content to this PNG/PDF/SVG: recall "
+                   "accuracy vs distance per sequence length and causal mode (chance drawn); "
+                   "mixer error vs N; mixer time and peak memory vs N (over-budget cases "
+                   "marked); attention time, memory, GFLOP/s and error vs N. Log scales where "
+                   "values span decades. Needs matplotlib (pip install 'hpcattn[plot]').")
+@click.option("--metric", "-m", "metrics", multiple=True, metavar="KEY",
+              help="With --plot: draw KEY (any numeric result, e.g. recall_accuracy, rel_err, "
+                   "wall_s, peak_alloc_bytes) versus --x instead of the standard figure, one "
+                   "panel per KEY (repeatable); per-repeat/per-rank results as median and range.")
+@click.option("--x", "x_key", default=None, metavar="KEY",
+              help="Horizontal axis of --plot (default: distance for recall, else seq_len).")
 @click.option("--series", multiple=True, metavar="KEY",
-              help="Keys that tell plot lines apart (repeatable); default: mixer, else what varies.")
-def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, x_key, series):
+              help="Keys that tell plot lines apart (repeatable); default: the mixer, then every "
+                   "other parameter that varies (except the panels' and seed).")
+def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metrics, x_key,
+            series):
     """Summarise one or more results files (from 'hpcattn run JOB.toml').
 
     Prints one row per completed case: the parameters that matter (sequence length, layout or
@@ -38,6 +46,9 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, x_key
       hpcattn analyze results/quickstart.h5 --plot quickstart.png
       hpcattn analyze results/ring-scaling.h5 --sort-by seq_len --csv ring.csv
       hpcattn analyze a.h5 b.h5 --group-by layout --where causal=true
+      hpcattn analyze results/mixers-recall.h5 -w status=ok -g mixer -s seq_len -s distance
+      hpcattn analyze results/mixers-recall.h5 --plot recall.png
+      hpcattn analyze results/mixers-recall.h5 -w distance=64 --plot r.png -m recall_accuracy
     """
     from .. import analyze as an
     from ..errors import HpcattnError
@@ -59,11 +70,20 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, x_key
             with click.open_file(csv_path, "w") as fh:
                 fh.write(text)
         if plot_path:
-            drawn = an.plot(rows, plot_path, x=x_key, series=series or None,
+            drawn = an.plot(rows, plot_path, x=x_key, series=series or None, metrics=metrics,
                             title=", ".join(sorted({r["file"] for r in rows})))
-            click.echo(f"figure: {plot_path} ({', '.join(drawn) or 'no data'})", err=True)
+            click.echo(f"figure: {plot_path} ({_panels(drawn)})", err=True)
     except HpcattnError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _panels(drawn) -> str:
+    """'recall_accuracy x6, ...': the panels drawn, counted per metric."""
+    counts: dict = {}
+    for key in drawn:
+        name = key.split(" (")[0]
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(k if n == 1 else f"{k} x{n}" for k, n in counts.items()) or "no data"
 
 
 def _filter(rows, where):
