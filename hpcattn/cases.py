@@ -18,7 +18,9 @@ from .inputs import random_qkv
 from .layouts import check_layout, positions
 from .ring import ring_attention
 
-DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "gpu")
+DTYPES = {"cpu": ("float32", "float64"), "gpu": ("float32", "float16", "bfloat16")}
+GPU_HEAD_DIMS = (64, 128)
 
 
 @dataclasses.dataclass
@@ -36,6 +38,7 @@ class AttentionCase:
     check_rows: int = 0              # 0: no check
     block_q: int | None = None
     block_k: int | None = None
+    device: str = "cpu"              # "gpu": CuPy arrays and the CUDA kernels, one GPU per rank
 
     def validate(self, size: int) -> None:
         """Collective-safe: every rank evaluates the same case and raises the same error."""
@@ -47,9 +50,14 @@ class AttentionCase:
         if kvh < 1 or self.heads % kvh:
             raise CollectiveError(f"kv_heads={kvh} does not divide heads={self.heads}; "
                                   "expected heads to be a multiple of kv_heads")
-        if self.dtype not in DTYPES:
-            raise CollectiveError(f"dtype {self.dtype!r} is not supported on CPU; expected one of "
-                                  f"{', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise CollectiveError(f"device {self.device!r} is unknown; expected one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES[self.device]:
+            raise CollectiveError(f"dtype {self.dtype!r} is not supported on {self.device}; expected one of "
+                                  f"{', '.join(DTYPES[self.device])}")
+        if self.device == "gpu" and self.head_dim not in GPU_HEAD_DIMS:
+            raise CollectiveError(f"head_dim={self.head_dim} is not supported by the GPU kernels; "
+                                  f"expected one of {', '.join(map(str, GPU_HEAD_DIMS))}")
         try:
             check_layout(self.layout)
         except ValueError as exc:
@@ -104,7 +112,11 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
     n = case.seq_len
     pos = positions(n, size, rank, case.layout)
     kvh = case.heads if case.kv_heads is None else case.kv_heads
-    q, k, v = random_qkv(case.seed, pos, case.batch, case.heads, kvh, case.head_dim, case.dtype)
+    # host copies (what the check and the activations see) and the arrays the ring computes on
+    q, k, v = random_qkv(case.seed, pos, case.batch, case.heads, kvh, case.head_dim,
+                         "float64" if case.dtype == "float64" else "float32")
+    q, k, v = (_as_dtype(x, case.dtype) for x in (q, k, v))
+    xq, xk, xv, sync = _on_device(case, comm, (q, k, v))
     blocks = {key: val for key, val in (("block_q", case.block_q), ("block_k", case.block_k)) if val}
     walls, stats = [], {}
     traced = tracemalloc.is_tracing()
@@ -115,8 +127,9 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
     for _ in range(case.repeats):
         comm.Barrier()
         t0 = time.perf_counter()
-        out, lse = ring_attention(q, k, v, comm, causal=case.causal, layout=case.layout,
+        out, lse = ring_attention(xq, xk, xv, comm, causal=case.causal, layout=case.layout,
                                   stats=stats, **blocks)
+        sync()
         walls.append(comm.allreduce(time.perf_counter() - t0, op=_max_op()))
     peak_alloc = tracemalloc.get_traced_memory()[1] - base_alloc
     if not traced:
@@ -134,12 +147,53 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "skipped_blocks": [p[5] for p in per_rank],
         "ranks": size,
     }
+    if case.device == "gpu":
+        out, lse = out.get(), lse.get()
+        result["gpu_pool_bytes"] = comm.allgather(_gpu_pool_bytes())
     if case.check_rows:
         result.update(sampled_check(q, k, v, out, lse, comm, n=n, layout=case.layout,
                                     causal=case.causal, rows=case.check_rows, seed=case.seed))
-    if keep_activations:
+    if keep_activations:  # bfloat16 has no HDF5 type: stored as the float32 values it holds
+        q, k, v, out = (x.astype(np.float32) if case.dtype == "bfloat16" else x for x in (q, k, v, out))
         result["local"] = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "positions": pos}
     return result
+
+
+def _as_dtype(x, dtype: str):
+    """``x`` (float32/64) in ``dtype``; bfloat16 is ml_dtypes' NumPy type (CuPy takes it)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return x.astype(ml_dtypes.bfloat16)
+    return x.astype(dtype, copy=False)
+
+
+def _on_device(case: AttentionCase, comm, arrays):
+    """The arrays the ring computes on and a function that waits for the device."""
+    if case.device == "cpu":
+        return (*arrays, lambda: None)
+    try:
+        import cupy
+
+        from .gpu import select_device
+
+        select_device(comm)  # one GPU per rank, by node-local rank
+        problem = None
+    except Exception as exc:  # noqa: BLE001 - no CuPy, no driver, no device: say which, everywhere
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    problems = [(r, p) for r, p in enumerate(comm.allgather(problem)) if p]
+    if problems:
+        r, p = problems[0]
+        raise CollectiveError(f"device 'gpu' needs a CUDA GPU and CuPy (pip install 'hpcattn[gpu]'), "
+                              f"but rank {r} has none usable ({p})")
+    return (*(cupy.asarray(x) for x in arrays), cupy.cuda.get_current_stream().synchronize)
+
+
+def _gpu_pool_bytes() -> int:
+    """Bytes CuPy's memory pool holds (it keeps what it allocated: close to the peak)."""
+    import cupy
+
+    return int(cupy.get_default_memory_pool().total_bytes())
 
 
 def _max_op():
@@ -148,6 +202,12 @@ def _max_op():
     return MPI.MAX
 
 
+TOLERANCES = {"float64": 1e-10, "float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
+
+
 def default_tolerance(dtype: str) -> float:
-    """Max abs error ``--check`` accepts: float32 accumulates in float32, float64 in float64."""
-    return 1e-5 if dtype == "float32" else 1e-10
+    """Max abs error ``--check`` accepts. float64/float32 accumulate in their own precision; the
+    half types accumulate in float32, and their error is that of rounding q, k, v and out to 11
+    (float16) or 8 (bfloat16) significant bits (about 4x the worst error seen in the kernel
+    emulation tests, which judge against a reference computed in that precision)."""
+    return TOLERANCES[dtype]

@@ -51,6 +51,8 @@ def test_check_failure_exits_1(hpcattn_cmd, mpiexec):
 @pytest.mark.parametrize("args, message", [
     (["--np", "4", "-N", "3"], "sequence length N=3 is smaller than the number of ranks P=4; expected N >= P"),
     (["--np", "2", "-H", "6", "--kv-heads", "4"], "kv_heads=4 does not divide heads=6"),
+    (["--np", "2", "--dtype", "float16"], "dtype 'float16' is not supported on cpu; expected one of float32, float64"),
+    (["--np", "2", "--device", "gpu", "-d", "96"], "head_dim=96 is not supported by the GPU kernels; expected one of 64, 128"),
 ])
 def test_bad_input_exits_2_with_one_line(hpcattn_cmd, mpiexec, args, message):
     proc = run(hpcattn_cmd + ["run", *args])
@@ -85,3 +87,13 @@ def test_np_without_mpiexec_is_a_clear_error(hpcattn_cmd, tmp_path):
     if "mpiexec was not found" not in proc.stderr:
         pytest.skip("this interpreter resolves mpiexec elsewhere")
     assert proc.returncode == 2
+
+
+def test_gpu_device_without_a_gpu_is_a_clear_error(hpcattn_cmd, mpiexec):
+    from hpcattn.gpu.environment import no_gpu_reason
+
+    if no_gpu_reason() is None:
+        pytest.skip("this machine has a usable GPU")
+    proc = run(hpcattn_cmd + ["run", "--np", "2", "-N", "256", "--device", "gpu"])
+    assert proc.returncode == 2
+    assert "device 'gpu' needs a CUDA GPU and CuPy (pip install 'hpcattn[gpu]'), but rank 0 has none" in proc.stderr

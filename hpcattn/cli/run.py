@@ -65,7 +65,7 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
 OVERRIDES = {"seq_len": "seq_len", "batch": "batch", "heads": "heads", "kv_heads": "kv_heads",
              "head_dim": "head_dim", "dtype": "dtype", "causal": "causal", "layout": "layout",
              "seed": "seed", "repeats": "repeats", "tolerance": "tolerance", "block_q": "block_q",
-             "block_k": "block_k"}
+             "block_k": "block_k", "device": "device"}
 JOB_ONLY = ("output", "array_task", "array_tasks", "force")
 
 
@@ -111,8 +111,12 @@ def _load(job_file, overrides):
 @click.option("--kv-heads", type=click.IntRange(min=1), default=None,
               help="Key/value heads (GQA/MQA); must divide --heads. Default: --heads.")
 @click.option("--head-dim", "-d", type=click.IntRange(min=1), default=64, help="Head dimension.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              help="Input dtype (accumulation happens in the same precision).")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32",
+              help="Input dtype. CPU: float32/float64 (accumulated in that precision); GPU: "
+                   "float32/float16/bfloat16 (accumulated in float32).")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu",
+              help="cpu: NumPy. gpu: CuPy arrays and the CUDA kernels, one GPU per rank (chosen by "
+                   "node-local rank); needs pip install 'hpcattn[gpu]'.")
 @click.option("--causal/--no-causal", default=False, help="Causal mask (query i sees keys j <= i).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="contiguous",
               help="How positions are spread over ranks; zigzag or striped balance causal work.")
@@ -122,13 +126,14 @@ def _load(job_file, overrides):
               help="Verify sampled query rows against a direct float64 computation (cost O(rows*N)).")
 @click.option("--check-rows", type=click.IntRange(min=1), default=64, help="Rows sampled by --check.")
 @click.option("--tolerance", type=float, default=None,
-              help="Max abs error --check accepts. Default 1e-5 (float32), 1e-10 (float64).")
+              help="Max abs error --check accepts. Default 1e-10 (float64), 1e-5 (float32), "
+                   "5e-3 (float16), 4e-2 (bfloat16).")
 @click.option("--block-q", type=click.IntRange(min=1), default=None, help="Query tile rows (tuning).")
 @click.option("--block-k", type=click.IntRange(min=1), default=None, help="Key tile rows (tuning).")
 @click.pass_context
 def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, seq_len, batch, heads,
-        kv_heads, head_dim, dtype, causal, layout, seed, repeats, check, check_rows, tolerance,
-        block_q, block_k):
+        kv_heads, head_dim, dtype, device, causal, layout, seed, repeats, check, check_rows,
+        tolerance, block_q, block_k):
     """Run exact ring attention on random inputs, or every case of a job file.
 
     Without JOB.toml: one case, and rank 0 prints N, ranks, layout, dtype, wall time, GFLOP/s
@@ -179,7 +184,7 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
     case = AttentionCase(seq_len=seq_len, batch=batch, heads=heads, kv_heads=kv_heads,
                          head_dim=head_dim, dtype=dtype, causal=causal, layout=layout, seed=seed,
                          repeats=repeats, check_rows=check_rows if check else 0,
-                         block_q=block_q, block_k=block_k)
+                         block_q=block_q, block_k=block_k, device=device)
     from ..cases import run_attention_case
 
     try:
