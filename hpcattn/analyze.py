@@ -267,6 +267,17 @@ def metric_names(rows) -> list[str]:
     return [k for k in dict.fromkeys(cols + [k for r in rows for k in r["_data"]]) if k not in skip]
 
 
+def check_metrics(rows, metrics) -> None:
+    """HpcattnError naming the first metric no case records as a number."""
+    known = metric_names(rows)
+    for m in metrics:
+        if m in known or (m in param_names(rows) and any(_is_number(r.get(m)) for r in rows)):
+            continue
+        seen = next((r[m] for r in rows if m in r), None)
+        what = "is not recorded in these cases" if seen is None else f"is not numeric (e.g. {seen!r})"
+        raise HpcattnError(f"--metric {m!r} {what}; expected one of {', '.join(known)}")
+
+
 def metric_value(row: dict, key: str):
     """The samples of ``key`` in one case (a whole per-repeat/per-rank array where recorded)."""
     arr = row["_data"].get(key)
@@ -477,13 +488,7 @@ def _metric_block(rows, x, metrics) -> Block:
     rows = _numeric_x(rows, x)
     if not rows:
         raise HpcattnError(f"no case has a numeric {x!r} to plot against; expected e.g. seq_len")
-    known = metric_names(rows)
-    for m in metrics:
-        if m in known or (m in param_names(rows) and any(_is_number(r.get(m)) for r in rows)):
-            continue
-        seen = next((r[m] for r in rows if m in r), None)
-        what = "is not recorded in these cases" if seen is None else f"is not numeric (e.g. {seen!r})"
-        raise HpcattnError(f"--metric {m!r} {what}; expected one of {', '.join(known)}")
+    check_metrics(rows, metrics)
     panels = [Panel(key=m, rows=rows, value=lambda r, m=m: metric_value(r, m), ylabel=m,
                     logy=None) for m in metrics]
     return Block(x, panels, min(2, len(panels)), ", ".join(metrics) + f" vs {x}")

@@ -59,6 +59,9 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metri
         if not rows:
             raise HpcattnError(f"no completed cases in {', '.join(files)}"
                                + (" match " + " ".join(where) if where else ""))
+        if metrics and not plot_path:
+            raise click.UsageError("--metric chooses what --plot draws; expected --plot FILE too")
+        an.check_metrics(rows, metrics)   # before the table: a typo costs nothing
         rows = an.sort_rows(rows, list(group_by) + list(sort_by))
         cols = an.columns(rows)
         if as_json:
