@@ -13,6 +13,7 @@
 # Settings (environment): HPCATTN_SLURM_DIR, HPCATTN_SLURM_CPUS (CPUs the node declares, may
 # exceed the cores; default 8), HPCATTN_SLURM_PORT (slurmctld port, slurmd uses +1; default 6817).
 set -euo pipefail
+PATH=$PATH:/usr/sbin:/usr/local/sbin   # the daemons live in sbin, which non-login shells may lack
 
 DIR=${HPCATTN_SLURM_DIR:-/tmp/hpcattn-slurm}
 CPUS=${HPCATTN_SLURM_CPUS:-8}

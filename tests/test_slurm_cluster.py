@@ -225,10 +225,11 @@ def test_cancelled_job_resumes(jobs, tmp_path, case_seconds):
 
 @pytest.mark.timeout(360)
 def test_time_limit_stops_job_and_resubmission_completes(jobs, tmp_path, case_seconds):
-    n = sweep_of(30, case_seconds)
-    # one minute, warned 50 s before: ~10 s of work, a third of what the sweep needs
+    # One minute, warned 59 s before. slurmctld looks at time limits every 30 s, so the warning
+    # comes 1 to 31 s after the start: the sweep needs 40 s, and is cut wherever it comes.
+    n = sweep_of(40, case_seconds)
     job = write_job(tmp_path, "limit", SLOW.format(", ".join(map(str, range(n)))),
-                    'time = "1"\nsignal_before = 50')
+                    'time = "1"\nsignal_before = 59')
     results = tmp_path / "results/limit.h5"
     (job_id,) = jobs.submit(job)
     rc, out = jobs.wait([job_id], 150)

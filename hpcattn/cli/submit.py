@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import click
 
@@ -20,7 +19,6 @@ def _gpus(value):
 
 
 def _save(folder: str, name: str, text: str) -> str:
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
     with open(path, "w") as fh:
         fh.write(text)
@@ -99,6 +97,7 @@ def submit(job_file, dry_run, wait, parsable, **options):
                 click.echo("\n# --- then, queued behind the array (its id in place of ARRAY_JOB_ID): ---")
                 click.echo(slurm.render_merge(job, settings, rendered, "ARRAY_JOB_ID"), nl=False)
             return
+        os.makedirs(rendered.logs, exist_ok=True)  # Slurm opens the logs there, maybe at once
         job_id = slurm.sbatch(rendered.script)
         saved = _save(rendered.logs, f"{job_id}.sbatch", rendered.script)
         ids = [job_id]
