@@ -300,6 +300,12 @@ def array_tasks(s: dict, n_cases: int) -> int | None:
     return n
 
 
+def mpiexec_beside(python: str) -> str:
+    """The mpiexec installed next to ``python`` (the ``mpich`` wheel's), else plain mpiexec."""
+    here = os.path.join(os.path.dirname(python), "mpiexec")
+    return here if os.path.isabs(python) and os.access(here, os.X_OK) else "mpiexec"
+
+
 @dataclasses.dataclass
 class Rendered:
     script: str
@@ -329,7 +335,7 @@ def render_job(job, s: dict, *, workdir: str | None = None, python: str | None =
     if s["launcher"] == "srun":
         launch = f"srun --mpi={s['srun_mpi']}"
     else:
-        launch = 'mpiexec -n "$SLURM_NTASKS"'
+        launch = f'{_q(mpiexec_beside(python))} -n "$SLURM_NTASKS"'
     launch = " ".join(filter(None, [launch, s["launcher_args"], run_args]))
     optional = _sbatch_lines(_common(s) + [
         ("constraint", s["constraint"]), ("mem", s["mem"]), ("gpus-per-node", s["gpus_per_node"] or None),

@@ -121,27 +121,29 @@ def cases_of(path):
 
 
 @pytest.mark.timeout(180)
-def test_submit_runs_a_job_that_writes_hdf5(jobs, tmp_path):
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_submit_runs_a_job_that_writes_hdf5(jobs, tmp_path, launcher):
     import h5py
     import numpy as np
 
     job = write_job(tmp_path, "small", "seq_len = [256, 512]\ncausal = [false, true]\nheads = 2\n"
                     "head_dim = 16\ncheck_rows = 8", 'time = "00:03:00"', activations=True)
-    (job_id,) = jobs.submit(job)
+    (job_id,) = jobs.submit(job, "--launcher", launcher)
     rc, out = jobs.wait([job_id], 150)
     assert rc == 0, out
     assert re.search(rf"job {job_id}  small  COMPLETED  exit 0:0", out), out
     assert "results  results/small.h5 (4/4 cases complete)" in out
     with h5py.File(tmp_path / "results/small.h5", "r") as f:
         assert f.attrs["n_cases"] == 4 and len(f["cases"]) == 4
-        assert f.attrs["ranks"] == 2, "srun --mpi=pmi2 must give one 2-rank job, not 2 singletons"
+        assert f.attrs["ranks"] == 2, f"{launcher} must start one 2-rank job, not 2 singletons"
         for g in f["cases"].values():
             assert bool(g["check_passed"][()]) and np.asarray(g["wall_s"]).size == 1
             n = int(g.attrs["param_seq_len"])
             assert g["activations/out"].shape == (1, n, 2, 16)
             assert np.isfinite(g["activations/out"][...]).all()
     saved = (tmp_path / f"results/small.slurm/{job_id}.sbatch").read_text()
-    assert "#SBATCH --ntasks-per-node=2" in saved and "srun --mpi=pmi2" in saved
+    assert "#SBATCH --ntasks-per-node=2" in saved
+    assert ("srun --mpi=pmi2 " if launcher == "srun" else '/mpiexec -n "$SLURM_NTASKS" ') in saved
     assert "4/4 cases complete" in (tmp_path / f"results/small.slurm/{job_id}.out").read_text()
 
 

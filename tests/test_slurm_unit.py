@@ -302,3 +302,13 @@ def test_status_command(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "Slurm does not know job(s) 99" in res.output
     res = CliRunner().invoke(status, ["x1"])
     assert res.exit_code == 2 and "'x1' is not a job id" in res.output
+
+
+def test_mpiexec_beside_python(tmp_path):
+    (tmp_path / "python").touch()
+    assert slurm.mpiexec_beside(str(tmp_path / "python")) == "mpiexec"
+    mpiexec = tmp_path / "mpiexec"
+    mpiexec.write_text("#!/bin/sh\n")
+    mpiexec.chmod(0o755)
+    assert slurm.mpiexec_beside(str(tmp_path / "python")) == str(mpiexec)
+    assert slurm.mpiexec_beside("python") == "mpiexec"
