@@ -218,6 +218,7 @@ def public(rows) -> list[dict]:
 
 AGGREGATED = ("seed", "repeats", "check_rows", "tolerance")
 AXIS_LABELS = {"seq_len": "sequence length N (tokens)", "distance": "distance back to the key (tokens)"}
+SHORT_NAMES = {"seq_len": "context length N", "distance": "distance back to the key"}
 NAMED_BY_VALUE = ("file", "mixer", "layout")     # legend shows the value alone
 MARKERS = "osD^vP*X<>ph"
 NO_DATA_STATUS = ("ok", "not_applicable", "over_budget")   # other statuses are listed in the panel
@@ -231,7 +232,7 @@ class Panel:
     value: Callable
     ylabel: str
     title: str = ""
-    logy: bool = True
+    logy: bool | None = True     # True: log unless the range is narrow; None: log over decades
     ylim: tuple | None = None
     hline: tuple | None = None   # (y, text)
     shade: tuple | None = None   # (x0, x1, text); None = the axis edge
@@ -445,7 +446,7 @@ def _recall_block(rows, x) -> Block:
         ylabel="recall accuracy (fraction correct)", ylim=(-0.03, 1.05), hline=chance,
         per_facet=shade)])
     return Block(x, panels, _ncols(rows, facets) if other in facets else min(2, len(panels)),
-                 f"associative recall vs {x.replace('_', ' ')}")
+                 f"associative recall vs {SHORT_NAMES.get(x, x)}")
 
 
 def _error_block(rows, x) -> Block:
@@ -537,7 +538,8 @@ def _draw_panel(ax, panel: Panel, block: Block, style, handles, marks, *, ylabel
     lines = _series_of(panel.rows, block.series)
     samples_all = [np.ravel(v) for r in panel.rows if (v := panel.value(r)) is not None]
     values = np.concatenate(samples_all) if samples_all else np.array([])
-    logy = panel.logy if panel.logy is not None else _wide(values)
+    # asked-for log axes still go linear over a narrow range (no wall of minor-tick labels)
+    logy = panel.logy is not False and _wide(values, 3 if panel.logy else 30)
     xs_all, missing, zeros = set(), [], []
     for skey, srows in lines.items():
         label = _series_label(block.series, skey)
@@ -647,10 +649,11 @@ def _proxy(**kw):
     return Line2D([], [], color="0.3", **kw)
 
 
-def _wide(values) -> bool:
-    """Log scale for positive values spanning more than a factor 30."""
-    v = values[np.isfinite(values)] if values.size else values
-    return bool(v.size) and v.min() > 0 and v.max() / v.min() > 30
+def _wide(values, factor: float) -> bool:
+    """Log scale: no negative values, and the positive ones span more than ``factor``."""
+    v = values[np.isfinite(values)]
+    pos = v[v > 0]
+    return bool(pos.size) and (v >= 0).all() and pos.max() / pos.min() > factor
 
 
 def _x_axis(ax, xs) -> None:
