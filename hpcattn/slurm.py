@@ -151,6 +151,8 @@ KEYS: dict[str, Key] = {
     "launcher": Key(_choice(*LAUNCHERS), "srun (default) or mpiexec", "srun"),
     "srun_mpi": Key(_word, "PMI plugin passed as srun --mpi= (pmi2 suits MPICH)", "pmi2"),
     "launcher_args": Key(_text, "extra arguments for srun/mpiexec", ""),
+    "run_args": Key(_text, "extra options for `hpcattn run` in the job, e.g. \"--device gpu\" (they "
+                           "override the job's sweep values)", ""),
     "python": Key(_text, "Python that runs hpcattn in the job; default the one running submit"),
     "setup": Key(_lines, "shell lines run before the launch (module load ..., source venv/bin/activate)"),
     "extra": Key(_lines, "extra #SBATCH options, e.g. \"--exclusive\" or \"--mail-type=END\""),
@@ -336,7 +338,7 @@ def render_job(job, s: dict, *, workdir: str | None = None, python: str | None =
         launch = f"srun --mpi={s['srun_mpi']}"
     else:
         launch = f'{_q(mpiexec_beside(python))} -n "$SLURM_NTASKS"'
-    launch = " ".join(filter(None, [launch, s["launcher_args"], run_args]))
+    launch = " ".join(filter(None, [launch, s["launcher_args"], run_args, s["run_args"]]))
     optional = _sbatch_lines(_common(s) + [
         ("constraint", s["constraint"]), ("mem", s["mem"]), ("gpus-per-node", s["gpus_per_node"] or None),
         ("gpus-per-task", s["gpus_per_task"] or None), ("gpu-bind", s["gpu_bind"]), ("array", array),

@@ -79,7 +79,8 @@ def test_render_gpu_job_with_options(job_file):
                      partition="gpu", qos="high", constraint="a100&ib", mem="64G", cpus_per_task=8,
                      setup=["module load cuda/12", "source ~/venv/bin/activate"],
                      extra=["--exclusive", "#SBATCH --mail-type=END"], launcher="mpiexec",
-                     launcher_args="-bind-to core", python="python", after=["11", "afterany:12"])
+                     launcher_args="-bind-to core", python="python", after=["11", "afterany:12"],
+                     run_args="--device gpu --dtype bfloat16")
     lines = sbatch_lines(r.script)
     for want in ("--gpus-per-node=a100:4", "--gpu-bind=closest", "--account=proj1", "--partition=gpu",
                  "--qos=high", "--constraint=a100&ib", "--mem=64G", "--cpus-per-task=8",
@@ -88,7 +89,8 @@ def test_render_gpu_job_with_options(job_file):
     body = r.script.split("set -eo pipefail\n", 1)[1]
     assert body.index("module load cuda/12") < body.index("source ~/venv/bin/activate") < body.index("mpiexec")
     assert r.script.strip().splitlines()[-1] == (
-        'mpiexec -n "$SLURM_NTASKS" -bind-to core python -m hpcattn run demo.toml --output out/demo.h5')
+        'mpiexec -n "$SLURM_NTASKS" -bind-to core python -m hpcattn run demo.toml --output out/demo.h5 '
+        '--device gpu --dtype bfloat16')
     subprocess.run(["bash", "-n"], input=r.script, text=True, check=True, timeout=10)
 
 

@@ -9,7 +9,7 @@ import click
 # option name -> [slurm] key; options left out (None) keep the job file's value
 SLURM_OPTIONS = ("nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node", "gpus_per_task",
                  "gpu_bind", "mem", "time", "partition", "account", "qos", "constraint", "job_name",
-                 "launcher", "srun_mpi", "launcher_args", "python", "setup", "extra", "signal_before",
+                 "launcher", "srun_mpi", "launcher_args", "run_args", "python", "setup", "extra", "signal_before",
                  "array", "array_tasks", "merge_time", "after")
 
 
@@ -58,6 +58,9 @@ def _save(folder: str, name: str, text: str) -> str:
               help="Extra sbatch option, e.g. --sbatch=--exclusive. Repeatable; added to [slurm] extra.")
 @click.option("--signal-before", type=int, default=None,
               help="Seconds before the time limit that the job is asked to stop after its current case.")
+@click.option("--run-args", default=None, metavar="OPTIONS",
+              help="Options added to 'hpcattn run' in the job, e.g. '--device gpu --dtype bfloat16'.")
+@click.option("--launcher-args", default=None, metavar="ARGS", help="Extra arguments for srun/mpiexec.")
 @click.option("--python", default=None, help="Python running hpcattn in the job (default: this one).")
 @click.option("--wait", is_flag=True, help="Wait until the job (and its merge step) ended; print its status; "
                                            "exit 1 unless everything COMPLETED.")
@@ -74,7 +77,8 @@ def submit(job_file, dry_run, wait, parsable, **options):
     \b
     Examples:
       hpcattn submit jobs/quickstart.toml --dry-run
-      hpcattn submit jobs/ring-scaling.toml --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 --time 01:00:00
+      hpcattn submit jobs/ring-scaling.toml --nodes 2 --ntasks-per-node 4 --gpus-per-node 4 \\
+          --run-args '--device gpu' --time 01:00:00
       hpcattn submit jobs/ring-scaling.toml --array 2 --partition debug
       hpcattn submit jobs/ring-scaling.toml --after 1234
     """
