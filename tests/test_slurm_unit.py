@@ -279,14 +279,15 @@ def test_status_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     text = report(slurm.parse_scontrol(SCONTROL.format(d=tmp_path))[:4])
     lines = text.splitlines()
-    assert lines[0].startswith("array job 50  demo  tasks: 1 CANCELLED, 1 FAILED, 1 PENDING")
+    assert lines[0].startswith("array job 50  demo  tasks: 1 CANCELLED, 1 FAILED, 2 PENDING")
     assert lines[1].startswith("  task 0   CANCELLED  exit 0:15 (killed by SIGTERM; submit again to resume)")
-    assert "part out/demo.task0.h5 (not written yet)  log out/demo.slurm/50_0.out" in lines[1]
+    assert lines[1].endswith("  log out/demo.slurm/50_0.out")
     assert lines[2].startswith("  task 1   FAILED  exit 138:0 (stopped by SIGUSR1 before the time limit; "
                                "submit again to resume)  00:00:04 of 00:20:00")
-    assert lines[3].startswith("  task 2-3%2 PENDING (JobArrayTaskLimit)") and lines[3].endswith("log -")
+    assert lines[3] == "  task 2-3%2 PENDING (JobArrayTaskLimit)  limit 00:20:00"
     assert lines[4] == "  results  out/demo.h5 (not written yet), written by the merge job"
-    assert lines[5].startswith("job 53  demo-merge  PENDING (Dependency)  exit 0:0")
+    assert "part out/demo.task0.h5 (missing)" in lines[1], "task 0 ended: its file will not come"
+    assert lines[5] == "job 53  demo-merge  PENDING (Dependency)  limit 00:10:00  -"
     assert lines[6] == "  after    afterany:50_*(unfulfilled)"
 
 

@@ -18,12 +18,12 @@ def _rel(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def _cases(path: str, *, part: bool = False) -> str:
+def _cases(path: str, *, part: bool = False, final: bool = False) -> str:
     """What a results file holds, in words (never raises: status must always print)."""
     if not path:
         return "?"
     if not os.path.exists(path):
-        return f"{_rel(path)} (not written yet)"
+        return f"{_rel(path)} ({'missing' if final else 'not written yet'})"
     from ..errors import HpcattnError
     from ..store import open_results
 
@@ -51,8 +51,23 @@ def _state(rec: dict) -> str:
     return f"{st} ({reason})" if st == "PENDING" and reason not in ("None", "") else st
 
 
-def _times(rec: dict) -> str:
-    return f"{rec.get('RunTime', '?')} of {rec.get('TimeLimit', '?')}"
+def _run(rec: dict) -> str:
+    """Exit status and time used, or only the limit for a job that has not started."""
+    from ..slurm import state
+
+    if state(rec) == "PENDING":
+        return f"limit {rec.get('TimeLimit', '?')}"
+    return f"{_exit(rec)}  {rec.get('RunTime', '?')} of {rec.get('TimeLimit', '?')}"
+
+
+def _n_tasks(rec: dict) -> int:
+    """Array tasks one record stands for: ``3`` -> 1, ``0-5%2`` -> 6, ``1,4-5`` -> 3."""
+    n = 0
+    for item in rec.get("ArrayTaskId", "").split("%")[0].split(","):
+        lo, _, hi = item.partition("-")
+        if lo.isdigit():
+            n += int(hi) - int(lo) + 1 if hi.isdigit() else 1
+    return n or 1
 
 
 def _logs(rec: dict, *, stderr: bool = True) -> str:
@@ -87,7 +102,7 @@ def _exit(rec: dict) -> str:
 def report(records: list[dict]) -> str:
     """Human-readable status of ``records`` (from :func:`hpcattn.slurm.show_jobs`): one block per
     job, array tasks listed, logs and results files with how many cases they hold."""
-    from ..slurm import part_path, results_of, state
+    from ..slurm import is_final, part_path, results_of, state
 
     groups: dict[str, list[dict]] = {}
     for rec in records:
@@ -98,26 +113,26 @@ def report(records: list[dict]) -> str:
         results = results_of(first)
         name = first.get("JobName", "?")
         if "ArrayJobId" not in first:
-            lines.append(f"job {job_id}  {name}  {_state(first)}  {_exit(first)}  "
-                         f"{_times(first)}  {first.get('NodeList') or '-'}")
+            lines.append(f"job {job_id}  {name}  {_state(first)}  {_run(first)}  {first.get('NodeList') or '-'}")
             if first.get("Dependency", "(null)") != "(null)":
                 lines.append(f"  after    {first['Dependency']}")
             lines.append(f"  log      {_logs(first)}")
             if results:
-                lines.append(f"  results  {_cases(results)}")
+                lines.append(f"  results  {_cases(results, final=is_final(first))}")
             continue
         recs.sort(key=_task_key)
         counts: dict[str, int] = {}
         for r in recs:
-            counts[state(r)] = counts.get(state(r), 0) + 1
+            counts[state(r)] = counts.get(state(r), 0) + _n_tasks(r)
         summary = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
         lines.append(f"array job {job_id}  {name}  tasks: {summary}  (stderr in .err beside each log)")
         for r in recs:
             task = r.get("ArrayTaskId", "?")
-            line = f"  task {task:<3} {_state(r)}  {_exit(r)}  {_times(r)}"
+            line = f"  task {task:<3} {_state(r)}  {_run(r)}"
             if results and task.isdigit():
-                line += f"  part {_cases(part_path(results, int(task)), part=True)}"
-            line += f"  log {_logs(r, stderr=False)}"
+                line += f"  part {_cases(part_path(results, int(task)), part=True, final=is_final(r))}"
+            if task.isdigit():
+                line += f"  log {_logs(r, stderr=False)}"
             lines.append(line)
         if results:
             lines.append(f"  results  {_cases(results)}, written by the merge job")
