@@ -96,7 +96,7 @@ start_munged() {
   chown munge: "$DIR/munge"
   chmod 0755 "$DIR/munge"   # clients (sbatch as any user) must reach the socket
   runuser -u munge -- munged --socket="$SOCKET" --pid-file="$DIR/munge/munged.pid" \
-    --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" \
+    --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" 9>&- \
     || die "munged did not start; see $DIR/munge/munged.log"
 }
 
@@ -113,10 +113,12 @@ wait_idle() {
 cmd_start() {
   need_root start; need_cmds
   mkdir -p "$DIR"; chmod 0755 "$DIR"
+  # two starts at once (parallel test sessions) take turns; the daemons must not inherit the lock
+  exec 9>"$DIR/.start.lock"; flock 9
   write_conf
   start_munged
-  slurmctld_pid >/dev/null || slurmctld -f "$CONF" || die "slurmctld did not start; see $DIR/log/slurmctld.log"
-  slurmd_pid >/dev/null || slurmd -f "$CONF" -N "$NODE" || die "slurmd did not start; see $DIR/log/slurmd.log"
+  slurmctld_pid >/dev/null || slurmctld -f "$CONF" 9>&- || die "slurmctld did not start; see $DIR/log/slurmctld.log"
+  slurmd_pid >/dev/null || slurmd -f "$CONF" -N "$NODE" 9>&- || die "slurmd did not start; see $DIR/log/slurmd.log"
   wait_idle
   echo "local Slurm cluster up: node $NODE ($CPUS CPUs), config $CONF"
   echo "export SLURM_CONF=$CONF"
