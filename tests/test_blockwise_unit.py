@@ -161,3 +161,57 @@ def test_extreme_scores_stay_finite_and_accurate(magnitude, causal):
     ref, _ = naive_attention(q, k, v, causal=causal)
     budget = np.abs(textbook_float32(q, k, v, causal) - ref).max()
     assert np.abs(out - ref).max() <= 4 * budget + 1e-6
+
+
+@pytest.mark.parametrize("cls", ["PartialAttention", "MergedAttention"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_running_state_fed_blocks_in_ring_order(cls, causal):
+    """What a ring rank does: its queries (zig-zag positions of rank 1 of 3) fold in the key blocks
+    of ranks 1, 0, 2 in turn, packed as they travel, including a block whose keys all lie in the
+    future of every query (it must change nothing)."""
+    from hpcattn import blockwise
+    from hpcattn.layouts import positions
+
+    rng = np.random.default_rng(12)
+    n, size, rank = 101, 3, 1
+    q, k, v = make(rng, 2, n, n, 4, 2, 8, "float64")
+    q_pos = positions(n, size, rank, "zigzag")
+    part = getattr(blockwise, cls)(q[:, q_pos], 2, causal=causal, scale=None, q_pos=q_pos,
+                                   block_q=8, block_k=8)
+    for src in (1, 0, 2):
+        k_pos = positions(n, size, src, "zigzag")
+        buf = np.full(part.packed_size(len(k_pos)), np.nan)
+        part.pack(k[:, k_pos], v[:, k_pos], buf)
+        part.add_packed(buf, len(k_pos), k_pos)
+    future = np.arange(n, n + 17)  # hidden from every query when causal
+    if causal:
+        buf = np.empty(part.packed_size(17))
+        part.pack(*make(rng, 2, 17, 17, 2, 2, 8, "float64")[1:], buf)
+        part.add_packed(buf, 17, future)
+    out, lse = part.result()
+    ref, ref_lse = naive_attention(q, k, v, causal=causal)
+    assert np.abs(out - ref[:, q_pos]).max() < 1e-12
+    assert np.abs(lse - ref_lse[:, :, q_pos]).max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_score_ramp_forces_the_exact_fallback_and_stays_exact(dtype):
+    """Scores that grow by hundreds from one key tile to the next overflow the lazy running max's
+    fast path (sums > FAST_MAX or inf): the tile must be redone exactly, never produce inf/NaN."""
+    from hpcattn import blockwise
+
+    n, d = 256, 4
+    q = np.zeros((1, n, 1, d), dtype=dtype)
+    q[..., 0] = 1.0
+    k = np.zeros((1, n, 1, d), dtype=dtype)
+    k[0, :, 0, 0] = np.repeat(np.arange(n // 32) * 400.0, 32)  # +200 nats per tile after scaling
+    v = np.random.default_rng(13).standard_normal((1, n, 1, d)).astype(dtype)
+    # a tile's scores exceed the previous running max by 200 nats: exp(200) overflows float32
+    assert np.exp(400.0 / np.sqrt(d)) > blockwise.FAST_MAX
+    for causal in (False, True):
+        out, lse = attention(q, k, v, causal=causal, block_q=32, block_k=32)
+        ref, ref_lse = naive_attention(q, k, v, causal=causal)
+        assert np.isfinite(out).all() and np.isfinite(lse).all()
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        assert np.abs(out - ref).max() < tol
+        assert np.abs(lse - ref_lse).max() / np.abs(ref_lse).max() < tol
