@@ -57,6 +57,37 @@ class RingComm:
         self.reqs = []
 
 
+class StepClock:
+    """Compute time and the rest of one ring step. NumPy computes on the host, so the host clock
+    measures it; CuPy kernels run asynchronously, so CUDA events bracket them and the host waits
+    for them only after the exchange (which keeps the overlap)."""
+
+    def __init__(self, xp):
+        self.cuda = None if xp is np else xp.cuda
+
+    def start(self):
+        self.t0 = time.perf_counter()
+        if self.cuda is not None:
+            self.e0 = self.cuda.Event()
+            self.e0.record()
+
+    def computed(self):
+        if self.cuda is None:
+            self.t1 = time.perf_counter()
+        else:
+            self.e1 = self.cuda.Event()
+            self.e1.record()
+
+    def stop(self) -> tuple[float, float]:
+        """(compute seconds, seconds of the step not covered by compute)."""
+        if self.cuda is None:
+            busy = self.t1 - self.t0
+        else:
+            self.e1.synchronize()
+            busy = self.cuda.get_elapsed_time(self.e0, self.e1) / 1e3
+        return busy, max(0.0, time.perf_counter() - self.t0 - busy)
+
+
 def make_ring_comm(comm, xp):
     """The exchange for this backend: plain ``RingComm`` for NumPy; for CuPy, ``hpcattn.gpu``
     decides between passing device buffers (CUDA-aware MPI) and staging through host memory."""
@@ -128,10 +159,12 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
     q_pos = positions(n, size, rank, layout)
     t_compute = t_wait = 0.0
     skipped = 0
+    clock = StepClock(xp)
     if size == 1:
-        t0 = time.perf_counter()
+        clock.start()
         out, lse = attention(q, k, v, causal=causal, scale=scale, check_finite=False, **block_kw)
-        t_compute = time.perf_counter() - t0
+        clock.computed()
+        t_compute, _ = clock.stop()
     else:
         ring = make_ring_comm(comm, xp)
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
@@ -149,21 +182,23 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
                 n_next = counts[(src - 1) % size]
                 ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)])
             k_pos = positions(n, size, src, layout)
-            t0 = time.perf_counter()
+            clock.start()
             if causal and q_pos[-1] < k_pos[0]:
                 skipped += 1                     # every key is in every query's future
             else:
                 part.add_packed(cur[: part.packed_size(n_src)], n_src, k_pos, progress=ring.progress)
                 computed += 1
-            t1 = time.perf_counter()
+            clock.computed()
             ring.wait()
-            t_compute += t1 - t0
-            t_wait += time.perf_counter() - t1
+            busy, idle = clock.stop()
+            t_compute += busy
+            t_wait += idle
         if not computed:  # cannot happen for causal (a query always sees itself), kept for safety
             raise HpcattnError("no key block was visible to this rank's queries")
-        t0 = time.perf_counter()
+        clock.start()
         out, lse = part.result()
-        t_compute += time.perf_counter() - t0
+        clock.computed()
+        t_compute += clock.stop()[0]
     if stats is not None:
         stats.update(compute_s=t_compute, wait_s=t_wait, steps=size, skipped=skipped)
     return out, lse
