@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import click
 
@@ -62,5 +63,6 @@ def fail(exc: BaseException, comm=None) -> None:
     click.echo(f"hpcattn: error: {where}{kind}{msg}", err=True)
     if size > 1:
         sys.stderr.flush()
+        time.sleep(0.5)  # let the launcher forward the message before Abort tears the job down
         comm.Abort(1)
     sys.exit(2 if isinstance(exc, (HpcattnError, click.ClickException)) else 1)

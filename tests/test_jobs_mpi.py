@@ -12,7 +12,8 @@ from mpi4py import MPI
 from hpcattn import runner, store
 from hpcattn.jobs import load_job
 
-from jobfiles import TINY, assert_same_results, comparable, write_job
+from jobfiles import TINY, assert_same_results, comparable
+from jobfiles import write_job as _write_job
 
 MPI_SIZES = (2, 3)
 COMM = MPI.COMM_WORLD
@@ -26,6 +27,15 @@ def shared_dir():
     COMM.Barrier()
     if COMM.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def write_job(path, **kw):
+    """Rank 0 writes the job file, the others wait: ranks writing one file at once can leave a
+    rank reading it half-written (seen as a one-rank failure, then a hang, under CI load)."""
+    if COMM.rank == 0:
+        _write_job(path, **kw)
+    COMM.Barrier()
+    return path
 
 
 def single_rank_reference(job, path):
