@@ -140,7 +140,13 @@ def provenance(comm=None, argv=None) -> dict:
     except Exception:  # noqa: BLE001 - provenance must never stop a run
         pass
     info.update(gpu_info())
+    # under Slurm: which job (and array task) wrote this, to find its logs and script again
+    info.update({var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ})
     return info
+
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NAME",
+              "SLURM_JOB_NODELIST", "SLURM_CLUSTER_NAME")
 
 
 def gpu_info() -> dict:

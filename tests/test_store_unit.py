@@ -251,3 +251,12 @@ def test_h5dump_reads_master_and_stitched_data(tmp_path):
 
 def test_mpio_detection_matches_h5py():
     assert store.have_mpio() == bool(h5py.get_config().mpi)
+
+
+def test_provenance_names_the_slurm_job(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.delenv("SLURM_CLUSTER_NAME", raising=False)
+    info = store.provenance()
+    assert info["slurm_job_id"] == "4242" and info["slurm_array_task_id"] == "7"
+    assert "slurm_cluster_name" not in info
