@@ -20,7 +20,7 @@ from .backend import is_gpu_array
 from .validate import check_qkv
 
 # Tiles: a (512 x 512) float32 score tile is 1 MiB, about one core's L2; measured fastest at
-# d=64 (see /work/notes/perf.md). With GQA the g query heads of a kv head share the tile rows.
+# d=64 (see docs/performance-notes.md). With GQA the g query heads of a kv head share the tile rows.
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_K = 512
 DEFAULT_BLOCK_Q = DEFAULT_BLOCK_ROWS  # for callers that read it; divided by the GQA group size
@@ -145,7 +145,7 @@ class PartialAttention:
     cannot overflow: a tile whose sums exceed FAST_MAX (or are not finite) is redone on the exact
     path (row max, subtract, exp), which also serves while any row of the tile has seen no key.
     (``exp2`` with log2(e) folded into q is faster still, but rounding ``scale*log2(e)*q`` to
-    float32 costs accuracy at large scores; see /work/notes/perf.md.)
+    float32 costs accuracy at large scores; see docs/performance-notes.md.)
 
     The state persists between ``add`` calls, so a ring rank folds in every arriving block with
     no per-block output and no merge.
