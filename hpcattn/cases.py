@@ -17,10 +17,10 @@ from .errors import CollectiveError
 from .inputs import random_qkv
 from .layouts import check_layout, positions
 from .ring import ring_attention
+from .validate import CPU_DTYPES, GPU_DTYPES
 
 DEVICES = ("cpu", "gpu")
-DTYPES = {"cpu": ("float32", "float64"), "gpu": ("float32", "float16", "bfloat16")}
-GPU_HEAD_DIMS = (64, 128)
+DTYPES = {"cpu": CPU_DTYPES, "gpu": GPU_DTYPES}
 
 
 @dataclasses.dataclass
@@ -55,9 +55,12 @@ class AttentionCase:
         if self.dtype not in DTYPES[self.device]:
             raise CollectiveError(f"dtype {self.dtype!r} is not supported on {self.device}; expected one of "
                                   f"{', '.join(DTYPES[self.device])}")
-        if self.device == "gpu" and self.head_dim not in GPU_HEAD_DIMS:
-            raise CollectiveError(f"head_dim={self.head_dim} is not supported by the GPU kernels; "
-                                  f"expected one of {', '.join(map(str, GPU_HEAD_DIMS))}")
+        if self.device == "gpu":
+            from .gpu.kernels import HEAD_DIMS
+
+            if self.head_dim not in HEAD_DIMS:
+                raise CollectiveError(f"head_dim={self.head_dim} is not supported by the GPU kernels; "
+                                      f"expected one of {', '.join(map(str, HEAD_DIMS))}")
         try:
             check_layout(self.layout)
         except ValueError as exc:
@@ -162,9 +165,9 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
 def _as_dtype(x, dtype: str):
     """``x`` (float32/64) in ``dtype``; bfloat16 is ml_dtypes' NumPy type (CuPy takes it)."""
     if dtype == "bfloat16":
-        import ml_dtypes
+        from .gpu.check import np_dtype
 
-        return x.astype(ml_dtypes.bfloat16)
+        return x.astype(np_dtype(dtype))
     return x.astype(dtype, copy=False)
 
 

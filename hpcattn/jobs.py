@@ -31,6 +31,7 @@ from collections.abc import Mapping
 
 from .errors import HpcattnError
 from .layouts import LAYOUTS
+from .validate import CPU_DTYPES, GPU_DTYPES
 
 KINDS = ("attention", "mixer")
 COMPRESSIONS = ("gzip", "lzf", "none")
@@ -82,7 +83,7 @@ POSITIVE = Spec(int, minimum=1)
 # keys of an attention case (hpcattn.cases.AttentionCase) plus the check's tolerance
 ATTENTION_KEYS: dict[str, Spec] = {
     "seq_len": POSITIVE, "batch": POSITIVE, "heads": POSITIVE, "kv_heads": POSITIVE,
-    "head_dim": POSITIVE, "dtype": Spec(str, choices=("float32", "float64", "float16", "bfloat16")),
+    "head_dim": POSITIVE, "dtype": Spec(str, choices=tuple(dict.fromkeys(CPU_DTYPES + GPU_DTYPES))),
     "device": Spec(str, choices=("cpu", "gpu")),
     "causal": Spec(bool), "layout": Spec(str, choices=LAYOUTS), "seed": Spec(int, minimum=0),
     "repeats": POSITIVE, "check_rows": Spec(int, minimum=0), "tolerance": Spec(float, minimum=0),
