@@ -31,7 +31,7 @@ from collections.abc import Mapping
 
 from .errors import HpcattnError
 from .layouts import LAYOUTS
-from .validate import CPU_DTYPES, GPU_DTYPES
+from .devices import ALL_DTYPES
 
 KINDS = ("attention", "mixer")
 COMPRESSIONS = ("gzip", "lzf", "none")
@@ -83,7 +83,7 @@ POSITIVE = Spec(int, minimum=1)
 # keys of an attention case (hpcattn.cases.AttentionCase) plus the check's tolerance
 ATTENTION_KEYS: dict[str, Spec] = {
     "seq_len": POSITIVE, "batch": POSITIVE, "heads": POSITIVE, "kv_heads": POSITIVE,
-    "head_dim": POSITIVE, "dtype": Spec(str, choices=tuple(dict.fromkeys(CPU_DTYPES + GPU_DTYPES))),
+    "head_dim": POSITIVE, "dtype": Spec(str, choices=ALL_DTYPES),
     "device": Spec(str, choices=("cpu", "gpu")),
     "causal": Spec(bool), "layout": Spec(str, choices=LAYOUTS), "seed": Spec(int, minimum=0),
     "repeats": POSITIVE, "check_rows": Spec(int, minimum=0), "tolerance": Spec(float, minimum=0),
@@ -160,6 +160,13 @@ class Job:
                                    f"expected one of {', '.join(allowed)}")
             sweep[key] = [val]
         return dataclasses.replace(self, sweep=sweep)
+
+
+def array_task_path(output: str, task: int) -> str:
+    """Results file of array task ``task`` of a job whose results go to ``output``:
+    ``<stem>.task<I>.h5`` (two writers must never share one master)."""
+    stem, ext = os.path.splitext(output)
+    return f"{stem}.task{task}{ext or '.h5'}"
 
 
 def load_job(path) -> Job:

@@ -18,6 +18,7 @@ import time
 
 from .errors import CollectiveError, HpcattnError
 from . import store
+from .jobs import array_task_path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -96,8 +97,7 @@ def output_path(job, output: str | None, array_task: int | None, array_tasks: in
     if output:
         return output
     if array_tasks:
-        stem, ext = os.path.splitext(job.output)
-        return f"{stem}.task{array_task}{ext or '.h5'}"
+        return array_task_path(job.output, array_task)
     return job.output
 
 

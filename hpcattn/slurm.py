@@ -262,11 +262,9 @@ def log_dir(results: str) -> str:
 
 def part_path(results: str, task: int) -> str:
     """Results file of array task ``task`` (what ``hpcattn run --array-task`` writes by default)."""
-    from types import SimpleNamespace
+    from .jobs import array_task_path
 
-    from .runner import output_path
-
-    return output_path(SimpleNamespace(output=results), None, task, task + 1)
+    return array_task_path(results, task)
 
 
 def _dependency(after) -> str | None:

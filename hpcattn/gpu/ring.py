@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from ..errors import HpcattnError
-from ..ring import RingComm
+from ..exchange import RingComm
 
 ENV_CUDA_AWARE = "HPCATTN_CUDA_AWARE"
 #: environment variables launchers set to the node-local rank (Open MPI, MPICH/Hydra, Slurm, MVAPICH)

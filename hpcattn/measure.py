@@ -1,0 +1,51 @@
+"""How hpcattn counts work and memory: the one FLOP formula and the memory probes used by
+cases, mixers and the benchmark."""
+from __future__ import annotations
+
+import resource
+import time
+import tracemalloc
+
+FLOP_NOTE = "FLOP = 4*B*N^2*H*d (halved when causal)"
+
+
+def attention_flops(batch: int, n_q: int, heads: int, head_dim: int, *, causal: bool = False,
+                    n_k: int | None = None) -> float:
+    """FlashAttention's convention for a forward pass: 4·B·Nq·Nk·H·d, half of it when causal."""
+    n_k = n_q if n_k is None else n_k
+    f = 4.0 * batch * n_q * n_k * heads * head_dim
+    return f / 2 if causal else f
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def traced_peak(fn):
+    """``(fn(), peak bytes of the arrays fn allocated)``: NumPy reports its buffers to
+    tracemalloc; arrays that existed before are not counted. Leaves tracing as it found it."""
+    was = tracemalloc.is_tracing()
+    if not was:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not was:
+            tracemalloc.stop()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (after one untimed warm-up call when
+    ``repeats`` > 1)."""
+    if repeats > 1:
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
