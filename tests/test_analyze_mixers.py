@@ -7,7 +7,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from hpcattn import analyze as an
+from hpcattn import analysis as an
 from hpcattn import store
 from hpcattn.cli.analyze import analyze as analyze_cmd
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from mpi4py import MPI
 
-from hpcattn import analyze as an
+from hpcattn import analysis as an
 from hpcattn import runner, store
 from hpcattn.cli.analyze import analyze as analyze_cmd
 from hpcattn.jobs import load_job

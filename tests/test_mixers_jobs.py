@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from hpcattn import analyze, runner
+from hpcattn import analysis as analyze, runner
 from hpcattn.jobs import JobFileError, load_job
 from hpcattn.mixers import REGISTRY, get_mixer
 from hpcattn.mixers.cases import check_mixer_case

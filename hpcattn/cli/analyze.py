@@ -50,7 +50,7 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metri
       hpcattn analyze results/mixers-recall.h5 --plot recall.png
       hpcattn analyze results/mixers-recall.h5 -w distance=64 --plot r.png -m recall_accuracy
     """
-    from .. import analyze as an
+    from .. import analysis as an
     from ..errors import HpcattnError
 
     try:

@@ -1,0 +1,14 @@
+"""Reading results files back for ``hpcattn analyze``: rows (one per case), tables and CSV, which
+figure a set of rows gets, and drawing it.
+
+Imports point one way: ``draw`` -> ``figures`` -> ``tables`` -> ``rows`` -> ``hpcattn.store``.
+"""
+from .draw import plot
+from .figures import series_keys
+from .rows import (all_columns, check_metrics, error_of, load_rows, metric_names, metric_value,
+                   param_names, public, varying)
+from .tables import columns, fmt, sort_rows, table, to_csv
+
+__all__ = ["load_rows", "error_of", "param_names", "varying", "all_columns", "public",
+           "metric_names", "check_metrics", "metric_value", "columns", "sort_rows", "fmt", "table",
+           "to_csv", "series_keys", "plot"]
