@@ -55,6 +55,10 @@ def test_bad_options_are_one_line_errors():
 
 
 def test_shard_footprint_counts_qkv_out_lse_and_two_buffers():
-    cfg = BenchConfig(batch=1, heads=2, head_dim=4, dtype="float32")
-    row = 2 * 4 * 4
-    assert shard_footprint(cfg, 10) == 10 * (4 * row + 4 * row + 2 * 4)
+    cfg = BenchConfig(batch=3, heads=2, head_dim=4, dtype="float32")
+    n_local = 10
+    token_rows = np.empty((3, n_local, 2, 4), dtype=np.float32)     # (B, n, H, d)
+    lse = np.empty((3, 2, n_local), dtype=np.float32)               # (B, H, n)
+    # q, k, v, out, and two ring buffers that each hold a K and a V block
+    held = [token_rows] * 4 + [token_rows] * 2 * 2 + [lse]
+    assert shard_footprint(cfg, n_local) == sum(a.nbytes for a in held) == 7920

@@ -1,0 +1,176 @@
+"""The measuring parts of ``hpcattn bench``, each run in its own child process: ``serial``
+(GEMM, blockwise, vanilla MHA, torch SDPA in one process), ``ring`` (under mpiexec) and ``maxn``
+(the longest N vanilla MHA and the ring fit in the per-rank budget)."""
+from __future__ import annotations
+
+import time
+
+from ..measure import timed, traced_peak
+from .baseline import vanilla_mha
+from .config import BenchConfig
+
+
+def _inputs(cfg: BenchConfig, n: int, heads: int | None = None):
+    import numpy as np
+
+    from ..inputs import random_qkv
+
+    h = heads or cfg.heads
+    return random_qkv(0, np.arange(n), cfg.batch, h, h, cfg.head_dim, cfg.dtype)
+
+
+def _summary(walls, flops) -> dict:
+    import numpy as np
+
+    med = float(np.median(walls))
+    return {"wall_s": [float(w) for w in walls], "median_s": med, "gflops": flops / med / 1e9,
+            "gflops_min": flops / max(walls) / 1e9, "gflops_max": flops / min(walls) / 1e9}
+
+
+def gemm_rates(cfg: BenchConfig) -> dict:
+    """GFLOP/s of a square GEMM and of the attention-shaped GEMM, this process's threads."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = cfg.gemm_n
+    a = rng.standard_normal((n, n)).astype(cfg.dtype)
+    c = np.empty_like(a)
+    rep = max(3, cfg.repeats)
+    square = _summary(timed(lambda: np.matmul(a, a, out=c), rep), 2.0 * n ** 3)
+    d, t, inner = cfg.head_dim, 512, 16
+    qa = rng.standard_normal((t, d)).astype(cfg.dtype)
+    ka = rng.standard_normal((t, d)).astype(cfg.dtype)
+    s = np.empty((t, t), dtype=cfg.dtype)
+
+    def shaped():
+        for _ in range(inner):
+            np.matmul(qa, ka.T, out=s)
+    attn = _summary(timed(shaped, rep), 2.0 * t * t * d * inner)
+    return {"square": square, "attention_shaped": attn}
+
+
+def serial_part(cfg: BenchConfig) -> dict:
+    """GEMM, blockwise attention, vanilla MHA, torch SDPA: one process, same threads."""
+    import numpy as np
+
+    from ..blockwise import attention
+
+    res = {"gemm": gemm_rates(cfg)}
+    q, k, v = _inputs(cfg, cfg.seq_len)
+    flops = cfg.flops()
+    res["blockwise"] = _summary(timed(lambda: attention(q, k, v, causal=cfg.causal), cfg.repeats),
+                                flops)
+    # vanilla: one head at a time keeps the N x N matrix affordable at the bench's N (same FLOPs,
+    # same passes); the all-heads form is what the max-N comparison sizes
+    res["vanilla"] = _summary(timed(lambda: vanilla_mha(q, k, v, causal=cfg.causal,
+                                                        heads_at_once=False), cfg.repeats), flops)
+    res["vanilla"]["bytes_per_n2"] = 4.0 * cfg.batch * np.dtype(cfg.dtype).itemsize
+    if cfg.torch:
+        res["torch"] = torch_sdpa(cfg, q, k, v, flops)
+    return res
+
+
+def torch_sdpa(cfg: BenchConfig, q, k, v, flops) -> dict | None:
+    """``torch.nn.functional.scaled_dot_product_attention`` on the same inputs, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(cfg.threads)
+    tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (q, k, v))
+
+    def run():
+        with torch.inference_mode():
+            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=cfg.causal)
+    out = _summary(timed(run, cfg.repeats), flops)
+    out["version"] = torch.__version__
+    return out
+
+
+
+def shard_footprint(cfg: BenchConfig, n_local: int, heads: int | None = None) -> int:
+    """Bytes a rank cannot do without: its q, k, v, out, lse and the two K/V ring buffers."""
+    import numpy as np
+
+    item = np.dtype(cfg.dtype).itemsize
+    row = cfg.batch * (heads or cfg.heads) * cfg.head_dim * item
+    return n_local * (4 * row + 4 * row + cfg.batch * (heads or cfg.heads) * item)
+
+
+def _ring_case(cfg: BenchConfig, comm, n: int, repeats: int, check_rows: int = 0,
+               heads: int | None = None) -> dict:
+    from ..cases import AttentionCase, run_attention_case
+
+    case = AttentionCase(seq_len=n, batch=cfg.batch, heads=heads or cfg.heads,
+                         head_dim=cfg.head_dim, dtype=cfg.dtype, causal=cfg.causal,
+                         layout=cfg.layout, repeats=repeats, check_rows=check_rows)
+    res = run_attention_case(case, comm)
+    item = {"float32": 4, "float64": 8}[cfg.dtype]
+    inputs = [3 * c * cfg.batch * case.heads * cfg.head_dim * item for c in res["counts"]]
+    res["peak_array_bytes"] = [i + p for i, p in zip(inputs, res["peak_alloc_bytes"])]
+    res["shard_bytes"] = [shard_footprint(cfg, c, case.heads) for c in res["counts"]]
+    res["flops"] = case.flops
+    res["seq_len"] = n
+    return res
+
+
+def ring_part(cfg: BenchConfig, comm, maxn: bool) -> dict:
+    """The timed ring case and (``maxn``) the ring end of the max-N comparison."""
+    out = {"ring": _ring_case(cfg, comm, cfg.seq_len, cfg.repeats)}
+    if maxn:
+        out["maxn_ring"] = ring_max_n(cfg, comm)
+    return out
+
+
+def _fit(xs, ys, powers):
+    """Least-squares coefficients of ``y = sum c_p x^p`` (p in powers)."""
+    import numpy as np
+
+    a = np.array([[float(x) ** p for p in powers] for x in xs])
+    return [float(c) for c in np.linalg.lstsq(a, np.array(ys, float), rcond=None)[0]]
+
+
+def ring_max_n(cfg: BenchConfig, comm) -> dict:
+    """Per-rank array bytes per local token from two small runs, the N that fills the budget on
+    this many ranks, and a real run at that N (with a sampled float64 check)."""
+    size = comm.size
+    budget = cfg.budget_mb * 2 ** 20
+    unit = size * 64
+    probes = [unit * 16, unit * 64]   # n_local >= one 512-row tile: tile buffers at full size
+    peaks = [max(_ring_case(cfg, comm, n, 1)["peak_array_bytes"]) for n in probes]
+    slope, const = _fit([n / size for n in probes], peaks, (1, 0))
+    n_max = int((budget - const) / slope * size) // unit * unit
+    res = {"probe_n": probes, "probe_peak_bytes": peaks, "bytes_per_token": slope,
+           "fixed_bytes": const, "predicted_n": n_max, "ranks": size, "budget_bytes": budget}
+    if n_max >= unit:
+        run = _ring_case(cfg, comm, n_max, 1, check_rows=16)
+        res.update(n=n_max, peak_array_bytes=max(run["peak_array_bytes"]),
+                   peak_rss_bytes=max(run["peak_rss_bytes"]), wall_s=run["wall_s"][0],
+                   gflops=run["gflops"], max_abs_err=run.get("max_abs_err"))
+    return res
+
+
+def vanilla_max_n(cfg: BenchConfig) -> dict:
+    """Bytes per N^2 of vanilla MHA (all heads at once, and one head at a time) from small real
+    runs, the N that fills the budget, and a real run there."""
+    budget = cfg.budget_mb * 2 ** 20
+    res = {"budget_bytes": budget}
+    for name, at_once in (("all_heads", True), ("per_head", False)):
+        probes = [256, 512, 1024]
+
+        def peak(n):
+            q, k, v = _inputs(cfg, n)
+            return q.nbytes + k.nbytes + v.nbytes + traced_peak(
+                lambda: vanilla_mha(q, k, v, causal=cfg.causal, heads_at_once=at_once))[1]
+        peaks = [peak(n) for n in probes]
+        a, b, c = _fit(probes, peaks, (2, 1, 0))
+        n_max = int((-b + (b * b - 4 * a * (c - budget)) ** 0.5) / (2 * a)) // 64 * 64
+        entry = {"probe_n": probes, "probe_peak_bytes": peaks, "bytes_per_n2": a,
+                 "bytes_per_token": b, "predicted_n": n_max}
+        if n_max >= 64:
+            t0 = time.perf_counter()
+            entry["peak_array_bytes"] = peak(n_max)
+            entry["wall_s"] = time.perf_counter() - t0
+            entry["n"] = n_max
+        res[name] = entry
+    return res

@@ -1,0 +1,143 @@
+"""Running ``hpcattn bench`` from the parent process: each part in a fresh child (under mpiexec
+for the ring), the tables printed as the figures arrive, the figures saved as a results file."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+
+from .config import THREAD_VARS, BenchConfig
+from .report import header, maxn_table, ring_table, serial_table
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update({var: str(threads) for var in THREAD_VARS})
+    return env
+
+
+def run_child(part: str, cfg: BenchConfig, ranks: int | None = None, maxn: bool = False,
+              timeout: float | None = None) -> dict:
+    """Run one part in a fresh process (under mpiexec when ``ranks``) and return its JSON."""
+    cmd = [sys.executable, "-m", "hpcattn.bench", part,
+           json.dumps({"cfg": dataclasses.asdict(cfg), "maxn": maxn})]
+    if ranks is not None:
+        from ..launch import find_mpiexec
+
+        mpiexec = find_mpiexec()
+        if mpiexec is None:
+            raise RuntimeError("the ring part needs mpiexec (pip install 'hpcattn[mpi]')")
+        cmd = [mpiexec, "-n", str(ranks), *cmd]
+    proc = subprocess.run(cmd, env=child_env(cfg.threads), capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"bench part {part!r} (ranks {ranks}) failed with exit code "
+                           f"{proc.returncode}: {tail}")
+    return json.loads(lines[-1])
+
+
+def machine_info(cfg: BenchConfig) -> dict:
+    """Machine, library versions and thread settings printed with every table."""
+    import numpy as np
+
+    info = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+            "load_avg_1m_5m_15m": list(os.getloadavg()),
+            "python": platform.python_version(), "numpy": np.__version__, "blas": _blas(),
+            "threads_per_process": cfg.threads,
+            "thread_vars": {v: os.environ.get(v, "") for v in THREAD_VARS}}
+    try:
+        from mpi4py import MPI
+
+        info["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - informational only
+        info["mpi"] = "unavailable"
+    try:
+        import importlib.metadata as md
+
+        info["torch"] = md.version("torch")
+    except Exception:  # noqa: BLE001
+        info["torch"] = "not installed"
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _blas() -> str:
+    try:
+        import numpy as np
+
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def run_bench(cfg: BenchConfig, echo=print) -> dict:
+    """Run the selected parts; print each table as soon as it is measured; return all figures."""
+    info = machine_info(cfg)
+    echo(header(cfg, info))
+    results: dict = {"machine": info, "config": dataclasses.asdict(cfg)}
+    if "serial" in cfg.sections:
+        results["serial"] = run_child("serial", cfg)
+        echo(serial_table(cfg, results["serial"]))
+    rings = {}
+    if "ring" in cfg.sections or "maxn" in cfg.sections:
+        top = max(cfg.ranks)
+        for p in (cfg.ranks if "ring" in cfg.sections else (top,)):
+            rings[p] = run_child("ring", cfg, ranks=p, maxn="maxn" in cfg.sections and p == top)
+        if "ring" in cfg.sections:
+            results["ring"] = {str(p): r["ring"] for p, r in rings.items()}
+            gemm = results.get("serial", {}).get("gemm", {}).get("square", {}).get("gflops")
+            echo(ring_table(cfg, results["ring"], gemm))
+    if "maxn" in cfg.sections:
+        results["maxn"] = {"vanilla": run_child("maxn", cfg), "ring": rings[max(cfg.ranks)]["maxn_ring"]}
+        echo(maxn_table(cfg, results["maxn"]))
+    results["machine"]["load_avg_after"] = list(os.getloadavg())
+    return results
+
+
+def save(results: dict, path: str) -> None:
+    """Figures to an hpcattn results file (``hpcattn.store``): one case per part."""
+    from .. import store
+
+    master = store.Master(path)
+    master.lock()
+    try:
+        master.prepare({"job_name": "bench", "job_kind": "bench",
+                        "job_description": "hpcattn bench: side-by-side performance figures"},
+                       store.provenance(), force=True)
+        records = []
+        for index, part in enumerate(("serial", "ring", "maxn")):
+            if part in results:
+                records.append({"index": index, "kind": f"bench_{part}",
+                                "params": results["config"],
+                                "results": _storable({"machine": results["machine"],
+                                                      part: results[part]})})
+        master.add_cases(records)
+    finally:
+        master.unlock()
+
+
+def _storable(x):
+    """JSON-like results in the shapes ``store.write_tree`` takes (no None, no ragged lists)."""
+    if isinstance(x, dict):
+        return {str(k): _storable(v) for k, v in x.items() if v is not None}
+    if isinstance(x, (list, tuple)) and any(isinstance(v, (dict, list, str)) for v in x):
+        return json.dumps(x)
+    if isinstance(x, bool):
+        return int(x)
+    return x
