@@ -1,7 +1,7 @@
 """Reading results files back for ``hpcattn analyze``: rows (one per case), tables and CSV, which
 figure a set of rows gets, and drawing it.
 
-Imports point one way: ``draw`` -> ``figures`` -> ``tables`` -> ``rows`` -> ``hpcattn.store``.
+Imports point one way: ``draw`` -> ``figures`` -> ``tables`` -> ``rows`` -> ``hpcattn.results``.
 """
 from .draw import plot
 from .figures import series_keys

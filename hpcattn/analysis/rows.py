@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from .. import store
+from ..results import open_results
 from ..errors import HpcattnError
 
 MIB = 2.0 ** 20
@@ -34,7 +34,7 @@ def load_rows(paths) -> list[dict]:
     rows = []
     labels = _labels(paths)
     for path, label in zip(paths, labels):
-        with store.open_results(path) as f:
+        with open_results(path) as f:
             for g in f["cases"].values():
                 rows.append(_row(g, label))
     return rows

@@ -20,9 +20,8 @@ Memory is NumPy's traced allocations (``tracemalloc``: every array, nothing of t
 peak RSS is reported beside it.
 """
 from .baseline import vanilla_mha
-from .config import QUICK, THREAD_VARS, BenchConfig
+from .config import QUICK, BenchConfig
 from .parts import shard_footprint
 from .run import run_bench, save
 
-__all__ = ["BenchConfig", "QUICK", "THREAD_VARS", "run_bench", "save", "shard_footprint",
-           "vanilla_mha"]
+__all__ = ["BenchConfig", "QUICK", "run_bench", "save", "shard_footprint", "vanilla_mha"]

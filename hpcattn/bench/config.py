@@ -3,12 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .._threads import THREAD_VARS as BLAS_THREAD_VARS
 from ..measure import attention_flops
-
-# set in every measuring process; HPCATTN_NUM_THREADS too: it is the override hpcattn._threads
-# applies in each child (rank) whatever else its environment says
-THREAD_VARS = BLAS_THREAD_VARS + ("HPCATTN_NUM_THREADS",)
 
 
 @dataclasses.dataclass

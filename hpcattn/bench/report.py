@@ -1,8 +1,9 @@
 """The tables ``hpcattn bench`` prints: machine header, per-rank rates, ring scaling, max N."""
 from __future__ import annotations
 
+from ..machine import THREAD_SETTINGS
 from ..measure import FLOP_NOTE
-from .config import THREAD_VARS, BenchConfig
+from .config import BenchConfig
 
 
 def _mib(b: float) -> str:
@@ -23,7 +24,7 @@ def header(cfg: BenchConfig, info: dict) -> str:
         f"torch {info['torch']}",
         f"  mpi       {info['mpi']}",
         f"  threads   {cfg.threads} BLAS thread(s) per process and per rank "
-        f"({', '.join(v for v in THREAD_VARS)} = {cfg.threads} in every measuring process)",
+        f"({', '.join(THREAD_SETTINGS)} = {cfg.threads} in every measuring process)",
         f"  flops     {FLOP_NOTE}; times: median of {cfg.repeats} (min-max)",
     ])
 

@@ -9,13 +9,16 @@ import platform
 import subprocess
 import sys
 
-from .config import THREAD_VARS, BenchConfig
+from ..machine import THREAD_SETTINGS
+from .config import BenchConfig
 from .report import header, maxn_table, ring_table, serial_table
 
 
 def child_env(threads: int) -> dict:
+    """This environment with every thread variable (HPCATTN_NUM_THREADS too, the override each
+    child's own thread set-up obeys) set to ``threads``."""
     env = dict(os.environ)
-    env.update({var: str(threads) for var in THREAD_VARS})
+    env.update({var: str(threads) for var in THREAD_SETTINGS})
     return env
 
 
@@ -42,48 +45,19 @@ def run_child(part: str, cfg: BenchConfig, ranks: int | None = None, maxn: bool 
 
 
 def machine_info(cfg: BenchConfig) -> dict:
-    """Machine, library versions and thread settings printed with every table."""
+    """Machine, library versions and thread settings printed with every table (from
+    ``hpcattn.machine``, the one description of this machine)."""
     import numpy as np
 
-    info = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+    from .. import machine
+
+    mpi = machine.mpi_library()
+    return {"host": machine.hosts()[0], "cpu": machine.cpu_model(), "cores": os.cpu_count(),
             "load_avg_1m_5m_15m": list(os.getloadavg()),
-            "python": platform.python_version(), "numpy": np.__version__, "blas": _blas(),
-            "threads_per_process": cfg.threads,
-            "thread_vars": {v: os.environ.get(v, "") for v in THREAD_VARS}}
-    try:
-        from mpi4py import MPI
-
-        info["mpi"] = MPI.Get_library_version().strip().splitlines()[0]
-    except Exception:  # noqa: BLE001 - informational only
-        info["mpi"] = "unavailable"
-    try:
-        import importlib.metadata as md
-
-        info["torch"] = md.version("torch")
-    except Exception:  # noqa: BLE001
-        info["torch"] = "not installed"
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _blas() -> str:
-    try:
-        import numpy as np
-
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # noqa: BLE001
-        return "unknown"
+            "python": platform.python_version(), "numpy": np.__version__, "blas": machine.blas(),
+            "threads_per_process": cfg.threads, "thread_vars": machine.thread_settings(),
+            "mpi": mpi["library"] if mpi["mpi4py"] is not None else "unavailable",
+            "torch": machine.package_version("torch") or "not installed"}
 
 
 def run_bench(cfg: BenchConfig, echo=print) -> dict:
@@ -111,15 +85,15 @@ def run_bench(cfg: BenchConfig, echo=print) -> dict:
 
 
 def save(results: dict, path: str) -> None:
-    """Figures to an hpcattn results file (``hpcattn.store``): one case per part."""
-    from .. import store
+    """Figures to an hpcattn results file (``hpcattn.results``): one case per part."""
+    from ..results import Master, provenance
 
-    master = store.Master(path)
+    master = Master(path)
     master.lock()
     try:
         master.prepare({"job_name": "bench", "job_kind": "bench",
                         "job_description": "hpcattn bench: side-by-side performance figures"},
-                       store.provenance(), force=True)
+                       provenance(), force=True)
         records = []
         for index, part in enumerate(("serial", "ring", "maxn")):
             if part in results:
@@ -133,7 +107,7 @@ def save(results: dict, path: str) -> None:
 
 
 def _storable(x):
-    """JSON-like results in the shapes ``store.write_tree`` takes (no None, no ragged lists)."""
+    """JSON-like results in the shapes ``results.write_tree`` takes (no None, no ragged lists)."""
     if isinstance(x, dict):
         return {str(k): _storable(v) for k, v in x.items() if v is not None}
     if isinstance(x, (list, tuple)) and any(isinstance(v, (dict, list, str)) for v in x):
