@@ -10,14 +10,13 @@ masked are skipped, tiles that are fully visible are computed without a mask.
 On CPU a tile costs two GEMMs and one elementwise pass (see ``PartialAttention``): the scale is
 folded into Q, the running max into the score GEMM, and the row sums into the value GEMM. Tiles are sized for one core's L2; run one BLAS thread per rank (``hpcattn._threads``).
 
-CuPy inputs go to the CUDA kernels in ``kernels/`` (see ``hpcattn.gpu``); NumPy inputs run here.
+This is the NumPy backend's kernel (``hpcattn.backend``); CuPy arrays go to ``hpcattn.gpu``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .backend import is_gpu_array
-from .validate import check_qkv
+from .validate import attention_scale, causal_positions
 
 # Tiles: a (512 x 512) float32 score tile is 1 MiB, about one core's L2; measured fastest at
 # d=64 (see docs/performance-notes.md). With GQA the g query heads of a kv head share the tile rows.
@@ -33,8 +32,9 @@ RENORM = 2.0 ** 16
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
               q_pos=None, k_pos=None, block_q: int | None = None, block_k: int | None = None,
-              check_finite: bool = True, progress=None):
-    """Exact softmax attention, computed blockwise.
+              progress=None):
+    """Exact softmax attention of NumPy arrays, computed blockwise (inputs are not validated:
+    ``hpcattn.attention`` checks them and then calls this for NumPy arrays).
 
     Parameters
     ----------
@@ -48,73 +48,16 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     Returns
     -------
     out : (batch, Nq, heads, head_dim), dtype of q.
-    lse : (batch, heads, Nq) log-sum-exp of the scaled scores (float32 for float32/16 inputs,
+    lse : (batch, heads, Nq) log-sum-exp of the scaled scores (float32 for float32 inputs,
         float64 for float64). Rows that see no key get out = 0 and lse = -inf.
     """
-    check_qkv(q, k, v, check_finite=check_finite)
-    d = q.shape[3]
-    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    if not np.isfinite(scale):
-        raise ValueError(f"scale {scale} is not finite; expected a finite number")
-    nq, nk = q.shape[1], k.shape[1]
+    scale = attention_scale(scale, q.shape[3])
     if causal:
-        q_pos = np.arange(nq, dtype=np.int64) if q_pos is None else np.asarray(q_pos, np.int64)
-        k_pos = np.arange(nk, dtype=np.int64) if k_pos is None else np.asarray(k_pos, np.int64)
-        if q_pos.shape != (nq,) or k_pos.shape != (nk,):
-            raise ValueError(f"q_pos/k_pos have shapes {q_pos.shape}/{k_pos.shape}; "
-                             f"expected ({nq},)/({nk},)")
-    if is_gpu_array(q):
-        from .gpu import attention_gpu
-
-        return attention_gpu(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos)
+        q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1])
     part = PartialAttention(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos,
                             block_q=block_q, block_k=block_k)
     part.add(k, v, k_pos=k_pos, progress=progress)
     return part.result()
-
-
-def partial_attention(q, kv_heads, *, causal, scale, q_pos, **block_kw):
-    """Running attention of ``q`` over key/value blocks added one at a time (what a ring rank
-    keeps): ``pack(k, v, buf)`` puts a block into a flat buffer of ``packed_size(n)`` elements
-    (the form that travels), ``add_packed(buf, n, k_pos, progress)`` folds it in, ``result()``
-    gives ``(out, lse)``. NumPy: :class:`PartialAttention`; other backends: attention per block
-    merged by log-sum-exp (:class:`MergedAttention`)."""
-    cls = MergedAttention if is_gpu_array(q) else PartialAttention
-    return cls(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos, **block_kw)
-
-
-class MergedAttention:
-    """Blocks packed as k then v (batch, n, kv_heads, d); each block's attention merged in."""
-
-    def __init__(self, q, kv_heads, *, causal, scale, q_pos, **block_kw):
-        self.q, self.causal, self.scale, self.q_pos, self.block_kw = q, causal, scale, q_pos, block_kw
-        b, _, _, d = q.shape
-        self.shape = lambda n: (b, n, kv_heads, d)
-        self.row = b * kv_heads * d
-        self.out = self.lse = None
-
-    def packed_size(self, n: int) -> int:
-        return 2 * n * self.row
-
-    def pack(self, k, v, buf):
-        n = k.shape[1]
-        buf[: n * self.row] = k.reshape(-1)
-        buf[n * self.row: 2 * n * self.row] = v.reshape(-1)
-
-    def add_packed(self, buf, n, k_pos, progress=None):
-        kb = buf[: n * self.row].reshape(self.shape(n))
-        vb = buf[n * self.row: 2 * n * self.row].reshape(self.shape(n))
-        o, l = attention(self.q, kb, vb, causal=self.causal, scale=self.scale, q_pos=self.q_pos,
-                         k_pos=k_pos, check_finite=False, progress=progress, **self.block_kw)
-        if self.out is None:
-            self.out, self.lse = o, l
-        else:
-            merge_partials(self.out, self.lse, o, l)
-
-    def result(self):
-        if self.out is None:
-            raise ValueError("no key block was added")
-        return self.out, self.lse
 
 
 def _tile_bounds(pos, block):
@@ -159,7 +102,7 @@ class PartialAttention:
         self.causal, self.q_pos = causal, q_pos
         self.block_q = block_q or max(1, DEFAULT_BLOCK_ROWS // self.g)
         self.block_k = block_k or DEFAULT_BLOCK_K
-        scale = 1.0 / np.sqrt(d) if scale is None else scale
+        scale = attention_scale(scale, d)
         # a fresh array: the caller's q is never touched
         qa = np.empty((b, kv_heads, nq, self.g, d + 1), dtype=self.dt)
         np.multiply(q.reshape(b, nq, kv_heads, self.g, d).transpose(0, 2, 1, 3, 4),
@@ -272,23 +215,3 @@ def _tile(qt, kt, vt, acc, m, s, tmp, hidden, fast, d):
     m += delta
     np.negative(m, out=qt[:, d])
     return bool((acc[:, d] > 0).all())
-
-
-def merge_partials(out, lse, out_b, lse_b):
-    """Merge partial attention ``(out_b, lse_b)`` over other keys into ``(out, lse)`` in place.
-
-    ``out``: (batch, N, heads, d); ``lse``: (batch, heads, N). Uses the log-sum-exp weights, so
-    the merged result equals attention over the union of the two key sets.
-    """
-    from .backend import array_module
-
-    xp = array_module(out)
-    new = xp.logaddexp(lse, lse_b)
-    finite = xp.isfinite(new)
-    safe = xp.where(finite, new, 0)
-    wa = xp.where(finite, xp.exp(lse - safe), 0).astype(out.dtype, copy=False)
-    wb = xp.where(finite, xp.exp(lse_b - safe), 0).astype(out.dtype, copy=False)
-    out *= wa.transpose(0, 2, 1)[..., None]
-    out += out_b * wb.transpose(0, 2, 1)[..., None]
-    lse[...] = new
-    return out, lse

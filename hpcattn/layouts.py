@@ -8,10 +8,14 @@ Three layouts of a length-``n`` sequence over ``size`` ranks, all with uneven le
   ``2*size-1-r``, so every rank gets one early and one late block and causal work balances.
 * ``striped``: rank r holds positions ``r, r+size, r+2*size, ...``.
 
-Within a rank, positions are always increasing. Every function here is pure and cheap; the
-distributed ``shard``/``unshard`` live at the bottom and only move data.
+Within a rank, positions are always increasing. Every function here is pure and cheap;
+``Distribution`` is the value that carries them through the ring (computed once per call), and
+the distributed ``shard``/``unshard`` at the bottom only move data.
 """
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -86,6 +90,65 @@ def owner(n: int, size: int, layout: str, pos) -> tuple[np.ndarray, np.ndarray]:
     return rank, local
 
 
+# --- the distribution as a value ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Distribution:
+    """A length-``n`` sequence spread over ``size`` ranks by ``layout``, with every rank's
+    counts and positions computed once (as mpi4py-fft's ``Pencil`` carries its subshape and
+    start). Immutable; equal (and hashed) by ``(n, size, layout)``.
+
+    >>> d = Distribution(10, 3, "zigzag")
+    >>> d.counts, d.positions(1).tolist()
+    ((4, 3, 3), [2, 3, 7])
+    """
+
+    n: int
+    size: int
+    layout: str = "contiguous"
+    counts: tuple = field(init=False, repr=False, compare=False)
+    _positions: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_layout(self.layout)
+        if self.size < 1 or self.n < 0:
+            raise ValueError(f"n={self.n} positions on size={self.size} ranks; expected n >= 0 and size >= 1")
+        pos = []
+        for r in range(self.size):
+            p = positions(self.n, self.size, r, self.layout)
+            p.setflags(write=False)  # shared by every caller: nobody may change it
+            pos.append(p)
+        object.__setattr__(self, "_positions", tuple(pos))
+        object.__setattr__(self, "counts", tuple(len(p) for p in pos))
+
+    def count(self, rank: int) -> int:
+        return self.counts[rank]
+
+    def positions(self, rank: int) -> np.ndarray:
+        """Global positions rank ``rank`` holds (int64, increasing, read-only)."""
+        return self._positions[rank]
+
+    def slices(self, rank: int) -> list[slice]:
+        """Slices of the global sequence ``rank`` holds, in local order."""
+        return local_slices(self.n, self.size, rank, self.layout)
+
+    def owner(self, pos) -> tuple[np.ndarray, np.ndarray]:
+        """(rank, local index) of each global position in ``pos``."""
+        return owner(self.n, self.size, self.layout, pos)
+
+    @property
+    def global_order(self) -> np.ndarray:
+        """Every rank's positions, rank 0 first: ``x_global[order] == cat(shards)``."""
+        return np.concatenate(self._positions)
+
+    def mismatch(self, counts) -> str | None:
+        """Why ranks holding ``counts`` positions are not this distribution (None if they are)."""
+        if list(counts) == list(self.counts):
+            return None
+        return (f"ranks hold {list(counts)} positions but layout {self.layout!r} with N={self.n} on "
+                f"P={self.size} ranks assigns {list(self.counts)}")
+
+
 # --- moving data -------------------------------------------------------------------------------
 
 def _comm(comm):
@@ -107,7 +170,7 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1):
     for s in local_slices(n, comm.size, comm.rank, layout):
         idx[axis] = s
         parts.append(x[tuple(idx)])
-    xp = _xp(x)
+    xp = _array_module(x)
     return xp.ascontiguousarray(xp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0])
 
 
@@ -117,7 +180,7 @@ def unshard(x_local, comm=None, layout: str = "contiguous", axis: int = 1):
 
     comm = _comm(comm)
     check_layout(layout)
-    xp = _xp(x_local)
+    xp = _array_module(x_local)
     host = np.ascontiguousarray(np.moveaxis(_to_host(x_local), axis, 0))
     meta = comm.allgather((host.shape, host.dtype.str))
     rest = {(m[0][1:], m[1]) for m in meta}
@@ -125,25 +188,26 @@ def unshard(x_local, comm=None, layout: str = "contiguous", axis: int = 1):
         raise ValueError(
             f"unshard: ranks disagree on the other dimensions or dtype: {sorted(rest)}; expected one")
     counts = [m[0][0] for m in meta]
-    n, size = sum(counts), comm.size
-    want = [local_count(n, size, r, layout) for r in range(size)]
-    if counts != want:
-        raise ValueError(
-            f"unshard: ranks hold {counts} positions but layout {layout!r} with N={n} assigns {want}")
+    dist = Distribution(sum(counts), comm.size, layout)
+    if (problem := dist.mismatch(counts)) is not None:
+        raise ValueError(f"unshard: {problem}")
+    n = dist.n
     row = host.dtype.itemsize * int(np.prod(host.shape[1:], dtype=np.int64))
     gathered = np.empty((n,) + host.shape[1:], dtype=host.dtype)
     comm.Allgatherv([host, host.size * host.dtype.itemsize, MPI.BYTE],
                     [gathered, [c * row for c in counts], MPI.BYTE])
     out = np.empty_like(gathered)
-    out[global_order(n, size, layout)] = gathered
+    out[dist.global_order] = gathered
     out = np.moveaxis(out, 0, axis)
     return xp.asarray(out)
 
 
-def _xp(x):
-    from .backend import array_module
-
-    return array_module(x)
+def _array_module(x):
+    """The module of ``x``'s array library when it has NumPy's interface (NumPy, CuPy), else
+    NumPy: shard/unshard hand back the kind of array they were given. (They sit below the
+    backend, so they ask the array, not ``hpcattn.backend``.)"""
+    mod = sys.modules.get(type(x).__module__.partition(".")[0])
+    return mod if hasattr(mod, "ascontiguousarray") and hasattr(mod, "asarray") else np
 
 
 def _to_host(x):

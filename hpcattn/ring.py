@@ -3,9 +3,10 @@
 Every rank holds the queries, keys and values of its positions (see ``hpcattn.layouts``). For P
 steps it computes blockwise attention of its queries against the K/V block it currently holds
 while that block is already travelling to rank r+1 and the next one arrives from rank r-1
-(non-blocking MPI, two buffers). On CPU every arriving block is folded into one running
-online-softmax state (``blockwise.PartialAttention``); other backends merge per-block partial
-results by their log-sum-exp (``blockwise.MergedAttention``).
+(non-blocking MPI, two buffers). The backend (``hpcattn.backend``, chosen once from q) supplies
+the running state every arriving block is folded into, the exchange and the step clock: on CPU
+one online-softmax state (``blockwise.PartialAttention``), on GPU per-block kernel results merged
+by their log-sum-exp (``gpu.MergedAttention``).
 
 Causal attention uses global positions, so the same loop serves every layout; a block whose keys
 all lie in the future of every local query is skipped (never computed), and with ``zigzag`` or
@@ -13,63 +14,16 @@ all lie in the future of every local query is skipped (never computed), and with
 """
 from __future__ import annotations
 
-import time
-
-import numpy as np
-
-from .backend import array_module
-from .blockwise import attention, partial_attention
+from . import backend
 from .errors import CollectiveError, HpcattnError
-from .exchange import RingComm
-from .layouts import check_layout, local_count, positions
+from .layouts import Distribution, check_layout
 from .validate import check_qkv
 
 
-class StepClock:
-    """Compute time and the rest of one ring step. NumPy computes on the host, so the host clock
-    measures it; CuPy kernels run asynchronously, so CUDA events bracket them and the host waits
-    for them only after the exchange (which keeps the overlap)."""
-
-    def __init__(self, xp):
-        self.cuda = None if xp is np else xp.cuda
-
-    def start(self):
-        self.t0 = time.perf_counter()
-        if self.cuda is not None:
-            self.e0 = self.cuda.Event()
-            self.e0.record()
-
-    def computed(self):
-        if self.cuda is None:
-            self.t1 = time.perf_counter()
-        else:
-            self.e1 = self.cuda.Event()
-            self.e1.record()
-
-    def stop(self) -> tuple[float, float]:
-        """(compute seconds, seconds of the step not covered by compute)."""
-        if self.cuda is None:
-            busy = self.t1 - self.t0
-        else:
-            self.e1.synchronize()
-            busy = self.cuda.get_elapsed_time(self.e0, self.e1) / 1e3
-        return busy, max(0.0, time.perf_counter() - self.t0 - busy)
-
-
-def make_ring_comm(comm, xp):
-    """The exchange for this backend: plain ``RingComm`` for NumPy; for CuPy, ``hpcattn.gpu``
-    decides between passing device buffers (CUDA-aware MPI) and staging through host memory."""
-    if xp is np:
-        return RingComm(comm)
-    from .gpu import make_ring_comm as make_gpu_ring_comm
-
-    return make_gpu_ring_comm(comm)
-
-
-def _describe(q, k, v):
+def _describe(q, k, v, be):
     """What every rank tells the others before the ring starts (and its local error, if any)."""
     try:
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, allowed=be.dtypes, xp=be.xp)
         err = None
     except HpcattnError as exc:
         err = str(exc)
@@ -77,11 +31,13 @@ def _describe(q, k, v):
             "dtype": str(getattr(q, "dtype", "?"))}
 
 
-def check_ring_inputs(q, k, v, comm, layout):
-    """Collective validation: raises the same CollectiveError on every rank, or returns N."""
+def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
+    """Collective validation: raises the same CollectiveError on every rank, or returns how the
+    sequence is distributed. ``be``: q's backend (default ``backend.select(q)``)."""
     check_layout(layout)
     size = comm.size
-    infos = comm.allgather(_describe(q, k, v))
+    be = backend.select(q) if be is None else be
+    infos = comm.allgather(_describe(q, k, v, be))
     for r, info in enumerate(infos):
         if info["err"]:
             raise CollectiveError(f"rank {r}: {info['err']}")
@@ -100,11 +56,10 @@ def check_ring_inputs(q, k, v, comm, layout):
     if n < size:
         raise CollectiveError(f"sequence length N={n} is smaller than the number of ranks P={size}; "
                               "expected N >= P")
-    want = [local_count(n, size, r, layout) for r in range(size)]
-    if counts != want:
-        raise CollectiveError(f"ranks hold {counts} positions but layout {layout!r} with N={n} on "
-                              f"P={size} ranks assigns {want}; shard inputs with hpcattn.shard")
-    return n
+    dist = Distribution(n, size, layout)
+    if (problem := dist.mismatch(counts)) is not None:
+        raise CollectiveError(f"{problem}; shard inputs with hpcattn.shard")
+    return dist
 
 
 def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
@@ -121,35 +76,34 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
-    n = check_ring_inputs(q, k, v, comm, layout)
+    be = backend.select(q)
+    dist = check_ring_inputs(q, k, v, comm, layout, be)
     size, rank = comm.size, comm.rank
-    xp = array_module(q)
-    q_pos = positions(n, size, rank, layout)
     t_compute = t_wait = 0.0
     skipped = 0
-    clock = StepClock(xp)
+    clock = be.clock()
     if size == 1:
         clock.start()
-        out, lse = attention(q, k, v, causal=causal, scale=scale, check_finite=False, **block_kw)
+        out, lse = be.attention(q, k, v, causal=causal, scale=scale, **block_kw)
         clock.computed()
         t_compute, _ = clock.stop()
     else:
-        ring = make_ring_comm(comm, xp)
+        ring = be.ring_comm(comm)
+        q_pos = dist.positions(rank)
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
-        # per head), and every block is folded into one running state: no per-step output, no merge
-        part = partial_attention(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos, **block_kw)
-        counts = [local_count(n, size, r, layout) for r in range(size)]
-        bufs = [xp.empty(part.packed_size(max(counts)), dtype=k.dtype) for _ in range(2)]
+        # per head), and every block is folded into one running state: no per-step output
+        part = be.partial(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos, **block_kw)
+        bufs = [be.xp.empty(part.packed_size(max(dist.counts)), dtype=k.dtype) for _ in range(2)]
         part.pack(k, v, bufs[0])
         computed = 0
         for step in range(size):
             src = (rank - step) % size          # whose block we hold now
             cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
-            n_src = counts[src]
+            n_src = dist.count(src)
             if step < size - 1:
-                n_next = counts[(src - 1) % size]
+                n_next = dist.count((src - 1) % size)
                 ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)])
-            k_pos = positions(n, size, src, layout)
+            k_pos = dist.positions(src)
             clock.start()
             if causal and q_pos[-1] < k_pos[0]:
                 skipped += 1                     # every key is in every query's future

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import HpcattnError
 from ..gpu import kernels
+from ..validate import attention_scale, causal_positions
 
 INCLUDE_DIR = Path(__file__).resolve().parent / "include"
 SHARED_CAPACITY = 256 * 1024  # bytes; above every arch's dynamic shared-memory limit
@@ -172,11 +173,9 @@ def attention_emulated(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=N
     Outputs are poisoned (NaN) before the launch, so an element the kernel forgets stays NaN.
     """
     q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
-    d = q.shape[3]
-    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    scale = attention_scale(scale, q.shape[3])
     if causal:
-        q_pos = np.arange(q.shape[1]) if q_pos is None else q_pos
-        k_pos = np.arange(k.shape[1]) if k_pos is None else k_pos
+        q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1])
     plan = kernels.plan_attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, xp=np,
                                   variant=variant)
     plan.out[...] = np.nan

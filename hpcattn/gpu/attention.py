@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..validate import attention_scale, causal_positions
 from . import kernels
 
 _modules: dict = {}  # CUDA device id -> cupy.RawModule (CuPy caches the cubin on disk too)
@@ -58,10 +59,9 @@ def attention_gpu(q, k, v, *, causal: bool = False, scale: float | None = None, 
     import cupy
 
     q, k, v = (_prepare(x) for x in (q, k, v))
-    scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else float(scale)
+    scale = attention_scale(scale, q.shape[3])
     if causal:
-        q_pos = cupy.arange(q.shape[1], dtype=cupy.int64) if q_pos is None else cupy.asarray(q_pos)
-        k_pos = cupy.arange(k.shape[1], dtype=cupy.int64) if k_pos is None else cupy.asarray(k_pos)
+        q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1], cupy)
     if variant is None and int(cupy.cuda.Device().compute_capability) < 80:
         variant = "simt"  # mma.sync m16n8k16 needs sm_80
     plan = kernels.plan_attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, xp=cupy,

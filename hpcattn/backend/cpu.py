@@ -1,0 +1,65 @@
+"""The NumPy backend: the blockwise kernel of ``hpcattn.blockwise``, the plain MPI exchange and
+the host clock (NumPy computes on the calling thread, so wall time is compute time)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import blockwise
+from ..devices import CPU_DTYPES
+from ..exchange import RingComm
+
+
+class HostClock:
+    """``start()``, ``computed()``, ``stop() -> (compute seconds, rest of the step)``."""
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def computed(self):
+        self.t1 = time.perf_counter()
+
+    def stop(self) -> tuple[float, float]:
+        busy = self.t1 - self.t0
+        return busy, max(0.0, time.perf_counter() - self.t0 - busy)
+
+
+class NumpyBackend:
+    name = "cpu"
+    xp = np
+    dtypes = CPU_DTYPES
+
+    def attention(self, q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=None,
+                  block_k=None, progress=None):
+        return blockwise.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                                   block_q=block_q, block_k=block_k, progress=progress)
+
+    def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None):
+        """One online-softmax state that every arriving block is folded into (no merge)."""
+        return blockwise.PartialAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
+                                          block_q=block_q, block_k=block_k)
+
+    def ring_comm(self, comm):
+        return RingComm(comm)
+
+    def clock(self):
+        return HostClock()
+
+    def use_device(self, comm=None):
+        """Nothing to choose: every rank computes on its own cores."""
+
+    def to_device(self, x):
+        return x
+
+    def to_host(self, x):
+        return np.asarray(x)
+
+    def synchronize(self):
+        """NumPy has returned when its result exists."""
+
+    def pool_bytes(self) -> int:
+        return 0
+
+
+NUMPY = NumpyBackend()
