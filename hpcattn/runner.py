@@ -3,7 +3,7 @@
 * Attention cases use every rank together (one ring per case).
 * Mixer cases are single-process references: the ranks take them one case each at a time, so
   P ranks finish a mixer sweep about P times sooner, with the same file as one rank.
-* A case is complete once it is in the master file (:mod:`hpcattn.store`), which only happens
+* A case is complete once it is in the master file (:mod:`hpcattn.results`), which only happens
   after its data is on disk. A rerun skips complete cases and redoes the rest; ``force`` starts over.
 * SIGTERM, SIGINT and SIGUSR1 ask the ranks to stop after the current case (ranks agree on it
   after every case); a second signal ends the process at once. Either way the master stays whole.
@@ -16,8 +16,8 @@ import signal
 import sys
 import time
 
+from . import results
 from .errors import CollectiveError, HpcattnError
-from . import store
 from .jobs import array_task_path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -152,8 +152,8 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
     path = output_path(job, output, array_task, array_tasks)
     params = prepare_cases(job, size)
     mine = select(len(params), array_task, array_tasks)
-    prov = store.provenance(comm, argv)
-    master = store.Master(path) if rank == 0 else None
+    prov = results.provenance(comm, argv)
+    master = results.Master(path) if rank == 0 else None
     status = None
     if rank == 0:
         meta = {"job_name": job.name, "job_kind": job.kind, "job_path": os.path.abspath(job.path),
@@ -164,9 +164,9 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
             master.lock()
             done = master.prepare(meta, prov, force=force)
             for c in mine:
-                if c in done and done[c] != store.params_json(params[c]):
-                    raise store.ResultsError(
-                        f"{path}: {store.case_name(c)} was computed with other parameters "
+                if c in done and done[c] != results.params_json(params[c]):
+                    raise results.ResultsError(
+                        f"{path}: {results.case_name(c)} was computed with other parameters "
                         f"({_diff(json.loads(done[c]), params[c])}); rerun with --force or "
                         "choose another --output")
             status = ("ok", [c for c in mine if c not in done])
@@ -219,15 +219,15 @@ def _run_attention(job, comm, params, pending, master, bar, stop, summary) -> No
                 summary["failed_checks"].append(c)
         spec = None
         if local is not None:
-            spec = store.write_activations(summary["path"], c, local, n=case.seq_len,
-                                           layout=case.layout, comm=comm,
-                                           compression=job.compression)
+            spec = results.write_activations(summary["path"], c, local, n=case.seq_len,
+                                             layout=case.layout, comm=comm,
+                                             compression=job.compression)
         if master is not None:
             master.add_cases([{"index": c, "kind": "attention", "params": params[c], "results": res,
                                "activations": spec, "elapsed_s": time.perf_counter() - t0}])
         comm.Barrier()  # the case is in the master before any rank moves on (or stops)
         summary["ran"] += 1
-        bar.step(label=f"{store.case_name(c)} {label(params[c], job.axes)}")
+        bar.step(label=f"{results.case_name(c)} {label(params[c], job.axes)}")
     summary["stopped"] = stop.agreed(comm)
 
 
@@ -257,7 +257,7 @@ def _run_mixers(job, comm, params, pending, master, bar, stop, summary) -> None:
             bad = [it for it in items if it[3] is not None]
             if bad:
                 c = bad[0][0]
-                error = f"{store.case_name(c)} ({label(params[c], job.axes)}) failed: {bad[0][3]}"
+                error = f"{results.case_name(c)} ({label(params[c], job.axes)}) failed: {bad[0][3]}"
             summary["ran"] += len(ok)
             bar.step(len(ok), label=" | ".join(label(params[it[0]], job.axes) for it in ok))
         error = comm.bcast(error, root=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from hpcattn import runner, store
+from hpcattn import results, runner
 from hpcattn.jobs import load_job
 
 from jobfiles import TINY, assert_same_results, comparable
@@ -64,7 +64,7 @@ def test_stitched_activations_equal_single_rank(shared_dir):
     ref = single_rank_reference(job, f"{shared_dir}/one.h5")
     if COMM.rank == 0:
         got = comparable(f"{shared_dir}/p.h5")
-        with store.open_results(f"{shared_dir}/p.h5") as f:
+        with results.open_results(f"{shared_dir}/p.h5") as f:
             assert f.attrs["ranks"] == COMM.size
             assert int(f["cases/case_0000/ranks"][()]) == COMM.size
         # inputs are identical; outputs differ only by summation order across ranks
@@ -108,7 +108,7 @@ def test_mixer_cases_spread_over_ranks(shared_dir, fake_mixers):
 @pytest.mark.mpi
 @pytest.mark.timeout(60)
 def test_mpio_single_file(shared_dir):
-    if not store.have_mpio():
+    if not results.have_mpio():
         pytest.skip("h5py was built without MPI (h5py.get_config().mpi is False), so the collective "
                     "mpio path cannot run; the per-rank shard files are used instead")
     path = write_job(f"{shared_dir}/job.toml", activations=True,

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from hpcattn import store
+from hpcattn import results
 from hpcattn.errors import HpcattnError
 
 from jobfiles import assert_same_results, comparable, write_job
@@ -48,7 +48,7 @@ def wait_for_first_case(proc, out, timeout=RUN_TIMEOUT):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
-            if store.completed(out):
+            if results.completed(out):
                 return
         except HpcattnError:
             pass  # not created yet
@@ -67,10 +67,10 @@ def finish(proc):
 
 
 def check_interrupted_then_resume(mpiexec, job, out, ref):
-    done = store.completed(out)                        # opens: the master is whole
+    done = results.completed(out)                        # opens: the master is whole
     assert 1 <= len(done) < len(SWEEP["seq_len"]), f"kill did not land mid-run: {sorted(done)}"
     partial = comparable(out)
-    names = {store.case_name(c) for c in done}
+    names = {results.case_name(c) for c in done}
     assert {k.split("/")[0] for k in partial} == names
     assert_same_results(partial, {k: v for k, v in ref.items() if k.split("/")[0] in names})
     proc = hpcattn_run(mpiexec, job, out)

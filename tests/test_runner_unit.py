@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from mpi4py import MPI
 
-from hpcattn import runner, store
+from hpcattn import results, runner
 from hpcattn.cli.run import run as run_cmd
 from hpcattn.errors import CollectiveError
 from hpcattn.launch import under_mpi
@@ -33,7 +33,7 @@ def test_run_then_rerun_skips_everything(job):
     assert (s["total"], s["selected"], s["ran"], s["skipped"], s["failed_checks"], s["stopped"]) == \
         (6, 6, 6, 0, [], 0)
     first = comparable(job.output)
-    assert len(store.completed(job.output)) == 6
+    assert len(results.completed(job.output)) == 6
     assert first["case_0003/check_passed"] and first["case_0003/activations/out"].shape == (1, 32, 2, 8)
     s = runner.run_job(job, COMM)
     assert (s["ran"], s["skipped"]) == (0, 6)
@@ -44,7 +44,7 @@ def test_force_recomputes(job):
     runner.run_job(job, COMM)
     s = runner.run_job(job, COMM, force=True)
     assert (s["ran"], s["skipped"]) == (6, 0)
-    with store.open_results(job.output) as f:
+    with results.open_results(job.output) as f:
         assert len(f["runs"]) == 1  # a fresh file
 
 
@@ -62,7 +62,7 @@ def test_incomplete_cases_are_redone(job, monkeypatch):
     monkeypatch.setattr(runner.StopFlag, "agreed", stop_after_two)
     s = runner.run_job(job, COMM)
     assert (s["ran"], s["stopped"]) == (2, signal.SIGUSR1)
-    assert sorted(store.completed(job.output)) == [0, 1]
+    assert sorted(results.completed(job.output)) == [0, 1]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGUSR1))
     monkeypatch.setattr(runner.StopFlag, "agreed", real)
     s = runner.run_job(job, COMM)
@@ -91,10 +91,10 @@ def test_array_tasks_partition_the_cases(job, tmp_path):
     for task in range(4):
         s = runner.run_job(job, COMM, array_task=task, array_tasks=4)
         assert s["path"] == str(tmp_path / f"res.task{task}.h5")
-        assert sorted(store.completed(s["path"])) == [c for c in range(6) if c % 4 == task]
+        assert sorted(results.completed(s["path"])) == [c for c in range(6) if c % 4 == task]
         parts.append(s["path"])
     merged = str(tmp_path / "merged.h5")
-    assert store.merge(merged, parts)["missing"] == []
+    assert results.merge(merged, parts)["missing"] == []
     runner.run_job(job, COMM)
     assert_same_results(comparable(merged), comparable(job.output))
     # the merged file is resumable like any other: nothing left to do
@@ -161,7 +161,7 @@ def test_mixer_cases_run_and_resume(tmp_path, fake_mixers):
     job = load_job(path)
     s = runner.run_job(job, COMM)
     assert s["ran"] == 4 and fake_mixers == ["fnet", "fnet", "local", "local"]
-    with store.open_results(job.output) as f:
+    with results.open_results(job.output) as f:
         g = f["cases/case_0003"]
         assert g.attrs["kind"] == "mixer" and g.attrs["param_mixer"] == "local"
         assert g["rel_err"][()] == pytest.approx(1.6)
@@ -173,7 +173,7 @@ def test_failing_mixer_case_keeps_the_others(tmp_path, fake_mixers):
                      output=tmp_path / "m.h5")
     with pytest.raises(CollectiveError, match=r"case_0001 \(mixer=broken\) failed: RuntimeError: out of budget"):
         runner.run_job(load_job(path), COMM)
-    assert list(store.completed(tmp_path / "m.h5")) == [0]
+    assert list(results.completed(tmp_path / "m.h5")) == [0]
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_cli_runs_job_with_overrides(tmp_path, job):
     res = invoke([job.path, "--output", out, "--seq-len", "24", "--no-causal", "--check"])
     assert res.exit_code == 0, res.output
     assert "job t: 1/1 cases complete" in res.output and f"hpcattn analyze {out}" in res.output
-    (params,) = [json.loads(p) for p in store.completed(out).values()]
+    (params,) = [json.loads(p) for p in results.completed(out).values()]
     assert (params["seq_len"], params["causal"], params["check_rows"]) == (24, False, 64)
 
 
@@ -242,7 +242,7 @@ def test_real_mixer_cases_through_the_runner(tmp_path):
                      sweep={"task": "error", "mixer": ["exact_blockwise", "fnet"], "seq_len": 32,
                             "head_dim": 8, "repeats": 1})
     assert runner.run_job(load_job(path), COMM)["ran"] == 2
-    with store.open_results(tmp_path / "m.h5") as f:
+    with results.open_results(tmp_path / "m.h5") as f:
         exact, fnet = (f[f"cases/case_000{i}"] for i in range(2))
         assert exact.attrs["status"] == "ok" and exact["rel_err"][()] < 1e-5 < fnet["rel_err"][()]
         assert json.loads(exact.attrs["params_json"])["heads"] == 2   # defaults recorded

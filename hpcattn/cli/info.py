@@ -1,36 +1,25 @@
-"""``hpcattn info``: versions, the MPI library and whether it is CUDA-aware, GPUs, kernel caches."""
+"""``hpcattn info``: the machine, versions, the MPI library and whether it is CUDA-aware, GPUs,
+kernel caches (everything but the kernel caches comes from :mod:`hpcattn.machine`)."""
 from __future__ import annotations
 
 import json
-import platform
 import sys
-from importlib import metadata
 
 import click
 
-from .._version import __version__
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
 
 def collect() -> dict:
-    from ..gpu.environment import cache_report, cupy_report, mpi_report
+    from ..gpu.environment import cache_report
+    from ..machine import describe
 
-    versions = {"hpcattn": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "mpi4py", "h5py", "click", "ml_dtypes"):
-        versions[dist] = _version(dist)
-    return {"versions": versions, "mpi": mpi_report(), "gpu": cupy_report(), "kernels": cache_report()}
+    return {**describe(), "kernels": cache_report()}
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def info(as_json):
-    """Show versions, the MPI library (CUDA-aware or not), the GPUs seen and the kernel caches."""
+    """Show the machine, versions, the MPI library (CUDA-aware or not), the GPUs seen and the
+    kernel caches."""
     data = collect()
     if as_json:
         click.echo(json.dumps(data, indent=1))
@@ -38,6 +27,9 @@ def info(as_json):
     v, mpi, gpu, ker = data["versions"], data["mpi"], data["gpu"], data["kernels"]
     click.echo("hpcattn " + v["hpcattn"] + " (Python " + v["python"] + ", " + sys.platform + ")")
     click.echo("  " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in ("numpy", "mpi4py", "h5py", "click", "ml_dtypes")))
+    threads = ", ".join(f"{k}={val}" for k, val in data["thread_vars"].items() if val) or "none set"
+    click.echo(f"Machine: {', '.join(data['hosts'])}, {data['cpu']} ({data['cores']} cores), {data['platform']}")
+    click.echo(f"  BLAS {data['blas']}; thread variables: {threads}")
     click.echo(f"MPI: {mpi['library']}" + (f" (MPI {mpi['standard']})" if mpi.get("standard") else ""))
     if mpi.get("mpi4py"):
         click.echo(f"  CUDA-aware: {'yes' if mpi['cuda_aware'] else 'no'} ({mpi['cuda_aware_reason']}); "

@@ -22,7 +22,7 @@ def merge(out, parts):
       hpcattn merge results/ring-scaling.h5 results/ring-scaling.task*.h5
     """
     from ..errors import HpcattnError
-    from ..store import merge as merge_files
+    from ..results import merge as merge_files
 
     try:
         s = merge_files(out, list(parts))

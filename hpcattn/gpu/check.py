@@ -15,7 +15,8 @@ import numpy as np
 
 from . import kernels
 from .accuracy import judge
-from .environment import cupy_report, mpi_report
+from ..machine import mpi_report
+from .environment import cupy_report
 
 # (batch, n_q, n_k, heads, kv_heads, causal, zigzag positions): ragged, GQA, causal, n_q != n_k
 CHECK_SHAPES = [

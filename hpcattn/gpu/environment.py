@@ -1,4 +1,7 @@
-"""What this machine offers the GPU path: CuPy, NVRTC, GPUs, MPI, caches (``hpcattn info``)."""
+"""What this machine offers the GPU path: CuPy, NVRTC, GPUs, kernel caches (``hpcattn info``).
+
+The rest of the machine (CPU, MPI, versions) is described in :mod:`hpcattn.machine`.
+"""
 from __future__ import annotations
 
 import os
@@ -12,10 +15,11 @@ def _first_line(text: str) -> str:
 
 
 def cupy_report() -> dict:
-    """CuPy/NVRTC versions and the GPUs CuPy sees; every failure becomes a reason string."""
+    """CuPy/NVRTC versions, CUDA driver/runtime and the GPUs CuPy sees; every failure becomes a
+    reason string (``gpus_reason``), never an exception."""
     try:
         import cupy
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CuPy that fails to load
         return {"cupy": None, "gpus": [], "gpus_reason": f"CuPy not installed ({exc}); pip install '.[gpu]'"}
     rep = {"cupy": cupy.__version__, "gpus": []}
     try:
@@ -24,17 +28,19 @@ def cupy_report() -> dict:
         rep["nvrtc"] = ".".join(map(str, nvrtc.getVersion()))
     except Exception as exc:  # noqa: BLE001 - a missing libnvrtc is a report, not a crash
         rep["nvrtc"] = f"unavailable ({_first_line(str(exc))})"
+    runtime = cupy.cuda.runtime
     try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # noqa: BLE001 - no driver / no device
-        rep["gpus_reason"] = _first_line(str(exc))
+        count = runtime.getDeviceCount()
+        rep["driver"] = runtime.driverGetVersion()
+        rep["runtime"] = runtime.runtimeGetVersion()
+        for i in range(count):
+            p = runtime.getDeviceProperties(i)
+            name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
+            rep["gpus"].append({"id": i, "name": name, "sm": f"{p['major']}{p['minor']}",
+                                "memory_gib": round(p["totalGlobalMem"] / 2**30, 1)})
+    except Exception as exc:  # noqa: BLE001 - no driver / no device: report none, and why
+        rep = {"cupy": rep["cupy"], "nvrtc": rep["nvrtc"], "gpus": [], "gpus_reason": _first_line(str(exc))}
         return rep
-    rep["driver"] = cupy.cuda.runtime.driverGetVersion()
-    for i in range(count):
-        p = cupy.cuda.runtime.getDeviceProperties(i)
-        name = p["name"].decode() if isinstance(p["name"], bytes) else p["name"]
-        rep["gpus"].append({"id": i, "name": name, "sm": f"{p['major']}{p['minor']}",
-                            "memory_gib": round(p["totalGlobalMem"] / 2**30, 1)})
     if not count:
         rep["gpus_reason"] = "the CUDA runtime reports 0 devices"
     return rep
@@ -44,20 +50,6 @@ def no_gpu_reason() -> str | None:
     """None when CuPy can use a GPU here, else why not (for test skips and messages)."""
     rep = cupy_report()
     return None if rep["gpus"] else rep["gpus_reason"]
-
-
-def mpi_report() -> dict:
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:
-        return {"mpi4py": None, "library": f"mpi4py not importable ({exc})"}
-    from .ring import cuda_aware_mpi
-
-    import mpi4py
-
-    aware, why = cuda_aware_mpi()
-    return {"mpi4py": mpi4py.__version__, "library": _first_line(MPI.Get_library_version()),
-            "standard": "{}.{}".format(*MPI.Get_version()), "cuda_aware": aware, "cuda_aware_reason": why}
 
 
 def cache_report() -> dict:
