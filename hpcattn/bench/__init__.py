@@ -18,6 +18,10 @@ Each part runs in its own child process (``python -m hpcattn.bench PART JSON``, 
 line), so thread variables take effect before NumPy loads and peak memory is the run's own.
 Memory is NumPy's traced allocations (``tracemalloc``: every array, nothing of the interpreter);
 peak RSS is reported beside it.
+
+Modules: ``config`` (what a run measures), ``baseline`` (vanilla MHA), ``parts`` (the three
+measuring parts), ``report`` (the tables), ``run`` (the parent: children, printing, saving),
+``worker`` (the child's entry).
 """
 from .baseline import vanilla_mha
 from .config import QUICK, BenchConfig
