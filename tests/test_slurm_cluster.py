@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hpcattn import slurm
+from hpcattn.slurm import client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "slurm", "local-cluster.sh")
@@ -264,4 +264,4 @@ def test_slurm_rejection_is_reported(slurm_cluster, tmp_path):
 def test_status_of_unknown_job(slurm_cluster, tmp_path):
     proc = hpcattn(["status", "999999"], tmp_path)
     assert proc.returncode == 1 and "Slurm does not know job(s) 999999" in proc.stdout
-    assert slurm.show_jobs(["999999"]) == []
+    assert client.show_jobs(["999999"]) == []

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from hpcattn import slurm
+from hpcattn.slurm import SlurmError, client, settings
+from hpcattn.slurm import render as slurm_render
 from hpcattn.cli.status import report, status
 from hpcattn.cli.submit import submit
 from hpcattn.errors import HpcattnError
@@ -47,8 +48,8 @@ def job_file(tmp_path, monkeypatch):
 
 def render(job_path, **overrides):
     job = load_job(job_path)
-    s = slurm.resolve(job.slurm, overrides, path=job.path, text=job.text)
-    return job, s, slurm.render_job(job, s, python="/opt/py/bin/python")
+    s = settings.resolve(job.slurm, overrides, path=job.path, text=job.text)
+    return job, s, slurm_render.render_job(job, s, python="/opt/py/bin/python")
 
 
 def sbatch_lines(script):
@@ -100,7 +101,7 @@ def test_render_array_and_merge(job_file):
     assert "#SBATCH --array=0-5%3" in sbatch_lines(r.script)
     assert "#SBATCH --output=out/demo.slurm/%A_%a.out" in sbatch_lines(r.script)
     assert r.script.strip().endswith('--array-task "$SLURM_ARRAY_TASK_ID" --array-tasks 6')
-    merge = slurm.render_merge(job, s, r, "4242", python="/opt/py/bin/python")
+    merge = slurm_render.render_merge(job, s, r, "4242", python="/opt/py/bin/python")
     assert "#SBATCH --dependency=afterany:4242" in sbatch_lines(merge)
     parts = " ".join(f"out/demo.task{i}.h5" for i in range(6))
     assert f"for part in {parts}; do" in merge
@@ -111,13 +112,21 @@ def test_render_array_and_merge(job_file):
     assert "#SBATCH --array=0-1" in sbatch_lines(r.script) and r.array_tasks == 2
 
 
-def test_part_path_matches_the_runner():
+def test_part_files_match_the_runner(job_file):
+    """The merge job lists the files the array tasks write: both spelled out here by hand."""
     from types import SimpleNamespace
 
     from hpcattn.runner import output_path
 
-    for i in range(3):
-        assert slurm.part_path("r/x.h5", i) == output_path(SimpleNamespace(output="r/x.h5"), None, i, 3)
+    job, s, r = render(job_file(), array=True, array_tasks=3)
+    merge = slurm_render.render_merge(job, s, r, "7")
+    assert "for part in out/demo.task0.h5 out/demo.task1.h5 out/demo.task2.h5; do" in merge
+    written = [output_path(SimpleNamespace(output="out/demo.h5"), None, i, 3) for i in range(3)]
+    assert written == ["out/demo.task0.h5", "out/demo.task1.h5", "out/demo.task2.h5"]
+    # the status of a task names the same part file; a record of several tasks names none
+    assert client.task_results("out/demo.h5", {"ArrayTaskId": "2"}) == "out/demo.task2.h5"
+    assert client.task_results("out/demo.h5", {"ArrayTaskId": "0-2%1"}) is None
+    assert client.task_results("out/demo", {"ArrayTaskId": "1"}) == "out/demo.task1.h5"
 
 
 def test_signal_before_follows_short_limits(job_file):
@@ -131,8 +140,8 @@ def test_signal_before_follows_short_limits(job_file):
 @pytest.mark.parametrize("text,seconds", [(5, 300), ("5", 300), ("5:30", 330), ("01:02:03", 3723),
                                           ("2-3", 183600), ("1-00:10", 87000), ("1-00:00:01", 86401)])
 def test_time_seconds(text, seconds):
-    assert slurm.time_seconds(text) == seconds
-    assert slurm.check_value("time", text) is None
+    assert settings.time_seconds(text) == seconds
+    assert settings.check_value("time", text) is None
 
 
 # --- the [slurm] table and overrides -------------------------------------------------------------
@@ -182,10 +191,10 @@ def test_array_tasks_beyond_cases(job_file):
 def test_template_placeholder_typo_is_reported(job_file, tmp_path, monkeypatch):
     tdir = tmp_path / "templates"
     tdir.mkdir()
-    shutil.copy(slurm.template_path(slurm.MERGE_TEMPLATE), tdir)
-    (tdir / slurm.JOB_TEMPLATE).write_text("#!/bin/bash\n#SBATCH --nodes=${nodez}\n")
+    shutil.copy(slurm_render.template_path(slurm_render.MERGE_TEMPLATE), tdir)
+    (tdir / slurm_render.JOB_TEMPLATE).write_text("#!/bin/bash\n#SBATCH --nodes=${nodez}\n")
     monkeypatch.setenv("HPCATTN_SLURM_TEMPLATES", str(tdir))
-    with pytest.raises(slurm.SlurmError, match=r"uses placeholder \$\{nodez\}, which hpcattn does not fill"):
+    with pytest.raises(SlurmError, match=r"uses placeholder \$\{nodez\}, which hpcattn does not fill"):
         render(job_file())
 
 
@@ -267,17 +276,33 @@ JobId=60 JobName=other UserId=u(0) JobState=RUNNING Reason=None ExitCode=0:0 Com
 
 
 def test_parse_scontrol():
-    recs = slurm.parse_scontrol(SCONTROL.format(d="/w"))
+    recs = client.parse_scontrol(SCONTROL.format(d="/w"))
     assert [r["JobId"] for r in recs] == ["51", "50", "52", "53", "60"]
-    assert recs[1]["JobState"] == "CANCELLED by 0" and slurm.state(recs[1]) == "CANCELLED"
-    assert recs[0]["Comment"] == "hpcattn:/w/out/demo.h5" and slurm.results_of(recs[0]) == "/w/out/demo.h5"
-    assert recs[4]["Command"] == "/x y.sh" and slurm.results_of(recs[4]) is None
-    assert [slurm.is_final(r) for r in recs] == [True, True, False, False, False]
+    assert recs[1]["JobState"] == "CANCELLED by 0" and client.state(recs[1]) == "CANCELLED"
+    assert recs[0]["Comment"] == "hpcattn:/w/out/demo.h5" and client.results_of(recs[0]) == "/w/out/demo.h5"
+    assert recs[4]["Command"] == "/x y.sh" and client.results_of(recs[4]) is None
+    assert [client.is_final(r) for r in recs] == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("task,n,first", [("3", 1, 3), ("0-5%2", 6, 0), ("1,4-5", 3, 1), ("", 1, -1)])
+def test_array_task_ranges(task, n, first):
+    rec = {"ArrayTaskId": task} if task else {}
+    assert client.task_count(rec) == n and client.first_task(rec) == first
+
+
+def test_records_grouped_by_job_tasks_in_order():
+    recs = client.parse_scontrol(SCONTROL.format(d="/w"))
+    groups = client.by_job(recs)
+    assert [(job, [r["JobId"] for r in rs]) for job, rs in groups] == [
+        ("50", ["50", "51", "52"]), ("53", ["53"]), ("60", ["60"])]
+    assert [client.exit_reason(r) for r in groups[0][1]] == [
+        "killed by SIGTERM", "stopped by SIGUSR1 before the time limit", None]
+    assert not client.all_completed(recs) and client.all_completed([{"JobState": "COMPLETED"}])
 
 
 def test_status_report(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    text = report(slurm.parse_scontrol(SCONTROL.format(d=tmp_path))[:4])
+    text = report(client.parse_scontrol(SCONTROL.format(d=tmp_path))[:4])
     lines = text.splitlines()
     assert lines[0].startswith("array job 50  demo  tasks: 1 CANCELLED, 1 FAILED, 2 PENDING")
     assert lines[1].startswith("  task 0   CANCELLED  exit 0:15 (killed by SIGTERM; submit again to resume)")
@@ -307,11 +332,16 @@ def test_status_command(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "'x1' is not a job id" in res.output
 
 
-def test_mpiexec_beside_python(tmp_path):
+def test_job_mpiexec_is_the_one_beside_python(tmp_path, monkeypatch):
     (tmp_path / "python").touch()
-    assert slurm.mpiexec_beside(str(tmp_path / "python")) == "mpiexec"
+    elsewhere = tmp_path / "path"
+    elsewhere.mkdir()
+    (elsewhere / "mpiexec").write_text("#!/bin/sh\n")
+    (elsewhere / "mpiexec").chmod(0o755)
+    monkeypatch.setenv("PATH", str(elsewhere))  # this machine's PATH says nothing about the node's
+    assert slurm_render.job_mpiexec(str(tmp_path / "python")) == "mpiexec"
     mpiexec = tmp_path / "mpiexec"
     mpiexec.write_text("#!/bin/sh\n")
     mpiexec.chmod(0o755)
-    assert slurm.mpiexec_beside(str(tmp_path / "python")) == str(mpiexec)
-    assert slurm.mpiexec_beside("python") == "mpiexec"
+    assert slurm_render.job_mpiexec(str(tmp_path / "python")) == str(mpiexec)
+    assert slurm_render.job_mpiexec("python") == "mpiexec"

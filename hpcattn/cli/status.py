@@ -1,11 +1,10 @@
 """``hpcattn status``: state of submitted jobs (via scontrol, which needs no accounting) and where
-their logs and results are."""
+their logs and results are. What the records mean lives in :mod:`hpcattn.slurm.client`; this
+module only words it."""
 from __future__ import annotations
 
 import os
-import re
 import sys
-import time
 
 import click
 
@@ -37,14 +36,8 @@ def _cases(path: str, *, part: bool = False, final: bool = False) -> str:
     return f"{_rel(path)} ({done}/{int(total)} cases complete)"
 
 
-def _task_key(rec: dict):
-    task = rec.get("ArrayTaskId", "")
-    first = re.match(r"\d+", task)
-    return int(first.group()) if first else -1
-
-
 def _state(rec: dict) -> str:
-    from ..slurm import state
+    from ..slurm.client import state
 
     st = state(rec)
     reason = rec.get("Reason", "None")
@@ -53,66 +46,36 @@ def _state(rec: dict) -> str:
 
 def _run(rec: dict) -> str:
     """Exit status and time used, or only the limit for a job that has not started."""
-    from ..slurm import state
+    from ..slurm.client import exit_reason, state
 
     if state(rec) == "PENDING":
         return f"limit {rec.get('TimeLimit', '?')}"
-    return f"{_exit(rec)}  {rec.get('RunTime', '?')} of {rec.get('TimeLimit', '?')}"
-
-
-def _n_tasks(rec: dict) -> int:
-    """Array tasks one record stands for: ``3`` -> 1, ``0-5%2`` -> 6, ``1,4-5`` -> 3."""
-    n = 0
-    for item in rec.get("ArrayTaskId", "").split("%")[0].split(","):
-        lo, _, hi = item.partition("-")
-        if lo.isdigit():
-            n += int(hi) - int(lo) + 1 if hi.isdigit() else 1
-    return n or 1
+    why = exit_reason(rec)
+    exit_ = f"exit {rec.get('ExitCode', '?')}" + (f" ({why}; submit again to resume)" if why else "")
+    return f"{exit_}  {rec.get('RunTime', '?')} of {rec.get('TimeLimit', '?')}"
 
 
 def _logs(rec: dict, *, stderr: bool = True) -> str:
-    out, err = rec.get("StdOut", ""), rec.get("StdErr", "")
-    if "4294967294" in out:  # the record of not-yet-started array tasks has no real log name
+    from ..slurm.client import logs_of
+
+    logs = logs_of(rec)
+    if logs is None:
         return "-"
+    out, err = logs
     return _rel(out) + (f", stderr {_rel(err)}" if stderr and err and err != out else "")
 
 
-#: exit codes of `hpcattn run` stopped by a signal (128 + N), and what to do about it
-STOPPED = {138: "stopped by SIGUSR1 before the time limit", 143: "stopped by SIGTERM",
-           130: "stopped by SIGINT"}
-
-
-def _exit(rec: dict) -> str:
-    """``exit 138:0 (stopped by SIGUSR1 ...)``: Slurm's ExitCode is status:signal."""
-    code = rec.get("ExitCode", "?")
-    status, _, sig = code.partition(":")
-    why = None
-    if sig.isdigit() and int(sig):
-        import signal
-
-        try:
-            why = f"killed by {signal.Signals(int(sig)).name}"
-        except ValueError:
-            why = f"killed by signal {sig}"
-    elif status.isdigit():
-        why = STOPPED.get(int(status))
-    return f"exit {code}" + (f" ({why}; submit again to resume)" if why else "")
-
-
 def report(records: list[dict]) -> str:
-    """Human-readable status of ``records`` (from :func:`hpcattn.slurm.show_jobs`): one block per
-    job, array tasks listed, logs and results files with how many cases they hold."""
-    from ..slurm import is_final, part_path, results_of, state
+    """Human-readable status of ``records`` (from :func:`hpcattn.slurm.client.show_jobs`): one
+    block per job, array tasks listed, logs and results files with how many cases they hold."""
+    from ..slurm.client import by_job, is_array, is_final, results_of, state, task_count, task_results
 
-    groups: dict[str, list[dict]] = {}
-    for rec in records:
-        groups.setdefault(rec.get("ArrayJobId") or rec["JobId"], []).append(rec)
     lines = []
-    for job_id, recs in sorted(groups.items(), key=lambda kv: int(kv[0])):
+    for job_id, recs in by_job(records):
         first = recs[0]
         results = results_of(first)
         name = first.get("JobName", "?")
-        if "ArrayJobId" not in first:
+        if not is_array(first):
             lines.append(f"job {job_id}  {name}  {_state(first)}  {_run(first)}  {first.get('NodeList') or '-'}")
             if first.get("Dependency", "(null)") != "(null)":
                 lines.append(f"  after    {first['Dependency']}")
@@ -120,47 +83,23 @@ def report(records: list[dict]) -> str:
             if results:
                 lines.append(f"  results  {_cases(results, final=is_final(first))}")
             continue
-        recs.sort(key=_task_key)
         counts: dict[str, int] = {}
         for r in recs:
-            counts[state(r)] = counts.get(state(r), 0) + _n_tasks(r)
+            counts[state(r)] = counts.get(state(r), 0) + task_count(r)
         summary = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
         lines.append(f"array job {job_id}  {name}  tasks: {summary}  (stderr in .err beside each log)")
         for r in recs:
             task = r.get("ArrayTaskId", "?")
             line = f"  task {task:<3} {_state(r)}  {_run(r)}"
-            if results and task.isdigit():
-                line += f"  part {_cases(part_path(results, int(task)), part=True, final=is_final(r))}"
+            part = task_results(results, r) if results else None
+            if part:
+                line += f"  part {_cases(part, part=True, final=is_final(r))}"
             if task.isdigit():
                 line += f"  log {_logs(r, stderr=False)}"
             lines.append(line)
         if results:
             lines.append(f"  results  {_cases(results)}, written by the merge job")
     return "\n".join(lines)
-
-
-def wait_for(job_ids, *, poll: float = 2.0, timeout: float | None = None) -> list[dict]:
-    """Poll scontrol until every job in ``job_ids`` (every task, for arrays) has ended."""
-    from ..slurm import SlurmError, is_final, show_jobs
-
-    start = time.monotonic()
-    while True:
-        records = show_jobs(job_ids)
-        if records and all(is_final(r) for r in records):
-            return records
-        if not records:
-            raise SlurmError(f"Slurm does not know job(s) {', '.join(map(str, job_ids))}")
-        if timeout is not None and time.monotonic() - start > timeout:
-            raise SlurmError(f"job(s) {', '.join(map(str, job_ids))} still not ended after {timeout:.0f} s")
-        time.sleep(poll)
-
-
-def mine(records: list[dict]) -> list[dict]:
-    """Records of jobs this user submitted through hpcattn."""
-    from ..slurm import results_of
-
-    uid = f"({os.getuid()})"
-    return [r for r in records if results_of(r) is not None and r.get("UserId", "").endswith(uid)]
 
 
 @click.command()
@@ -179,23 +118,23 @@ def status(job_ids, wait):
       hpcattn status 1234 1235
     """
     from ..errors import HpcattnError
-    from .. import slurm
+    from ..slurm import client
 
-    bad = [j for j in job_ids if not re.match(r"^\d+(_\d+)?$", j)]
+    bad = [j for j in job_ids if not client.JOB_ID_RE.match(j)]
     if bad:
         raise click.BadParameter(f"{bad[0]!r} is not a job id; expected a number such as 1234 (or 1234_5)",
                                  param_hint="JOBID")
     try:
-        records = wait_for(job_ids) if wait and job_ids else slurm.show_jobs(job_ids)
+        records = client.wait_for(job_ids) if wait and job_ids else client.show_jobs(job_ids)
     except HpcattnError as exc:
         raise click.ClickException(str(exc)) from None
     if not job_ids:
-        records = mine(records)
+        records = client.mine(records)
     if not records:
         click.echo("hpcattn status: " + (f"Slurm does not know job(s) {', '.join(job_ids)} (finished jobs "
                                           "are forgotten after MinJobAge)" if job_ids else
                                           "no hpcattn jobs known to Slurm"))
         sys.exit(1 if job_ids else 0)
     click.echo(report(records))
-    if wait and not all(slurm.state(r) == "COMPLETED" for r in records):
+    if wait and not client.all_completed(records):
         sys.exit(1)

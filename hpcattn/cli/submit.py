@@ -84,7 +84,7 @@ def submit(job_file, dry_run, wait, parsable, **options):
     """
     from ..errors import HpcattnError
     from ..jobs import load_job
-    from .. import slurm
+    from ..slurm import client, render, settings as slurm_settings
 
     overrides = {key: options.get(key) for key in SLURM_OPTIONS}
     overrides.update(gpus_per_node=_gpus(options["gpus_per_node"]), gpus_per_task=_gpus(options["gpus_per_task"]),
@@ -93,21 +93,21 @@ def submit(job_file, dry_run, wait, parsable, **options):
         overrides["array"] = options["array"] or True
     try:
         job = load_job(job_file)
-        settings = slurm.resolve(job.slurm, overrides, path=job.path, text=job.text)
-        rendered = slurm.render_job(job, settings)
+        settings = slurm_settings.resolve(job.slurm, overrides, path=job.path, text=job.text)
+        rendered = render.render_job(job, settings)
         if dry_run:
             click.echo(rendered.script, nl=False)
             if rendered.array_tasks:
                 click.echo("\n# --- then, queued behind the array (its id in place of ARRAY_JOB_ID): ---")
-                click.echo(slurm.render_merge(job, settings, rendered, "ARRAY_JOB_ID"), nl=False)
+                click.echo(render.render_merge(job, settings, rendered, "ARRAY_JOB_ID"), nl=False)
             return
         os.makedirs(rendered.logs, exist_ok=True)  # Slurm opens the logs there, maybe at once
-        job_id = slurm.sbatch(rendered.script)
+        job_id = client.sbatch(rendered.script)
         saved = _save(rendered.logs, f"{job_id}.sbatch", rendered.script)
         ids = [job_id]
         if rendered.array_tasks:
-            merge_script = slurm.render_merge(job, settings, rendered, job_id)
-            merge_id = slurm.sbatch(merge_script)
+            merge_script = render.render_merge(job, settings, rendered, job_id)
+            merge_id = client.sbatch(merge_script)
             _save(rendered.logs, f"{merge_id}.merge.sbatch", merge_script)
             ids.append(merge_id)
     except HpcattnError as exc:
@@ -123,12 +123,12 @@ def submit(job_file, dry_run, wait, parsable, **options):
         click.echo(f"  results  {rendered.results}")
         click.echo(f"  next:    hpcattn status {' '.join(ids)}")
     if wait:
-        from .status import report, wait_for
+        from .status import report
 
         try:
-            records = wait_for(ids)
+            records = client.wait_for(ids)
         except HpcattnError as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(report(records), err=parsable)
-        if not all(slurm.state(r) == "COMPLETED" for r in records):
+        if not client.all_completed(records):
             sys.exit(1)

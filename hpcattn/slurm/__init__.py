@@ -1,0 +1,18 @@
+"""Slurm: a job file's ``[slurm]`` table, the sbatch scripts made from it, and talking to Slurm.
+
+* :mod:`.settings` checks the table (one-line messages naming file, line and key), applies
+  command-line overrides and fills in defaults (:func:`~.settings.resolve`).
+* :mod:`.render` fills the templates of the repository's ``slurm/`` folder (shipped in the package
+  as ``hpcattn/slurm_templates``) into batch scripts: one job, or a job array plus a merge job.
+* :mod:`.client` runs sbatch/scancel/scontrol and reads job records: states, array task ranges,
+  the results files a job writes, whether it is complete.
+
+Submission computes nothing and never imports the numeric code, the runner or the command line.
+"""
+from __future__ import annotations
+
+from ..errors import HpcattnError
+
+
+class SlurmError(HpcattnError):
+    """Slurm is missing, refused something, or answered in a way we cannot read."""
