@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from conftest import HERE, mpiexec_path
+from hpcattn.launch import find_mpiexec
+
+from conftest import HERE
 
 LAUNCH_TIMEOUT = 600
 
@@ -32,7 +34,7 @@ def mpi_files():
 @pytest.mark.parametrize("path, size", list(mpi_files()))
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
 def test_under_mpiexec(path, size):
-    mpiexec = mpiexec_path()
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found (pip install 'hpcattn[mpi]')")
     cmd = [mpiexec, "-n", str(size), sys.executable, "-m", "pytest", "--with-mpi", "-q",

@@ -38,6 +38,19 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx):
+        """Run the subcommand; a :class:`~hpcattn.errors.UsageError` from the layers below (which
+        know nothing of click) is shown as click shows its own: the subcommand's usage, exit 2."""
+        from ..errors import UsageError
+
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            where = click.Context(command, info_name=name, parent=ctx) if command else ctx
+            raise click.UsageError(str(exc), where) from None
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
                                                "max_content_width": 100})

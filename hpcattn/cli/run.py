@@ -7,6 +7,7 @@ import click
 
 from ..cases import AttentionCase, default_tolerance
 from ..layouts import LAYOUTS
+from ..errors import UsageError
 from ..launch import fail, relaunch, under_mpi, world
 
 
@@ -177,8 +178,8 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
         sys.exit(relaunch(np_, ["run", *argv]))
     comm = world()
     if np_ is not None and np_ != comm.size:
-        fail(click.UsageError(f"--np {np_} was given but this job already runs on {comm.size} MPI "
-                              "ranks; leave out --np under mpiexec/srun"), comm)
+        fail(UsageError(f"--np {np_} was given but this job already runs on {comm.size} MPI "
+                        "ranks; leave out --np under mpiexec/srun"), comm)
     if job_file is not None:
         sys.exit(_run_job_file(ctx, comm, job_file, values))
     case = AttentionCase(seq_len=seq_len, batch=batch, heads=heads, kv_heads=kv_heads,

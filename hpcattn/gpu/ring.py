@@ -14,13 +14,11 @@ import os
 
 import numpy as np
 
+from .._threads import LOCAL_RANK_VARS  # node-local rank variables of each launcher
 from ..errors import HpcattnError
 from ..exchange import RingComm
 
 ENV_CUDA_AWARE = "HPCATTN_CUDA_AWARE"
-#: environment variables launchers set to the node-local rank (Open MPI, MPICH/Hydra, Slurm, MVAPICH)
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
-                   "MV2_COMM_WORLD_LOCAL_RANK", "PMI_LOCAL_RANK")
 
 
 def cuda_aware_mpi() -> tuple[bool, str]:
