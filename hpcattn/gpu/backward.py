@@ -1,0 +1,233 @@
+"""The attention backward kernels of ``kernels/attention_bwd.cu``, declared once, and their CuPy entry.
+
+Three launches per call, in this order: ``delta`` (D = rowsum(dout * out)), ``dq`` (one block
+per query tile) and ``dkdv`` (one block per key tile and kv head, summing its GQA group in
+registers). The kernels write float32 gradients; ``attention_backward_gpu`` returns them in the
+input dtype unless asked for ``grad_dtype="float32"`` (what a ring summing partial dK/dV over
+steps needs). ``plan_attention_backward`` builds the launches for any array module, so CuPy and
+the CPU emulation (``hpcattn.emulation.backward``) run the very same kernels with the very same
+arguments. Importing this module needs NumPy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import HpcattnError
+from ..validate import attention_scale, causal_positions
+from . import kernels
+from .kernels import Arg, Launch
+
+BACKWARD_SOURCE = "attention_bwd.cu"
+THREADS = 128
+#: query rows per block of the delta kernel (8 lanes per row)
+DELTA_ROWS = THREADS // 8
+#: (key rows per block, query rows per tile) of the dK/dV kernel and (query rows per block, key
+#: rows per tile) of the dQ kernel, by head_dim: float32 tiles that fit sm_89's 99 KiB of shared
+#: memory (sizes in ``smem_bytes``) with at most 2 x 64 accumulators per thread.
+DKDV_TILES = {64: (64, 32), 128: (32, 32)}
+DQ_TILES = {64: (64, 32), 128: (32, 32)}
+STAGES = ("delta", "dq", "dkdv")
+
+#: ``attention_bwd_delta_*`` parameters
+DELTA_ARGS = (Arg("out", "ptr"), Arg("dout", "ptr"), Arg("delta", "ptr"), Arg("n_q", "int32"),
+              Arg("heads", "int32"))
+#: ``attention_bwd_dq_*`` and ``attention_bwd_dkdv_*`` parameters (each ignores the other's outputs)
+BACKWARD_ARGS = (
+    Arg("q", "ptr"), Arg("k", "ptr"), Arg("v", "ptr"), Arg("dout", "ptr"), Arg("lse", "ptr"),
+    Arg("delta", "ptr"), Arg("dq", "ptr"), Arg("dk", "ptr"), Arg("dv", "ptr"),
+    Arg("q_pos", "ptr"), Arg("k_pos", "ptr"), Arg("q_bounds", "ptr"), Arg("k_bounds", "ptr"),
+    Arg("n_q", "int32"), Arg("n_k", "int32"), Arg("heads", "int32"), Arg("kv_heads", "int32"),
+    Arg("scale_log2", "float32"), Arg("scale", "float32"), Arg("causal", "int32"),
+)
+
+
+def kernel_name(stage: str, dtype: str, head_dim: int) -> str:
+    return f"attention_bwd_{stage}_{kernels.DTYPES[dtype]}_d{head_dim}"
+
+
+#: every entry point of attention_bwd.cu with its argument list
+KERNELS = {kernel_name(stage, dt, d): DELTA_ARGS if stage == "delta" else BACKWARD_ARGS
+           for stage in STAGES for dt in kernels.DTYPES for d in kernels.HEAD_DIMS}
+
+
+def smem_bytes(stage: str, head_dim: int) -> int:
+    """Dynamic shared memory of one block (float32 tiles; see the layouts in attention_bwd.cu)."""
+    d = head_dim
+    if stage == "delta":
+        return 0
+    if stage == "dq":
+        bq, bk = DQ_TILES[d]
+        return 4 * (2 * d * bq + 2 * bk * (d + 1) + bk * (bq + 4))
+    bkv, bq = DKDV_TILES[d]
+    return 4 * (2 * d * bkv + 2 * bq * (d + 1) + 2 * bq * (bkv + 4) + 2 * bq)
+
+
+def compile_defines() -> tuple[str, ...]:
+    """The -D options that configure the kernels (the .cu refuses to compile without them)."""
+    opts = [f"-DHPCATTN_BWD_THREADS={THREADS}"]
+    for d in kernels.HEAD_DIMS:
+        opts += [f"-DHPCATTN_BWD_DKDV_KEYS_D{d}={DKDV_TILES[d][0]}",
+                 f"-DHPCATTN_BWD_DKDV_QUERIES_D{d}={DKDV_TILES[d][1]}",
+                 f"-DHPCATTN_BWD_DQ_QUERIES_D{d}={DQ_TILES[d][0]}",
+                 f"-DHPCATTN_BWD_DQ_KEYS_D{d}={DQ_TILES[d][1]}"]
+    return tuple(opts)
+
+
+def compile_options() -> tuple[str, ...]:
+    return ("-I" + str(kernels.KERNEL_DIR),) + compile_defines()
+
+
+def kernel_source() -> str:
+    return kernels.kernel_source(BACKWARD_SOURCE)
+
+
+@dataclass
+class BackwardPlan:
+    """The three launches of one backward call and the float32 arrays they fill."""
+
+    launches: tuple[Launch, ...]   # delta, dq, dkdv
+    dq: object
+    dk: object
+    dv: object
+    delta: object
+
+    def gradients(self, dtype, grad_dtype=None):
+        """(dq, dk, dv) in ``dtype`` (the inputs'), or as computed when ``grad_dtype`` is float32."""
+        if grad_dtype is not None and np.dtype(grad_dtype) != np.float32:
+            raise HpcattnError(f"grad_dtype {grad_dtype!r}; expected None (the input dtype) or 'float32'")
+        if grad_dtype is not None:
+            return self.dq, self.dk, self.dv
+        return tuple(g.astype(dtype) for g in (self.dq, self.dk, self.dv))
+
+
+def _check_operands(q, k, v, out, lse, dout) -> None:
+    b, n_q, heads, d = q.shape
+    if k.shape != v.shape or k.ndim != 4 or k.shape[0] != b or k.shape[3] != d:
+        raise HpcattnError(f"k {k.shape} / v {v.shape} do not match q {q.shape}; expected "
+                           f"(batch={b}, n_k, kv_heads, head_dim={d}) both")
+    if k.shape[2] == 0 or heads % k.shape[2]:
+        raise HpcattnError(f"{heads} query heads with {k.shape[2]} kv heads; expected a divisor")
+    for name, x in (("out", out), ("dout", dout)):
+        if x.shape != q.shape or x.dtype != q.dtype:
+            raise HpcattnError(f"{name} {x.shape} {x.dtype}; expected q's shape {q.shape} and dtype {q.dtype}")
+    if lse.shape != (b, heads, n_q):
+        raise HpcattnError(f"lse {lse.shape}; expected (batch, heads, n_q) = {(b, heads, n_q)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)):
+        if x.dtype != q.dtype:
+            raise HpcattnError(f"{name} is {x.dtype}; expected q's dtype {q.dtype}")
+        if not x.flags.c_contiguous:
+            raise HpcattnError(f"{name} is not C-contiguous; expected contiguous arrays")
+
+
+def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, q_pos, k_pos,
+                            xp) -> BackwardPlan:
+    """float32 outputs allocated with ``xp`` and the three kernel calls that fill them.
+
+    Layouts as ``plan_attention``: q/out/dout (b, n_q, heads, d), k/v (b, n_k, kv_heads, d),
+    lse (b, heads, n_q) from the forward; q_pos/k_pos int64 global positions (causal only).
+    """
+    b, n_q, heads, d = q.shape
+    dtype = str(q.dtype)
+    if dtype not in kernels.DTYPES:
+        raise HpcattnError(f"dtype {dtype} is not supported by the GPU kernels; "
+                           f"expected one of {', '.join(kernels.DTYPES)}")
+    kernels.check_head_dim(d)
+    _check_operands(q, k, v, out, lse, dout)
+    n_k, kv_heads = k.shape[1], k.shape[2]
+    if max(n_q, n_k) >= 2**31 or b > 65535 or heads > 65535:
+        raise HpcattnError(f"shape q {q.shape} k {k.shape} exceeds the kernel's limits; "
+                           "expected sequence < 2**31 rows, batch and heads <= 65535")
+    lse = xp.ascontiguousarray(lse, dtype=xp.float32)
+    dq = xp.empty(q.shape, dtype=xp.float32)
+    dk = xp.empty(k.shape, dtype=xp.float32)
+    dv = xp.empty(k.shape, dtype=xp.float32)
+    delta = xp.empty((b, heads, n_q), dtype=xp.float32)
+    common = dict(q=q, k=k, v=v, dout=dout, lse=lse, delta=delta, dq=None, dk=None, dv=None,
+                  q_pos=None, k_pos=None, q_bounds=None, k_bounds=None, n_q=n_q, n_k=n_k, heads=heads,
+                  kv_heads=kv_heads, scale_log2=float(scale) * float(np.log2(np.e)), scale=float(scale),
+                  causal=0)
+    causal = bool(causal and n_q and n_k)  # with no rows or no keys there is nothing to mask
+    if causal:
+        q_pos = xp.ascontiguousarray(q_pos, dtype=xp.int64)
+        k_pos = xp.ascontiguousarray(k_pos, dtype=xp.int64)
+        common.update(q_pos=q_pos, k_pos=k_pos, causal=1)
+
+    def bounds(q_block, k_block):
+        if not causal:
+            return {}
+        return dict(q_bounds=kernels.tile_bounds(q_pos, q_block, xp),
+                    k_bounds=kernels.tile_bounds(k_pos, k_block, xp))
+
+    block = (THREADS, 1, 1)
+    bq, bk = DQ_TILES[d]
+    bkv, bq2 = DKDV_TILES[d]
+    launches = (
+        Launch(kernel_name("delta", dtype, d), (-(-n_q // DELTA_ROWS), heads, b), block, 0,
+               dict(out=out, dout=dout, delta=delta, n_q=n_q, heads=heads), None, None),
+        Launch(kernel_name("dq", dtype, d), (-(-n_q // bq), heads, b), block, smem_bytes("dq", d),
+               {**common, "dq": dq, **bounds(bq, bk)}, None, None),
+        Launch(kernel_name("dkdv", dtype, d), (-(-n_k // bkv), kv_heads, b), block, smem_bytes("dkdv", d),
+               {**common, "dk": dk, "dv": dv, **bounds(bq2, bkv)}, None, None),
+    )
+    return BackwardPlan(launches, dq, dk, dv, delta)
+
+
+_modules: dict = {}  # CUDA device id -> cupy.RawModule of attention_bwd.cu
+_configured: set = set()
+
+
+def _function(name: str, smem: int):
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    mod = _modules.get(dev)
+    if mod is None:
+        mod = _modules[dev] = cupy.RawModule(code=kernel_source(), options=compile_options())
+    fn = mod.get_function(name)
+    if (dev, name) not in _configured:  # opt in to more than 48 KiB of dynamic shared memory
+        fn.max_dynamic_shared_size_bytes = smem
+        _configured.add((dev, name))
+    return fn
+
+
+def launch(plan: Launch) -> None:
+    """Run one backward launch on the current CUDA device and stream (asynchronously)."""
+    if 0 in plan.grid:
+        return
+    args = []
+    for arg in KERNELS[plan.kernel]:
+        value = plan.values[arg.name]
+        if arg.kind == "ptr":
+            args.append(np.uint64(0) if value is None else value)
+        else:
+            args.append(np.int32(value) if arg.kind == "int32" else np.float32(value))
+    _function(plan.kernel, plan.smem)(plan.grid, plan.block, tuple(args), shared_mem=plan.smem)
+
+
+def attention_backward_gpu(q, k, v, out, lse, dout, *, causal: bool = False, scale: float | None = None,
+                           q_pos=None, k_pos=None, grad_dtype=None):
+    """Gradients ``(dq, dk, dv)`` of ``hpcattn.attention`` for CuPy arrays, from the forward's
+    ``out`` and ``lse`` and the output gradient ``dout``; dk/dv have the kv-head shape (the GQA
+    group's query heads summed). float32/float16/bfloat16, head_dim 64 or 128. Returned in q's
+    dtype, or float32 with ``grad_dtype="float32"``."""
+    import cupy
+
+    q, k, v, out, dout = (_prepare(x) for x in (q, k, v, out, dout))
+    scale = attention_scale(scale, q.shape[3])
+    if causal:
+        q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1], cupy)
+    plan = plan_attention_backward(q, k, v, out, cupy.asarray(lse), dout, causal=causal, scale=scale,
+                                   q_pos=q_pos, k_pos=k_pos, xp=cupy)
+    for step in plan.launches:
+        launch(step)
+    return plan.gradients(q.dtype, grad_dtype)
+
+
+def _prepare(x):
+    """C-contiguous and 16-byte aligned (the kernels load 16-byte vectors)."""
+    import cupy
+
+    x = cupy.ascontiguousarray(x)
+    return x.copy() if x.data.ptr % 16 else x
