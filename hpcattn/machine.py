@@ -1,9 +1,11 @@
 """One description of this machine and its software: host, platform, CPU, BLAS, thread settings,
-package versions, the MPI library (CUDA-aware or not) and the GPUs CuPy sees.
+package versions and the MPI library.
 
-Results provenance, ``hpcattn info`` and the benchmark all read these facts here. Every probe
-turns a failure into a value ("unknown", a reason string), so describing the machine never stops
-a run.
+Results provenance, ``hpcattn info`` and the benchmark all read these facts here; what the GPU path
+adds (CuPy, NVRTC, GPUs, whether the MPI is CUDA-aware) lives in :mod:`hpcattn.gpu.environment`,
+which builds on this module. Standard library, NumPy and mpi4py only, so every layer may use it.
+Every probe turns a failure into a value ("unknown", a reason string): describing the machine
+never stops a run.
 """
 from __future__ import annotations
 
@@ -90,28 +92,8 @@ def mpi_library() -> dict:
         return {"mpi4py": None, "library": f"MPI library not queryable ({exc})"}
 
 
-def mpi_report() -> dict:
-    """:func:`mpi_library` for people (whitespace collapsed) plus whether device buffers may be
-    handed to MPI (``cuda_aware``) and why we think so."""
-    from .gpu import cuda_aware_mpi
-
-    rep = mpi_library()
-    rep["library"] = " ".join(rep["library"].split())
-    if rep["mpi4py"] is not None:
-        rep["cuda_aware"], rep["cuda_aware_reason"] = cuda_aware_mpi()
-    return rep
-
-
-def gpus() -> dict:
-    """CuPy/NVRTC versions, CUDA driver/runtime and the GPUs CuPy sees (``gpus_reason`` says why
-    there are none); see :func:`hpcattn.gpu.environment.cupy_report`."""
-    from .gpu.environment import cupy_report
-
-    return cupy_report()
-
-
 def describe(comm=None) -> dict:
     """Everything above in one dict; collective when ``comm`` is given (gathers host names)."""
     return {"hosts": hosts(comm), "platform": os_platform(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "blas": blas(), "thread_vars": thread_settings(),
-            "versions": versions(), "mpi": mpi_report(), "gpu": gpus()}
+            "versions": versions(), "mpi": mpi_library()}

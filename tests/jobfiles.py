@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from hpcattn import store
+from hpcattn import results as store
 
 # parameters of a case small enough for a unit test (milliseconds per case)
 TINY = {"heads": 2, "head_dim": 8, "dtype": "float64", "check_rows": 8}

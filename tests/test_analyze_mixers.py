@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpcattn import analysis as an
-from hpcattn import store
+from hpcattn import results as store
 from hpcattn.cli.analyze import analyze as analyze_cmd
 
 MIXERS = ("exact_blockwise", "local")

@@ -9,12 +9,12 @@ from click.testing import CliRunner
 from mpi4py import MPI
 
 from hpcattn import analysis as an
-from hpcattn import runner, store
+from hpcattn import results as store, runner
 from hpcattn.cli.analyze import analyze as analyze_cmd
 from hpcattn.jobs import load_job
 
 from jobfiles import TINY, write_job
-from test_store_unit import CORRUPT_MESSAGES, corrupt_files
+from test_results_unit import CORRUPT_MESSAGES, corrupt_files
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """``hpcattn info``: the machine, versions, the MPI library and whether it is CUDA-aware, GPUs,
-kernel caches (everything but the kernel caches comes from :mod:`hpcattn.machine`)."""
+kernel caches (from :mod:`hpcattn.machine` and, for the GPU path, :mod:`hpcattn.gpu.environment`)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,10 @@ import click
 
 
 def collect() -> dict:
-    from ..gpu.environment import cache_report
+    from ..gpu.environment import cache_report, cupy_report, mpi_report
     from ..machine import describe
 
-    return {**describe(), "kernels": cache_report()}
+    return {**describe(), "mpi": mpi_report(), "gpu": cupy_report(), "kernels": cache_report()}
 
 
 @click.command()

@@ -24,7 +24,7 @@ def _cases(path: str, *, part: bool = False, final: bool = False) -> str:
     if not os.path.exists(path):
         return f"{_rel(path)} ({'missing' if final else 'not written yet'})"
     from ..errors import HpcattnError
-    from ..store import open_results
+    from ..results import open_results
 
     try:
         with open_results(path) as f:

@@ -1,12 +1,14 @@
-"""What this machine offers the GPU path: CuPy, NVRTC, GPUs, kernel caches (``hpcattn info``).
+"""What this machine offers the GPU path: CuPy, NVRTC, GPUs, a CUDA-aware MPI or not, kernel
+caches (``hpcattn info``, ``python -m hpcattn.gpu.check``, results provenance).
 
-The rest of the machine (CPU, MPI, versions) is described in :mod:`hpcattn.machine`.
+The rest of the machine (host, CPU, BLAS, versions, the MPI library) is :mod:`hpcattn.machine`.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from ..machine import mpi_library
 from . import kernels
 
 
@@ -50,6 +52,18 @@ def no_gpu_reason() -> str | None:
     """None when CuPy can use a GPU here, else why not (for test skips and messages)."""
     rep = cupy_report()
     return None if rep["gpus"] else rep["gpus_reason"]
+
+
+def mpi_report() -> dict:
+    """:func:`hpcattn.machine.mpi_library` for people (whitespace collapsed) plus whether device
+    buffers may be handed to MPI (``cuda_aware``) and why we think so."""
+    from .ring import cuda_aware_mpi
+
+    rep = mpi_library()
+    rep["library"] = " ".join(rep["library"].split())
+    if rep["mpi4py"] is not None:
+        rep["cuda_aware"], rep["cuda_aware_reason"] = cuda_aware_mpi()
+    return rep
 
 
 def cache_report() -> dict:

@@ -13,6 +13,8 @@ SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 
 def provenance(comm=None, argv=None) -> dict:
     """Where and with what a run happens. Collective when ``comm`` is given (gathers host names)."""
+    from ..gpu.environment import cupy_report  # here: reading results needs no GPU modules
+
     h5py = import_h5py()
     versions = machine.versions()
     info = {
@@ -32,15 +34,15 @@ def provenance(comm=None, argv=None) -> dict:
     if mpi["mpi4py"] is not None:
         info.update({"mpi_library_version": mpi["library"], "mpi_version": mpi["standard"],
                      "mpi4py_version": mpi["mpi4py"]})
-    info.update(gpu_provenance(machine.gpus()))
+    info.update(gpu_provenance(cupy_report()))
     # under Slurm: which job (and array task) wrote this, to find its logs and script again
     info.update({var.lower(): os.environ[var] for var in SLURM_VARS if var in os.environ})
     return info
 
 
 def gpu_provenance(report: dict) -> dict:
-    """GPU names and driver/runtime versions from a :func:`hpcattn.machine.gpus` report where
-    CuPy could ask the CUDA driver, else nothing."""
+    """GPU names and driver/runtime versions from a :func:`~hpcattn.gpu.environment.cupy_report`
+    where CuPy could ask the CUDA driver, else nothing."""
     if "driver" not in report:
         return {}
     return {"gpu_count": len(report["gpus"]), "gpu_names": [g["name"] for g in report["gpus"]],
