@@ -6,21 +6,18 @@ every attention case of a sweep. It knows nothing of files or command lines.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import time
-import tracemalloc
 
 import numpy as np
 
+from . import backend
 from .check import sampled_check
+from .devices import DEVICE_DTYPES, DEVICES, default_tolerance, np_dtype
 from .errors import CollectiveError
 from .inputs import random_qkv
-from .layouts import check_layout, positions
+from .layouts import Distribution, check_layout
+from .measure import attention_flops, peak_rss_bytes, traced_peak
 from .ring import ring_attention
-from .validate import CPU_DTYPES, GPU_DTYPES
-
-DEVICES = ("cpu", "gpu")
-DTYPES = {"cpu": CPU_DTYPES, "gpu": GPU_DTYPES}
 
 
 @dataclasses.dataclass
@@ -52,9 +49,9 @@ class AttentionCase:
                                   "expected heads to be a multiple of kv_heads")
         if self.device not in DEVICES:
             raise CollectiveError(f"device {self.device!r} is unknown; expected one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES[self.device]:
+        if self.dtype not in DEVICE_DTYPES[self.device]:
             raise CollectiveError(f"dtype {self.dtype!r} is not supported on {self.device}; expected one of "
-                                  f"{', '.join(DTYPES[self.device])}")
+                                  f"{', '.join(DEVICE_DTYPES[self.device])}")
         if self.device == "gpu":
             from .gpu.kernels import HEAD_DIMS
 
@@ -73,8 +70,7 @@ class AttentionCase:
 
     @property
     def flops(self) -> float:
-        f = 4.0 * self.batch * self.seq_len ** 2 * self.heads * self.head_dim
-        return f / 2 if self.causal else f
+        return attention_flops(self.batch, self.seq_len, self.heads, self.head_dim, causal=self.causal)
 
 
 def attention_case(params: dict) -> tuple[AttentionCase, float | None]:
@@ -96,11 +92,6 @@ def resolved_params(case: AttentionCase, tolerance: float | None) -> dict:
     return params
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = False) -> dict:
     """Run ``case`` on every rank of ``comm``; returns the same summary dict on every rank.
 
@@ -112,31 +103,29 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
     """
     size, rank = comm.size, comm.rank
     case.validate(size)
-    n = case.seq_len
-    pos = positions(n, size, rank, case.layout)
+    dist = Distribution(case.seq_len, size, case.layout)
+    pos = dist.positions(rank)
     kvh = case.heads if case.kv_heads is None else case.kv_heads
     # host copies (what the check and the activations see) and the arrays the ring computes on
     q, k, v = random_qkv(case.seed, pos, case.batch, case.heads, kvh, case.head_dim,
                          "float64" if case.dtype == "float64" else "float32")
-    q, k, v = (_as_dtype(x, case.dtype) for x in (q, k, v))
-    xq, xk, xv, sync = _on_device(case, comm, (q, k, v))
+    q, k, v = (x.astype(np_dtype(case.dtype), copy=False) for x in (q, k, v))
+    be = _backend(case, comm)
+    xq, xk, xv = (be.to_device(x) for x in (q, k, v))
     blocks = {key: val for key, val in (("block_q", case.block_q), ("block_k", case.block_k)) if val}
     walls, stats = [], {}
-    traced = tracemalloc.is_tracing()
-    if not traced:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    base_alloc = tracemalloc.get_traced_memory()[0]
-    for _ in range(case.repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        out, lse = ring_attention(xq, xk, xv, comm, causal=case.causal, layout=case.layout,
-                                  stats=stats, **blocks)
-        sync()
-        walls.append(comm.allreduce(time.perf_counter() - t0, op=_max_op()))
-    peak_alloc = tracemalloc.get_traced_memory()[1] - base_alloc
-    if not traced:
-        tracemalloc.stop()
+
+    def repeats():
+        for _ in range(case.repeats):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            res = ring_attention(xq, xk, xv, comm, causal=case.causal, layout=case.layout,
+                                 stats=stats, **blocks)
+            be.synchronize()
+            walls.append(comm.allreduce(time.perf_counter() - t0, op=_max_op()))
+        return res
+
+    (out, lse), peak_alloc = traced_peak(repeats)
     per_rank = comm.allgather((peak_rss_bytes(), peak_alloc, stats.get("compute_s", 0.0),
                                stats.get("wait_s", 0.0), len(pos), stats.get("skipped", 0)))
     result = {
@@ -151,66 +140,35 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "ranks": size,
     }
     if case.device == "gpu":
-        out, lse = out.get(), lse.get()
-        result["gpu_pool_bytes"] = comm.allgather(_gpu_pool_bytes())
+        out, lse = be.to_host(out), be.to_host(lse)
+        result["gpu_pool_bytes"] = comm.allgather(be.pool_bytes())
     if case.check_rows:
-        result.update(sampled_check(q, k, v, out, lse, comm, n=n, layout=case.layout,
-                                    causal=case.causal, rows=case.check_rows, seed=case.seed))
+        result.update(sampled_check(q, k, v, out, lse, comm, dist=dist, causal=case.causal,
+                                    rows=case.check_rows, seed=case.seed))
     if keep_activations:  # bfloat16 has no HDF5 type: stored as the float32 values it holds
         q, k, v, out = (x.astype(np.float32) if case.dtype == "bfloat16" else x for x in (q, k, v, out))
         result["local"] = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "positions": pos}
     return result
 
 
-def _as_dtype(x, dtype: str):
-    """``x`` (float32/64) in ``dtype``; bfloat16 is ml_dtypes' NumPy type (CuPy takes it)."""
-    if dtype == "bfloat16":
-        from .gpu.check import np_dtype
-
-        return x.astype(np_dtype(dtype))
-    return x.astype(dtype, copy=False)
-
-
-def _on_device(case: AttentionCase, comm, arrays):
-    """The arrays the ring computes on and a function that waits for the device."""
-    if case.device == "cpu":
-        return (*arrays, lambda: None)
+def _backend(case: AttentionCase, comm):
+    """The case's device as a backend, its device chosen on every rank (collective: a rank
+    without a usable GPU fails every rank with the same message)."""
     try:
-        import cupy
-
-        from .gpu import select_device
-
-        select_device(comm)  # one GPU per rank, by node-local rank
+        be = backend.by_name(case.device)
+        be.use_device(comm)  # one GPU per rank, by node-local rank
         problem = None
     except Exception as exc:  # noqa: BLE001 - no CuPy, no driver, no device: say which, everywhere
         problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
     problems = [(r, p) for r, p in enumerate(comm.allgather(problem)) if p]
     if problems:
         r, p = problems[0]
-        raise CollectiveError(f"device 'gpu' needs a CUDA GPU and CuPy (pip install 'hpcattn[gpu]'), "
+        raise CollectiveError(f"device {case.device!r} needs a CUDA GPU and CuPy (pip install 'hpcattn[gpu]'), "
                               f"but rank {r} has none usable ({p})")
-    return (*(cupy.asarray(x) for x in arrays), cupy.cuda.get_current_stream().synchronize)
-
-
-def _gpu_pool_bytes() -> int:
-    """Bytes CuPy's memory pool holds (it keeps what it allocated: close to the peak)."""
-    import cupy
-
-    return int(cupy.get_default_memory_pool().total_bytes())
+    return be
 
 
 def _max_op():
     from mpi4py import MPI
 
     return MPI.MAX
-
-
-TOLERANCES = {"float64": 1e-10, "float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
-
-
-def default_tolerance(dtype: str) -> float:
-    """Max abs error ``--check`` accepts. float64/float32 accumulate in their own precision; the
-    half types accumulate in float32, and their error is that of rounding q, k, v and out to 11
-    (float16) or 8 (bfloat16) significant bits (about 4x the worst error seen in the kernel
-    emulation tests, which judge against a reference computed in that precision)."""
-    return TOLERANCES[dtype]

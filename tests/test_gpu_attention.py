@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 import hpcattn
+from hpcattn.devices import np_dtype
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import kernels
 from hpcattn.gpu.environment import no_gpu_reason
 from hpcattn.gpu.accuracy import judge
-from hpcattn.gpu.check import CHECK_SHAPES, np_dtype, variants, zigzag_positions
+from hpcattn.gpu.check import CHECK_SHAPES, variants, zigzag_positions
 
 cupy = pytest.importorskip("cupy", reason="CuPy not installed; GPU tests need pip install '.[gpu]'")
 

@@ -2,7 +2,8 @@
 the ring on CuPy arrays, checked by sampled rows against float64, for every GPU dtype."""
 import pytest
 
-from hpcattn.cases import AttentionCase, default_tolerance, run_attention_case
+from hpcattn.cases import AttentionCase, run_attention_case
+from hpcattn.devices import default_tolerance
 from hpcattn.gpu.environment import no_gpu_reason
 
 MPI_SIZES = (2,)

@@ -4,6 +4,7 @@ computed in that precision. Small shapes only: every CUDA thread is a fiber."""
 import numpy as np
 import pytest
 
+from hpcattn import devices
 from hpcattn.emulation import attention_emulated
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import kernels
@@ -24,9 +25,8 @@ SHAPES = [
 
 def np_dtype(name):
     if name == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install '.[nvrtc]')")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+        pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install '.[nvrtc]')")
+    return devices.np_dtype(name)
 
 
 def make_inputs(rng, b, nq, nk, h, hkv, d, dtype):

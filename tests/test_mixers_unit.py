@@ -6,7 +6,7 @@ import pytest
 
 from hpcattn.errors import HpcattnError
 from hpcattn.mixers import REGISTRY, get_mixer
-from hpcattn.mixers.cases import traced_peak
+from hpcattn.measure import traced_peak
 from hpcattn.reference import naive_attention
 
 # parameters small enough that at N = 37 every pattern is really sparse / low-rank / chunked

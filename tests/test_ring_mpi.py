@@ -14,17 +14,17 @@ MPI_SIZES = (2, 3, 4)
 MPI = pytest.importorskip("mpi4py.MPI")
 
 
-def communicators():
-    world = MPI.COMM_WORLD
-    return {"world": world, "dup": world.Dup(), "self": MPI.COMM_SELF}
-
-
 @pytest.fixture(params=["world", "dup", "self"])
 def comm(request):
-    c = communicators()[request.param]
-    yield c
-    if request.param == "dup":
-        c.Free()
+    """COMM_WORLD, a Dup() of it (made for this test and freed after it) and COMM_SELF."""
+    if request.param != "dup":
+        yield {"world": MPI.COMM_WORLD, "self": MPI.COMM_SELF}[request.param]
+        return
+    dup = MPI.COMM_WORLD.Dup()
+    try:
+        yield dup
+    finally:
+        dup.Free()
 
 
 def global_inputs(n, b=2, h=4, hkv=2, d=8, dtype="float64", seed=0):
@@ -91,12 +91,10 @@ def test_shard_unshard_round_trip_is_exact(comm, layout):
         assert back.dtype == xa.dtype and np.array_equal(back, xa)
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
 def test_mismatched_shapes_raise_the_same_error_everywhere():
     comm = MPI.COMM_WORLD
-    if comm.size < 2:
-        pytest.skip("needs 2 ranks")
     q, k, v = [shard(x, comm, "contiguous") for x in global_inputs(16)]
     if comm.rank == 1:
         q = np.ascontiguousarray(q[..., :4])  # head_dim 4 on rank 1 only
@@ -121,12 +119,10 @@ def test_nan_on_one_rank_is_reported_on_all_ranks():
     comm.Barrier()
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
 def test_too_few_positions_and_wrong_sharding():
     comm = MPI.COMM_WORLD
-    if comm.size < 2:
-        pytest.skip("needs 2 ranks")
     one = np.ones((1, 1 if comm.rank == 0 else 0, 1, 2))
     with pytest.raises(CollectiveError, match=rf"N=1 is smaller than the number of ranks P={comm.size}"):
         ring_attention(one, one, one, comm)

@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from ..cases import AttentionCase, default_tolerance
+from ..cases import AttentionCase
+from ..devices import ALL_DTYPES, CPU_DTYPES, DEVICES, GPU_DTYPES, default_tolerance
 from ..layouts import LAYOUTS
 from ..errors import UsageError
 from ..launch import fail, relaunch, under_mpi, world
@@ -112,10 +113,10 @@ def _load(job_file, overrides):
 @click.option("--kv-heads", type=click.IntRange(min=1), default=None,
               help="Key/value heads (GQA/MQA); must divide --heads. Default: --heads.")
 @click.option("--head-dim", "-d", type=click.IntRange(min=1), default=64, help="Head dimension.")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32",
-              help="Input dtype. CPU: float32/float64 (accumulated in that precision); GPU: "
-                   "float32/float16/bfloat16 (accumulated in float32).")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu",
+@click.option("--dtype", type=click.Choice(ALL_DTYPES), default="float32",
+              help=f"Input dtype. CPU: {'/'.join(CPU_DTYPES)} (accumulated in that precision); GPU: "
+                   f"{'/'.join(GPU_DTYPES)} (accumulated in float32).")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu",
               help="cpu: NumPy. gpu: CuPy arrays and the CUDA kernels, one GPU per rank (chosen by "
                    "node-local rank); needs pip install 'hpcattn[gpu]'.")
 @click.option("--causal/--no-causal", default=False, help="Causal mask (query i sees keys j <= i).")

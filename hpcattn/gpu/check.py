@@ -1,8 +1,9 @@
 """One command for a person with a GPU: ``python -m hpcattn.gpu.check``.
 
 Prints the GPU/MPI environment, checks every kernel entry point against the float64 reference
-(hpcattn.gpu.accuracy), then measures forward TFLOP/s (4·b·N²·H·d per call, half for causal,
-FlashAttention's convention) and ends with one line ``VERDICT: PASS|FAIL|NO GPU``.
+(hpcattn.gpu.accuracy), then measures forward TFLOP/s (``hpcattn.measure.attention_flops``:
+4·b·N²·H·d per call, half for causal, FlashAttention's convention) and ends with one line
+``VERDICT: PASS|FAIL|NO GPU``.
 Exit status 0 on PASS, 1 on FAIL, 2 without a usable GPU.
 """
 from __future__ import annotations
@@ -13,10 +14,11 @@ import sys
 
 import numpy as np
 
+from ..devices import GPU_DTYPES, np_dtype
+from ..measure import attention_flops
 from . import kernels
 from .accuracy import judge
-from ..machine import mpi_report
-from .environment import cupy_report
+from .environment import cupy_report, mpi_report
 
 # (batch, n_q, n_k, heads, kv_heads, causal, zigzag positions): ragged, GQA, causal, n_q != n_k
 CHECK_SHAPES = [
@@ -25,14 +27,6 @@ CHECK_SHAPES = [
     (1, 640, 640, 8, 1, True, True),
     (1, 300, 1100, 2, 2, False, False),
 ]
-
-
-def np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 def zigzag_positions(n: int):
@@ -87,10 +81,6 @@ def time_call(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def attention_flops(b, n, h, d, causal) -> float:
-    return 4.0 * b * n * n * h * d / (2 if causal else 1)
-
-
 def run_bench(dtypes, head_dims, seqs, heads_list, repeats, out=print) -> list[dict]:
     import cupy
 
@@ -107,7 +97,7 @@ def run_bench(dtypes, head_dims, seqs, heads_list, repeats, out=print) -> list[d
                                for _ in range(3))
                     for causal in (False, True):
                         t = time_call(lambda: attention_gpu(q, k, v, causal=causal, variant=variant), repeats)
-                        tf = attention_flops(1, n, h, d, causal) / t / 1e12
+                        tf = attention_flops(1, n, h, d, causal=causal) / t / 1e12
                         rows.append(dict(dtype=dtype, variant=variant, head_dim=d, seq=n, heads=h, causal=causal,
                                          seconds=t, tflops=tf))
                         out(f"  {dtype:8s} {variant:4s} {d:4d} {n:6d} {h:3d} {str(causal):>6s} {t * 1e3:9.3f} {tf:8.2f}")
@@ -117,7 +107,7 @@ def run_bench(dtypes, head_dims, seqs, heads_list, repeats, out=print) -> list[d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hpcattn.gpu.check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtypes", default="float16,bfloat16,float32")
+    p.add_argument("--dtypes", default=",".join(GPU_DTYPES))
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--seq", default="4096,8192,16384", help="benchmark sequence lengths")
     p.add_argument("--heads", default="8,16", help="benchmark head counts")

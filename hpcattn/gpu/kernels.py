@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..devices import GPU_DTYPES
 from ..errors import HpcattnError
 
 #: kernels/ as shipped inside the package (``hpcattn/kernels`` links to the top-level folder in
@@ -32,7 +33,8 @@ BLOCK_K = {64: 64, 128: 32}
 HEAD_DIMS = tuple(sorted(BLOCK_K))
 #: keys per tile of the tensor-core (mma.sync) kernels, fp16/bf16 only, sm_80 and newer
 MMA_BLOCK_K = 64
-DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+#: dtype name -> the suffix of its entry points (f16, bf16, f32), for every GPU dtype of devices
+DTYPES = {dt: dt.replace("float", "f") for dt in GPU_DTYPES}
 MMA_DTYPES = ("float16", "bfloat16")
 #: "simt" (CUDA cores, every dtype) or "mma" (tensor cores, fp16/bf16)
 VARIANTS = ("simt", "mma")

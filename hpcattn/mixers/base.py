@@ -23,12 +23,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..backend import array_module
+from .. import backend
+from ..devices import MIXER_DTYPES
 from ..errors import HpcattnError
 from ..validate import check_qkv
 
 REGISTRY: dict[str, type["Mixer"]] = {}
-DTYPES = ("float32", "float64")  # on NumPy and CuPy alike (the mixers are references, not kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +115,8 @@ class Mixer:
 
     def matrix(self, q, k, *, causal: bool = False):
         """Explicit mixing matrix P, shape (batch, heads, N, N) (complex for Fourier mixing)."""
-        qh, kh, _ = self._prepare(q, k, None, causal)
-        return self._matrix(qh, kh, causal)
+        qh, kh, _, xp = self._prepare(q, k, None, causal)
+        return self._matrix(xp, qh, kh, causal)
 
     def form(self, name: str, q, k, v, *, causal: bool = True):
         """Another form of the same mixer (``name`` in ``forms``, e.g. "recurrent")."""
@@ -127,39 +127,39 @@ class Mixer:
 
     def from_matrix(self, p, v):
         """``y_i = sum_j P_ij v_j`` with an explicit P (and this mixer's per-token value maps)."""
-        xp = array_module(v)
+        xp = backend.select(v).xp
         vh = xp.moveaxis(v, 2, 1)
         if vh.shape[1] != p.shape[1]:
             vh = xp.repeat(vh, p.shape[1] // vh.shape[1], axis=1)
-        y = self._output(xp.matmul(p, self._values(vh)))
+        y = self._output(xp, p @ self._values(xp, vh))
         return xp.moveaxis(y.astype(v.dtype, copy=False), 1, 2)
 
     def memory_bytes(self, n: int, batch: int, heads: int, head_dim: int, itemsize: int) -> int:
         """Predicted peak extra bytes of ``apply`` (working arrays and output), for budgets."""
         return 4 * batch * heads * n * head_dim * itemsize
 
-    # ---- hooks for subclasses (head-major arrays) ----
-    def _apply(self, q, k, v, causal):
+    # ---- hooks for subclasses (head-major arrays; ``xp``: their array module, chosen once) ----
+    def _apply(self, xp, q, k, v, causal):
         raise NotImplementedError
 
-    def _matrix(self, q, k, causal):
+    def _matrix(self, xp, q, k, causal):
         raise NotImplementedError
 
-    def _values(self, v):
+    def _values(self, xp, v):
         return v
 
-    def _output(self, y):
+    def _output(self, xp, y):
         return y
 
     # ---- helpers ----
     def _run(self, method, q, k, v, causal):
-        qh, kh, vh = self._prepare(q, k, v, causal)
-        xp = array_module(vh)
-        y = getattr(self, method)(qh, kh, vh, causal)
+        qh, kh, vh, xp = self._prepare(q, k, v, causal)
+        y = getattr(self, method)(xp, qh, kh, vh, causal)
         return xp.moveaxis(y.astype(v.dtype, copy=False), 1, 2)
 
     def _prepare(self, q, k, v, causal):
-        """Validate and turn (b, n, h, d) inputs into head-major views (b, h, n, d)."""
+        """Validate and turn (b, n, h, d) inputs into head-major views (b, h, n, d); also
+        returns their array module (the backend is chosen here, once per call)."""
         if causal not in self.causal_modes:
             modes = " or ".join(str(m).lower() for m in self.causal_modes)
             raise HpcattnError(f"mixer {self.name} does not support causal={str(causal).lower()}; "
@@ -167,8 +167,8 @@ class Mixer:
         ref = next(x for x in (q, v, k) if x is not None)
         q = ref if q is None else q
         k = (q if self.inputs != "qkv" or k is None else k)
-        check_qkv(q, k, k if v is None else v, allowed=DTYPES)
-        xp = array_module(q)
+        xp = backend.select(q).xp
+        check_qkv(q, k, k if v is None else v, allowed=MIXER_DTYPES, xp=xp)
         group = q.shape[2] // k.shape[2]
 
         def heads_major(x, repeat):
@@ -176,7 +176,7 @@ class Mixer:
             return xp.repeat(x, group, axis=1) if repeat and group > 1 else x
 
         return (heads_major(q, False), heads_major(k, self.inputs == "qkv"),
-                None if v is None else heads_major(v, True))
+                None if v is None else heads_major(v, True), xp)
 
     def rng(self, *stream: int) -> np.random.Generator:
         """Seeded generator for one named stream of this mixer's randomness."""
@@ -196,13 +196,12 @@ class Mixer:
 
 # ---- numerics shared by several families ----
 
-def masked_softmax(s, bias=None):
+def masked_softmax(xp, s, bias=None):
     """Row softmax of scores ``s`` (+ additive ``bias``, -inf hides a key) over the last axis.
 
     Works in place on ``s`` (callers pass a fresh score array: one N x N buffer, not five).
     Returns (p, lse); rows that see no key get p = 0 and lse = -inf.
     """
-    xp = array_module(s)
     if bias is not None:
         if s.shape == xp.broadcast_shapes(s.shape, bias.shape):
             s += bias
@@ -222,7 +221,7 @@ def masked_softmax(s, bias=None):
 
 def scores(q, k, scale=None):
     """Fresh (b, h, Nq, Nk) score array q k^T * scale (default 1/sqrt(d))."""
-    s = array_module(q).matmul(q, k.swapaxes(-1, -2))
+    s = q @ k.swapaxes(-1, -2)
     s *= scale or scale_of(q.shape[-1])
     return s
 
@@ -237,7 +236,7 @@ def scale_of(d: int) -> float:
     return 1.0 / np.sqrt(d)
 
 
-def as_xp(x, like):
-    """A NumPy array (our seeded randomness is drawn on the host) on ``like``'s backend and dtype."""
-    xp = array_module(like)
+def as_xp(xp, x, like):
+    """A NumPy array (our seeded randomness is drawn on the host) as an ``xp`` array of
+    ``like``'s dtype."""
     return xp.asarray(np.asarray(x, dtype=like.dtype))

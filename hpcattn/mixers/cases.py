@@ -36,20 +36,19 @@ spreads cases over ranks.
 from __future__ import annotations
 
 import json
-import resource
 import time
-import tracemalloc
 
 import numpy as np
 
-from ..blockwise import attention
+from .. import backend
+from ..devices import MIXER_DTYPES
 from ..errors import HpcattnError
 from ..inputs import random_qkv
+from ..measure import peak_rss_bytes, traced_peak
 from . import REGISTRY, get_mixer
 from .recall import DEFAULTS as RECALL_DEFAULTS, recall_accuracy
 
 TASKS = ("scaling", "recall", "error")
-DTYPES = ("float32", "float64")
 
 CASE_DEFAULTS = {
     "task": "scaling", "mixer": "exact_blockwise", "seq_len": 1024, "batch": 1, "heads": 2,
@@ -89,7 +88,7 @@ def check_mixer_case(case: dict) -> dict:
     for key in POSITIVE:
         if full[key] < 1:
             raise HpcattnError(f"mixer case {key}={full[key]!r} is invalid; expected a positive integer")
-    for key, allowed in (("task", TASKS), ("dtype", DTYPES), ("mixer", tuple(REGISTRY))):
+    for key, allowed in (("task", TASKS), ("dtype", MIXER_DTYPES), ("mixer", tuple(REGISTRY))):
         if full[key] not in allowed:
             raise HpcattnError(f"mixer case {key}={full[key]!r} is unknown; expected one of "
                                f"{', '.join(allowed)}")
@@ -105,25 +104,6 @@ def make_mixer(case: dict):
     params = {k: v for k, v in case.items() if k in cls.params and k in MIXER_CASE_KEYS}
     params.update(case.get("params") or {})
     return get_mixer(case["mixer"], **params)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def traced_peak(fn):
-    """(result of fn(), peak bytes it allocated beyond what was live when it started)."""
-    was = tracemalloc.is_tracing()
-    if not was:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    try:
-        out = fn()
-        return out, tracemalloc.get_traced_memory()[1] - base
-    finally:
-        if not was:
-            tracemalloc.stop()
 
 
 def run_mixer_case(case: dict) -> dict:
@@ -179,7 +159,7 @@ def run_mixer_case(case: dict) -> dict:
 def output_error(y, q, k, v, causal) -> dict:
     """Error of ``y`` against exact softmax attention (blockwise, float64) on the same inputs."""
     f64 = [np.asarray(x, dtype=np.float64) for x in (q, k, v)]
-    exact = attention(*f64, causal=causal)[0]
+    exact = backend.attention(*f64, causal=causal)[0]
     diff = np.asarray(y, dtype=np.float64) - exact
     return {"rel_err": float(np.linalg.norm(diff) / np.linalg.norm(exact)),
             "max_err": float(np.abs(diff).max())}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import Mixer, Param, register
 
 
@@ -24,18 +23,16 @@ class FNet(Mixer):
     inputs = "v"
     params = {"norm": Param("ortho", "FFT scaling", choices=("ortho", "backward"))}
 
-    def _apply(self, q, k, v, causal):
-        xp = array_module(v)
-        return xp.fft.fft(self._values(v), axis=2, norm=self.norm).real
+    def _apply(self, xp, q, k, v, causal):
+        return xp.fft.fft(self._values(xp, v), axis=2, norm=self.norm).real
 
-    def _values(self, v):
-        return array_module(v).fft.fft(v, axis=-1, norm=self.norm)
+    def _values(self, xp, v):
+        return xp.fft.fft(v, axis=-1, norm=self.norm)
 
-    def _output(self, y):
+    def _output(self, xp, y):
         return y.real
 
-    def _matrix(self, q, k, causal):
-        xp = array_module(q)
+    def _matrix(self, xp, q, k, causal):
         n = q.shape[2]
         j = np.arange(n)
         f = np.exp(-2j * np.pi * np.outer(j, j) / n) / (np.sqrt(n) if self.norm == "ortho" else 1)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import Mixer, Param, SEED, as_xp, register
 
 
-def decayed_prefix_sum(qf, kf, v, gamma=None, chunk=64):
+def decayed_prefix_sum(xp, qf, kf, v, gamma=None, chunk=64):
     """``y_i = sum_{j<=i} gamma^(i-j) (qf_i . kf_j) v_j`` chunkwise; gamma per head (h,) or None (=1).
 
     qf, kf: (b, h, n, f); v: (b, h, n, e). Memory O(chunk^2 + f e) per (batch, head)."""
-    xp = array_module(qf)
     b, h, n, f = qf.shape
     state = xp.zeros((b, h, f, v.shape[-1]), dtype=v.dtype)
     out = xp.empty(v.shape, dtype=v.dtype)
@@ -45,9 +43,8 @@ def decayed_prefix_sum(qf, kf, v, gamma=None, chunk=64):
     return out
 
 
-def recurrent_prefix_sum(qf, kf, v, gamma=None):
+def recurrent_prefix_sum(xp, qf, kf, v, gamma=None):
     """The same sum token by token: S_i = gamma S_{i-1} + kf_i v_i^T, y_i = qf_i S_i."""
-    xp = array_module(qf)
     b, h, n, f = qf.shape
     g = 1.0 if gamma is None else xp.asarray(gamma, dtype=qf.dtype)[:, None, None]
     state = xp.zeros((b, h, f, v.shape[-1]), dtype=v.dtype)
@@ -58,9 +55,8 @@ def recurrent_prefix_sum(qf, kf, v, gamma=None):
     return out
 
 
-def decay_matrix(qf, kf, gamma=None):
+def decay_matrix(xp, qf, kf, gamma=None):
     """Naive form: (qf kf^T) * D with D_ij = gamma^(i-j) for j <= i, else 0."""
-    xp = array_module(qf)
     n = qf.shape[2]
     i = xp.arange(n, dtype=qf.dtype)
     lag = i[:, None] - i[None, :]
@@ -73,38 +69,37 @@ def decay_matrix(qf, kf, gamma=None):
 
 
 class _Kernelised(Mixer):
-    """Shared algorithm; subclasses give the feature map ``feature_map(x, is_query) -> (b,h,n,f)``."""
+    """Shared algorithm; subclasses give the feature map
+    ``feature_map(xp, x, is_query) -> (b,h,n,f)``."""
     forms = ("recurrent",)
 
-    def feature_map(self, x, is_query):
+    def feature_map(self, xp, x, is_query):
         raise NotImplementedError
 
-    def _augmented(self, q, k, v):
-        xp = array_module(v)
+    def _augmented(self, xp, q, k, v):
         ones = xp.ones(v.shape[:3] + (1,), dtype=v.dtype)
-        return self.feature_map(q, True), self.feature_map(k, False), xp.concatenate([v, ones], axis=-1)
+        return (self.feature_map(xp, q, True), self.feature_map(xp, k, False),
+                xp.concatenate([v, ones], axis=-1))
 
     @staticmethod
-    def _normalise(y):
+    def _normalise(xp, y):
         """numerator / denominator (the appended ones column); 0 where nothing was seen"""
         den = y[..., -1:]
-        return y[..., :-1] / array_module(y).where(den == 0, 1, den)
+        return y[..., :-1] / xp.where(den == 0, 1, den)
 
-    def _apply(self, q, k, v, causal):
-        qf, kf, vv = self._augmented(q, k, v)
-        xp = array_module(v)
+    def _apply(self, xp, q, k, v, causal):
+        qf, kf, vv = self._augmented(xp, q, k, v)
         if causal:
-            return self._normalise(decayed_prefix_sum(qf, kf, vv, None, self.chunk))
-        return self._normalise(xp.matmul(qf, xp.matmul(kf.swapaxes(-1, -2), vv)))
+            return self._normalise(xp, decayed_prefix_sum(xp, qf, kf, vv, None, self.chunk))
+        return self._normalise(xp, qf @ (kf.swapaxes(-1, -2) @ vv))
 
-    def _recurrent(self, q, k, v, causal):
-        return self._normalise(recurrent_prefix_sum(*self._augmented(q, k, v)))
+    def _recurrent(self, xp, q, k, v, causal):
+        return self._normalise(xp, recurrent_prefix_sum(xp, *self._augmented(xp, q, k, v)))
 
-    def _matrix(self, q, k, causal):
-        qf, kf = self.feature_map(q, True), self.feature_map(k, False)
-        xp = array_module(q)
-        a = decay_matrix(qf, kf) if causal else xp.matmul(qf, kf.swapaxes(-1, -2))
-        return self._normalise(xp.concatenate([a, a.sum(axis=-1, keepdims=True)], axis=-1))
+    def _matrix(self, xp, q, k, causal):
+        qf, kf = self.feature_map(xp, q, True), self.feature_map(xp, k, False)
+        a = decay_matrix(xp, qf, kf) if causal else qf @ kf.swapaxes(-1, -2)
+        return self._normalise(xp, xp.concatenate([a, a.sum(axis=-1, keepdims=True)], axis=-1))
 
     def n_features(self, head_dim):
         return head_dim
@@ -125,8 +120,7 @@ class LinearAttention(_Kernelised):
     memory_complexity = "O(N d + d^2)"
     params = {"chunk": Param(64, "chunk length of the causal prefix sum", minimum=1)}
 
-    def feature_map(self, x, is_query):
-        xp = array_module(x)
+    def feature_map(self, xp, x, is_query):
         return xp.where(x > 0, x + 1, xp.exp(xp.minimum(x, 0)))
 
 
@@ -162,11 +156,10 @@ class Performer(_Kernelised):
             out[h] = rows * np.linalg.norm(rng.standard_normal((self.features, d)), axis=1)[:, None]
         return out
 
-    def feature_map(self, x, is_query):
-        xp = array_module(x)
+    def feature_map(self, xp, x, is_query):
         d = x.shape[-1]
         x = x * d ** -0.25
-        w = as_xp(self.projection(x.shape[1], d), x)
+        w = as_xp(xp, self.projection(x.shape[1], d), x)
         wx = xp.matmul(x, w.swapaxes(-1, -2)[None])                 # (b, h, n, m)
         # constant factors cancel in P: one per query row, one per (batch, head) over all keys.
         # eps scales with them (the reference code adds it after the shift, which lets a future

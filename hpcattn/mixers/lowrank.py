@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import Mixer, Param, SEED, as_xp, masked_softmax, register, scores
 
 
-def _softmax(s):
-    return masked_softmax(s)[0]
+def _softmax(xp, s):
+    return masked_softmax(xp, s)[0]
 
 
 @register
@@ -31,47 +30,43 @@ class Linformer(Mixer):
               "share_kv": Param(False, "one projection for keys and values (E = F)"),
               "seed": SEED}
 
-    def projections(self, n, like):
+    def projections(self, xp, n, like):
         """E, F of shape (r, n), entries N(0, 1/r), one pair shared by all heads."""
         rng = self.rng(n)
         e = rng.standard_normal((self.rank, n)) / np.sqrt(self.rank)
         f = e if self.share_kv else rng.standard_normal((self.rank, n)) / np.sqrt(self.rank)
-        return as_xp(e, like), as_xp(f, like)
+        return as_xp(xp, e, like), as_xp(xp, f, like)
 
-    def _weights(self, q, k):
-        e, f = self.projections(q.shape[2], q)
-        xp = array_module(q)
-        return _softmax(scores(q, xp.matmul(e, k))), f
+    def _weights(self, xp, q, k):
+        e, f = self.projections(xp, q.shape[2], q)
+        return _softmax(xp, scores(q, e @ k)), f
 
-    def _apply(self, q, k, v, causal):
-        p, f = self._weights(q, k)
-        xp = array_module(v)
-        return xp.matmul(p, xp.matmul(f, v))
+    def _apply(self, xp, q, k, v, causal):
+        p, f = self._weights(xp, q, k)
+        return p @ (f @ v)
 
-    def _matrix(self, q, k, causal):
-        p, f = self._weights(q, k)
-        return array_module(q).matmul(p, f)
+    def _matrix(self, xp, q, k, causal):
+        p, f = self._weights(xp, q, k)
+        return p @ f
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         bh = batch * heads
         return (3 * bh * n * self.rank + 2 * self.rank * n + 3 * bh * n * head_dim) * itemsize
 
 
-def segment_means(x, m):
+def segment_means(xp, x, m):
     """Means of m near-equal consecutive segments of head-major x along the sequence."""
-    xp = array_module(x)
     n = x.shape[2]
     bounds = (np.arange(m + 1) * n) // m
     zero = xp.zeros(x.shape[:2] + (1,) + x.shape[3:], dtype=x.dtype)
     cs = xp.concatenate([zero, xp.cumsum(x, axis=2)], axis=2)
-    lengths = as_xp(np.diff(bounds), x)[:, None]
+    lengths = as_xp(xp, np.diff(bounds), x)[:, None]
     return (cs[:, :, bounds[1:]] - cs[:, :, bounds[:-1]]) / lengths
 
 
-def iterative_pinv(a, iterations):
+def iterative_pinv(xp, a, iterations):
     """Moore-Penrose inverse of each (m x m) matrix in ``a`` by the cubic Newton-type iteration
     Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4, from Z0 = A^T / (||A||_1 ||A||_inf)."""
-    xp = array_module(a)
     eye = xp.eye(a.shape[-1], dtype=a.dtype)
     norm1 = xp.abs(a).sum(axis=-2).max(axis=-1)[..., None, None]
     norm_inf = xp.abs(a).sum(axis=-1).max(axis=-1)[..., None, None]
@@ -93,26 +88,23 @@ class Nystrom(Mixer):
     params = {"landmarks": Param(64, "landmarks m (capped at N)", minimum=1),
               "pinv_iterations": Param(6, "iterations of the pseudo-inverse", minimum=0)}
 
-    def _kernels(self, q, k):
-        xp = array_module(q)
+    def _kernels(self, xp, q, k):
         c = q.shape[-1] ** -0.25
         q, k = q * c, k * c
         m = min(self.landmarks, q.shape[2])
-        ql, kl = segment_means(q, m), segment_means(k, m)
-        left = _softmax(xp.matmul(q, kl.swapaxes(-1, -2)))
-        middle = iterative_pinv(_softmax(xp.matmul(ql, kl.swapaxes(-1, -2))), self.pinv_iterations)
-        right = _softmax(xp.matmul(ql, k.swapaxes(-1, -2)))
+        ql, kl = segment_means(xp, q, m), segment_means(xp, k, m)
+        left = _softmax(xp, q @ kl.swapaxes(-1, -2))
+        middle = iterative_pinv(xp, _softmax(xp, ql @ kl.swapaxes(-1, -2)), self.pinv_iterations)
+        right = _softmax(xp, ql @ k.swapaxes(-1, -2))
         return left, middle, right
 
-    def _apply(self, q, k, v, causal):
-        left, middle, right = self._kernels(q, k)
-        xp = array_module(v)
-        return xp.matmul(left, xp.matmul(middle, xp.matmul(right, v)))
+    def _apply(self, xp, q, k, v, causal):
+        left, middle, right = self._kernels(xp, q, k)
+        return left @ (middle @ (right @ v))
 
-    def _matrix(self, q, k, causal):
-        left, middle, right = self._kernels(q, k)
-        xp = array_module(q)
-        return xp.matmul(xp.matmul(left, middle), right)
+    def _matrix(self, xp, q, k, causal):
+        left, middle, right = self._kernels(xp, q, k)
+        return (left @ middle) @ right
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         bh = batch * heads

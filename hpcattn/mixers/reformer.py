@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from ..errors import HpcattnError
 from .base import Mixer, Param, SEED, as_xp, masked_softmax, register, scores
 from .sparse import run_block_pattern
@@ -43,21 +42,19 @@ class Reformer(Mixer):
             raise HpcattnError(f"reformer parameter buckets={self.buckets} is odd; expected an even number")
         return self.buckets or max(2, 2 * -(-n // (2 * self.chunk)))
 
-    def hashes(self, kn):
+    def hashes(self, xp, kn):
         """(rounds, b, h, n) bucket of every position, from unit keys kn (b, h, n, d)."""
-        xp = array_module(kn)
         b, h, n, d = kn.shape
         nb = self.n_buckets(n)
-        rot = as_xp(self.rng(h, d, nb).standard_normal((self.rounds, h, d, nb // 2)), kn)
-        proj = xp.matmul(kn[None], rot[:, None])                       # (r, b, h, n, nb/2)
+        rot = as_xp(xp, self.rng(h, d, nb).standard_normal((self.rounds, h, d, nb // 2)), kn)
+        proj = kn[None] @ rot[:, None]                       # (r, b, h, n, nb/2)
         return xp.argmax(xp.concatenate([proj, -proj], axis=-1), axis=-1)
 
-    def _layout(self, q):
+    def _layout(self, xp, q):
         """Unit keys, per-round sort order (r, b, h, n) and chunk of every position (r, b, h, n)."""
-        xp = array_module(q)
         kn = q / xp.maximum(xp.sqrt((q * q).sum(axis=-1, keepdims=True)), 1e-30)
         n = q.shape[2]
-        order = xp.argsort(self.hashes(kn) * n + xp.arange(n), axis=-1, kind="stable")
+        order = xp.argsort(self.hashes(xp, kn) * n + xp.arange(n), axis=-1, kind="stable")
         rank = xp.empty_like(order)
         xp.put_along_axis(rank, order, xp.broadcast_to(xp.arange(n), order.shape), axis=-1)
         return kn, order, rank // self.chunk
@@ -65,15 +62,13 @@ class Reformer(Mixer):
     def _neighbours(self, ci, cj, nc):
         return (cj == ci) | (cj == (ci - 1) % nc)
 
-    def _bias(self, qp, kp, causal):
-        xp = array_module(qp)
+    def _bias(self, xp, qp, kp, causal):
         bias = xp.where(qp == kp, SELF_SCORE, 0.0)
         return bias + xp.where(qp >= kp, 0.0, -np.inf) if causal else bias
 
-    def _apply(self, q, k, v, causal):
-        xp = array_module(q)
+    def _apply(self, xp, q, k, v, causal):
         b, h, n, d = q.shape
-        kn, order, chunk_of = self._layout(q)
+        kn, order, chunk_of = self._layout(xp, q)
         nc = -(-n // self.chunk)
         me = np.arange(nc)
         table = (me[:, None] if nc == 1 else np.stack([me, (me - 1) % nc], axis=-1))[None]
@@ -100,9 +95,9 @@ class Reformer(Mixer):
                 qp, kp = pos[:, :, qi], pos[:, :, kj[0]]
                 seen = counts(xp.maximum(qp, 0), xp.maximum(kp, 0))
                 with np.errstate(divide="ignore"):
-                    return self._bias(qp, kp, causal) - xp.log(xp.maximum(seen, 1)).astype(q.dtype)
+                    return self._bias(xp, qp, kp, causal) - xp.log(xp.maximum(seen, 1)).astype(q.dtype)
 
-            out_s, lse_s = run_block_pattern(gather(q, sel), gather(kn, sel), gather(v, sel),
+            out_s, lse_s = run_block_pattern(xp, gather(q, sel), gather(kn, sel), gather(v, sel),
                                              self.chunk, [(table, me)], bias_fn)
             out, lse = xp.empty_like(out_s), xp.empty_like(lse_s)
             xp.put_along_axis(out, sel, out_s, axis=2)
@@ -115,17 +110,16 @@ class Reformer(Mixer):
         w = w / w.sum(axis=0)
         return sum(w[r][..., None] * outs[r] for r in range(len(outs)))
 
-    def _matrix(self, q, k, causal):
-        xp = array_module(q)
+    def _matrix(self, xp, q, k, causal):
         n = q.shape[2]
-        kn, _, chunk_of = self._layout(q)
+        kn, _, chunk_of = self._layout(xp, q)
         nc = -(-n // self.chunk)
         union = 0
         for c in chunk_of:
             union = union | self._neighbours(c[..., :, None], c[..., None, :], nc)
         i = xp.arange(n)
-        bias = self._bias(i[:, None], i[None, :], causal) + xp.where(union, 0.0, -np.inf)
-        return masked_softmax(scores(q, kn), bias.astype(q.dtype))[0]
+        bias = self._bias(xp, i[:, None], i[None, :], causal) + xp.where(union, 0.0, -np.inf)
+        return masked_softmax(xp, scores(q, kn), bias.astype(q.dtype))[0]
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         bh = batch * heads

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import Mixer, Param, as_xp, register, scale_of
 from .linear import decay_matrix, decayed_prefix_sum, recurrent_prefix_sum
 
 
-def rotate(x, base=10000.0):
+def rotate(xp, x, base=10000.0):
     """Rotary position rotation of head-major x (b, h, n, d): pairs (2i, 2i+1) turn by n*theta_i."""
-    xp = array_module(x)
     n, d = x.shape[2], x.shape[3]
     half = d // 2
     theta = 1.0 / base ** np.linspace(0, 1, half) if half else np.zeros(0)
-    angle = as_xp(np.arange(n)[:, None] * theta[None, :], x)             # (n, half)
+    angle = as_xp(xp, np.arange(n)[:, None] * theta[None, :], x)             # (n, half)
     cos, sin = xp.cos(angle), xp.sin(angle)
     even, odd = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
     out = x.copy()
@@ -47,22 +45,22 @@ class Retention(Mixer):
     def gammas(heads):
         return 1.0 - 2.0 ** (-5.0 - np.arange(heads))
 
-    def _qk(self, q, k):
+    def _qk(self, xp, q, k):
         if self.rotary:
-            q, k = rotate(q), rotate(k)
+            q, k = rotate(xp, q), rotate(xp, k)
         return q * scale_of(q.shape[-1]), k
 
-    def _apply(self, q, k, v, causal):
-        return decayed_prefix_sum(*self._qk(q, k), v, self.gammas(q.shape[1]), self.chunk)
+    def _apply(self, xp, q, k, v, causal):
+        return decayed_prefix_sum(xp, *self._qk(xp, q, k), v, self.gammas(q.shape[1]), self.chunk)
 
-    def _recurrent(self, q, k, v, causal):
-        return recurrent_prefix_sum(*self._qk(q, k), v, self.gammas(q.shape[1]))
+    def _recurrent(self, xp, q, k, v, causal):
+        return recurrent_prefix_sum(xp, *self._qk(xp, q, k), v, self.gammas(q.shape[1]))
 
-    def _parallel(self, q, k, v, causal):
-        return array_module(v).matmul(self._matrix(q, k, causal), v)
+    def _parallel(self, xp, q, k, v, causal):
+        return self._matrix(xp, q, k, causal) @ v
 
-    def _matrix(self, q, k, causal):
-        return decay_matrix(*self._qk(q, k), self.gammas(q.shape[1]))
+    def _matrix(self, xp, q, k, causal):
+        return decay_matrix(xp, *self._qk(xp, q, k), self.gammas(q.shape[1]))
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         bh = batch * heads

@@ -3,15 +3,14 @@ and naive (the materialised N x N score matrix, the memory wall every other mixe
 P = softmax(Q K^T / sqrt(d)) (+ causal mask)."""
 from __future__ import annotations
 
-from ..backend import array_module
-from ..blockwise import attention
+from .. import backend
 from .base import Mixer, Param, causal_bias, masked_softmax, register, scores
 
 
-def softmax_matrix(q, k, causal, scale=None):
+def softmax_matrix(xp, q, k, causal, scale=None):
     """The textbook dense P for head-major q/k (b, h, n, d)."""
-    bias = causal_bias(q.shape[2], array_module(q), q.dtype) if causal else None
-    return masked_softmax(scores(q, k, scale), bias)[0]
+    bias = causal_bias(q.shape[2], xp, q.dtype) if causal else None
+    return masked_softmax(xp, scores(q, k, scale), bias)[0]
 
 
 class _Softmax(Mixer):
@@ -19,8 +18,8 @@ class _Softmax(Mixer):
     reference = "Vaswani et al. 2017, Attention Is All You Need"
     exact = True
 
-    def _matrix(self, q, k, causal):
-        return softmax_matrix(q, k, causal)
+    def _matrix(self, xp, q, k, causal):
+        return softmax_matrix(xp, q, k, causal)
 
 
 @register
@@ -32,11 +31,10 @@ class ExactBlockwise(_Softmax):
     params = {"block_q": Param(256, "query rows per tile", minimum=1),
               "block_k": Param(512, "key rows per tile", minimum=1)}
 
-    def _apply(self, q, k, v, causal):
-        xp = array_module(q)
-        out, _ = attention(xp.moveaxis(q, 1, 2), xp.moveaxis(k, 1, 2), xp.moveaxis(v, 1, 2),
-                           causal=causal, block_q=self.block_q, block_k=self.block_k,
-                           check_finite=False)
+    def _apply(self, xp, q, k, v, causal):
+        out, _ = backend.attention(xp.moveaxis(q, 1, 2), xp.moveaxis(k, 1, 2), xp.moveaxis(v, 1, 2),
+                                   causal=causal, block_q=self.block_q, block_k=self.block_k,
+                                   check_finite=False)
         return xp.moveaxis(out, 2, 1)
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
@@ -51,8 +49,8 @@ class ExactNaive(_Softmax):
     time_complexity = "O(N^2 d)"
     memory_complexity = "O(N^2)"
 
-    def _apply(self, q, k, v, causal):
-        return array_module(q).matmul(softmax_matrix(q, k, causal), v)
+    def _apply(self, xp, q, k, v, causal):
+        return softmax_matrix(xp, q, k, causal) @ v
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         return 3 * batch * heads * n * n * itemsize // 2 + 2 * batch * heads * n * head_dim * itemsize

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import Mixer, Param, SEED, causal_bias, masked_softmax, register, scale_of, scores
 
 TILE_ELEMENTS = 1 << 22  # score elements formed at once (memory of one group of query blocks)
 
 
-def pad_rows(x, n_to):
+def pad_rows(xp, x, n_to):
     """Zero-pad head-major x (b, h, n, d) along the sequence to ``n_to`` rows."""
-    xp = array_module(x)
     if x.shape[2] == n_to:
         return x
     pad = xp.zeros(x.shape[:2] + (n_to - x.shape[2],) + x.shape[3:], dtype=x.dtype)
     return xp.concatenate([x, pad], axis=2)
 
 
-def block_sparse_attention(q, k, v, *, block, table, qblocks, out, lse, n_valid,
+def block_sparse_attention(xp, q, k, v, *, block, table, qblocks, out, lse, n_valid,
                            scale=None, bias_fn=None):
     """Softmax attention of query blocks ``qblocks`` over their listed key blocks.
 
@@ -34,7 +32,6 @@ def block_sparse_attention(q, k, v, *, block, table, qblocks, out, lse, n_valid,
     key indices ``kj`` (H, G, 1, m*block), broadcastable to (b, h, G, block, m*block), or None.
     Writes rows of ``out`` (b, h, n, d) and ``lse`` (b, h, n) in place.
     """
-    xp = array_module(q)
     b, h, n, d = q.shape
     nb = n // block
     hh, nq, m = table.shape
@@ -61,41 +58,40 @@ def block_sparse_attention(q, k, v, *, block, table, qblocks, out, lse, n_valid,
         if bias_fn is not None:
             qi = (rows[:, None] * block + within)[:, :, None]
             bias = bias + bias_fn(qi, kj)
-        p, l = masked_softmax(s, bias)
-        ob[:, :, rows] = xp.matmul(p, vs.reshape(shape))
+        p, l = masked_softmax(xp, s, bias)
+        ob[:, :, rows] = p @ vs.reshape(shape)
         lb[:, :, rows] = l
 
 
-def run_block_pattern(q, k, v, block, patterns, bias_fn=None):
+def run_block_pattern(xp, q, k, v, block, patterns, bias_fn=None):
     """Pad to whole blocks, run each (table, qblocks) pattern, cut the padding off.
 
-    Returns (out, lse) of the unpadded length."""
-    xp = array_module(q)
+    Returns (out, lse) of the unpadded length. ``bias_fn(qi, kj)`` as in
+    ``block_sparse_attention``."""
     n = q.shape[2]
     npad = -(-n // block) * block
-    qp, kp, vp = (pad_rows(x, npad) for x in (q, k, v))
+    qp, kp, vp = (pad_rows(xp, x, npad) for x in (q, k, v))
     out = xp.zeros(qp.shape[:3] + (v.shape[-1],), dtype=q.dtype)
     lse = xp.full(qp.shape[:3], -np.inf, dtype=q.dtype)
     for table, qblocks in patterns:
         if len(qblocks):
-            block_sparse_attention(qp, kp, vp, block=block, table=xp.asarray(table),
+            block_sparse_attention(xp, qp, kp, vp, block=block, table=xp.asarray(table),
                                    qblocks=xp.asarray(qblocks), out=out, lse=lse, n_valid=n,
                                    bias_fn=bias_fn)
     return out[:, :, :n], lse[:, :, :n]
 
 
-def dense_pattern_matrix(q, k, allowed, causal):
+def dense_pattern_matrix(xp, q, k, allowed, causal):
     """Naive form of a sparse pattern: dense scores, -inf outside ``allowed`` (H|1, n, n)."""
-    xp = array_module(q)
     bias = xp.where(xp.asarray(allowed), 0.0, -np.inf).astype(q.dtype)[None]
     if causal:
         bias = bias + causal_bias(q.shape[2], xp, q.dtype)
-    return masked_softmax(scores(q, k), bias)[0]
+    return masked_softmax(xp, scores(q, k), bias)[0]
 
 
-def _causal_fn(qi, kj):
-    xp = array_module(qi)
-    return xp.where(qi >= kj, 0.0, -np.inf)
+def _causal_fn(xp):
+    """The causal bias of ``block_sparse_attention``'s index grids, for ``xp`` arrays."""
+    return lambda qi, kj: xp.where(qi >= kj, 0.0, -np.inf)
 
 
 @register
@@ -110,7 +106,7 @@ class SlidingWindow(Mixer):
     def _block(self, n):
         return max(1, min(self.window, n))
 
-    def _apply(self, q, k, v, causal):
+    def _apply(self, xp, q, k, v, causal):
         n = q.shape[2]
         block = self._block(n)
         nb = -(-n // block)
@@ -120,15 +116,14 @@ class SlidingWindow(Mixer):
         w = self.window
 
         def band(qi, kj):
-            xp = array_module(qi)
             ok = (qi - kj <= w) & ((qi >= kj) if causal else (kj - qi <= w))
             return xp.where(ok, 0.0, -np.inf)
 
-        return run_block_pattern(q, k, v, block, [(table, me)], band)[0]
+        return run_block_pattern(xp, q, k, v, block, [(table, me)], band)[0]
 
-    def _matrix(self, q, k, causal):
+    def _matrix(self, xp, q, k, causal):
         i = np.arange(q.shape[2])
-        return dense_pattern_matrix(q, k, np.abs(i[:, None] - i[None, :]) <= self.window, causal)
+        return dense_pattern_matrix(xp, q, k, np.abs(i[:, None] - i[None, :]) <= self.window, causal)
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         keys = 3 * self._block(n)
@@ -166,11 +161,11 @@ class BigBird(Mixer):
         glob = np.broadcast_to(np.arange(nb), (1, g, nb))
         return [(table, np.arange(g, nb)), (glob, np.arange(g))]
 
-    def _apply(self, q, k, v, causal):
-        return run_block_pattern(q, k, v, self.block, self.tables(q.shape[2], q.shape[1], causal),
-                                 _causal_fn if causal else None)[0]
+    def _apply(self, xp, q, k, v, causal):
+        return run_block_pattern(xp, q, k, v, self.block, self.tables(q.shape[2], q.shape[1], causal),
+                                 _causal_fn(xp) if causal else None)[0]
 
-    def _matrix(self, q, k, causal):
+    def _matrix(self, xp, q, k, causal):
         n, h = q.shape[2], q.shape[1]
         nb = -(-n // self.block)
         blocks = np.zeros((h, nb, nb), dtype=bool)
@@ -180,7 +175,7 @@ class BigBird(Mixer):
                 for row, blk in enumerate(qblocks):
                     blocks[head, blk, tbl[row][tbl[row] >= 0]] = True
         dense = blocks.repeat(self.block, axis=1).repeat(self.block, axis=2)[:, :n, :n]
-        return dense_pattern_matrix(q, k, dense, causal)
+        return dense_pattern_matrix(xp, q, k, dense, causal)
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         m = 3 + self.global_blocks + self.random_blocks

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
 from .base import Mixer, Param, SEED, as_xp, register
 
 
@@ -47,17 +46,15 @@ class S4D(Mixer):
         powers = np.exp(np.log(a_bar)[:, :, None] * np.arange(n))            # (h, modes, n)
         return 2 * np.einsum("hm,hmn->hn", bc, powers).real
 
-    def _apply(self, q, k, v, causal):
-        xp = array_module(v)
+    def _apply(self, xp, q, k, v, causal):
         n = v.shape[2]
-        kern = as_xp(self.kernel(n, v.shape[1]), v)[None, :, :, None]       # (1, h, n, 1)
-        d = as_xp(self.ssm(v.shape[1])[2], v)[None, :, None, None]
+        kern = as_xp(xp, self.kernel(n, v.shape[1]), v)[None, :, :, None]   # (1, h, n, 1)
+        d = as_xp(xp, self.ssm(v.shape[1])[2], v)[None, :, None, None]
         size = 2 * n
         y = xp.fft.irfft(xp.fft.rfft(kern, size, axis=2) * xp.fft.rfft(v, size, axis=2), size, axis=2)
         return y[:, :, :n] + d * v
 
-    def _recurrent(self, q, k, v, causal):
-        xp = array_module(v)
+    def _recurrent(self, xp, q, k, v, causal):
         a_bar, bc, d = (xp.asarray(x) for x in self.ssm(v.shape[1]))
         state = xp.zeros(v.shape[:2] + (a_bar.shape[1], v.shape[3]), dtype=np.complex128)
         out = xp.empty(v.shape, dtype=v.dtype)
@@ -67,13 +64,13 @@ class S4D(Mixer):
                 + d[None, :, None] * v[:, :, t]
         return out
 
-    def _matrix(self, q, k, causal):
+    def _matrix(self, xp, q, k, causal):
         n, h = q.shape[2], q.shape[1]
         kern = self.kernel(n, h)
         i = np.arange(n)
         lag = i[:, None] - i[None, :]
         p = np.where(lag >= 0, kern[:, np.maximum(lag, 0)], 0.0) + self.ssm(h)[2][:, None, None] * np.eye(n)
-        return array_module(q).broadcast_to(as_xp(p, q), q.shape[:2] + (n, n))
+        return xp.broadcast_to(as_xp(xp, p, q), q.shape[:2] + (n, n))
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         return 10 * batch * heads * n * head_dim * itemsize + 16 * heads * self.state * n
