@@ -186,7 +186,7 @@ def _function(name: str, smem: int):
     if mod is None:
         mod = _modules[dev] = cupy.RawModule(code=kernel_source(), options=compile_options())
     fn = mod.get_function(name)
-    if (dev, name) not in _configured:  # opt in to more than 48 KiB of dynamic shared memory
+    if smem and (dev, name) not in _configured:  # opt in to more than 48 KiB of dynamic shared memory
         fn.max_dynamic_shared_size_bytes = smem
         _configured.add((dev, name))
     return fn
