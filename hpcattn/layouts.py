@@ -100,7 +100,7 @@ class Distribution:
 
     >>> d = Distribution(10, 3, "zigzag")
     >>> d.counts, d.positions(1).tolist()
-    ((4, 3, 3), [2, 3, 7])
+    ((3, 3, 4), [2, 3, 8])
     """
 
     n: int

@@ -77,3 +77,44 @@ def test_bad_layout_and_short_sequence_are_one_line_errors():
         positions(10, 2, 0, "diagonal")
     with pytest.raises(ValueError, match="N=3 is smaller than the number of ranks P=4"):
         layouts.shard(np.zeros((1, 3, 1, 1)), FakeComm(4, 0), "zigzag")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", range(1, 6))
+def test_distribution_holds_what_the_pure_functions_compute(layout, size):
+    for n in range(size, 40):
+        dist = layouts.Distribution(n, size, layout)
+        assert dist.counts == tuple(local_count(n, size, r, layout) for r in range(size))
+        for r in range(size):
+            assert dist.count(r) == dist.counts[r]
+            assert np.array_equal(dist.positions(r), positions(n, size, r, layout))
+            assert np.array_equal(np.concatenate([np.arange(n)[s] for s in dist.slices(r)]),
+                                  dist.positions(r))
+        assert np.array_equal(dist.global_order, global_order(n, size, layout))
+        rank, local = dist.owner(np.arange(n))
+        for r in range(size):
+            assert np.all(rank[dist.positions(r)] == r)
+            assert np.array_equal(local[dist.positions(r)], np.arange(dist.count(r)))
+        assert dist.mismatch(dist.counts) is None
+
+
+def test_distribution_is_an_immutable_value():
+    import dataclasses
+
+    dist = layouts.Distribution(10, 3, "zigzag")
+    assert dist == layouts.Distribution(10, 3, "zigzag") != layouts.Distribution(10, 3, "striped")
+    assert len({dist, layouts.Distribution(10, 3, "zigzag")}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dist.n = 11
+    with pytest.raises(ValueError):
+        dist.positions(1)[0] = 5           # shared by every caller: read-only
+    assert dist.counts == (3, 3, 4) and dist.positions(1).tolist() == [2, 3, 8]
+    assert dist.mismatch([3, 4, 3]) == ("ranks hold [3, 4, 3] positions but layout 'zigzag' with "
+                                        "N=10 on P=3 ranks assigns [3, 3, 4]")
+
+
+def test_distribution_refuses_an_unknown_layout_and_no_ranks():
+    with pytest.raises(ValueError, match="layout 'spiral' is unknown; expected one of contiguous"):
+        layouts.Distribution(10, 2, "spiral")
+    with pytest.raises(ValueError, match="size=0 ranks"):
+        layouts.Distribution(10, 0)
