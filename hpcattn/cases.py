@@ -12,7 +12,7 @@ import numpy as np
 
 from . import backend
 from .check import sampled_check
-from .devices import DEVICE_DTYPES, DEVICES, default_tolerance, np_dtype
+from .devices import DEVICES, default_tolerance, np_dtype
 from .errors import CollectiveError
 from .inputs import random_qkv
 from .layouts import Distribution, check_layout
@@ -49,15 +49,13 @@ class AttentionCase:
                                   "expected heads to be a multiple of kv_heads")
         if self.device not in DEVICES:
             raise CollectiveError(f"device {self.device!r} is unknown; expected one of {', '.join(DEVICES)}")
-        if self.dtype not in DEVICE_DTYPES[self.device]:
+        be = backend.by_name(self.device)
+        if self.dtype not in be.dtypes:
             raise CollectiveError(f"dtype {self.dtype!r} is not supported on {self.device}; expected one of "
-                                  f"{', '.join(DEVICE_DTYPES[self.device])}")
-        if self.device == "gpu":
-            from .gpu.kernels import HEAD_DIMS
-
-            if self.head_dim not in HEAD_DIMS:
-                raise CollectiveError(f"head_dim={self.head_dim} is not supported by the GPU kernels; "
-                                      f"expected one of {', '.join(map(str, HEAD_DIMS))}")
+                                  f"{', '.join(be.dtypes)}")
+        if be.head_dims is not None and self.head_dim not in be.head_dims:
+            raise CollectiveError(f"head_dim={self.head_dim} is not supported by the {self.device.upper()} "
+                                  f"kernels; expected one of {', '.join(map(str, be.head_dims))}")
         try:
             check_layout(self.layout)
         except ValueError as exc:
@@ -139,8 +137,8 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "skipped_blocks": [p[5] for p in per_rank],
         "ranks": size,
     }
+    out, lse = be.to_host(out), be.to_host(lse)  # what the check and the activations see
     if case.device == "gpu":
-        out, lse = be.to_host(out), be.to_host(lse)
         result["gpu_pool_bytes"] = comm.allgather(be.pool_bytes())
     if case.check_rows:
         result.update(sampled_check(q, k, v, out, lse, comm, dist=dist, causal=case.causal,

@@ -1,16 +1,17 @@
 import os
-import shutil
 import sys
 
 import pytest
+
+from hpcattn.launch import find_mpiexec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
 def mpiexec_path():
-    here = os.path.dirname(sys.executable)
-    return shutil.which("mpiexec", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
+    """The mpiexec ``hpcattn run --np`` would use (beside this Python, then on PATH)."""
+    return find_mpiexec()
 
 
 @pytest.fixture

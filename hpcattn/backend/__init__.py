@@ -3,7 +3,8 @@
 ``select(q)`` picks it from the input arrays, ``by_name("cpu" | "gpu")`` from a device name (the
 command line's ``--device``). A backend carries everything that differs between the two:
 
-* ``name``, ``xp`` (the array module) and ``dtypes`` (``hpcattn.devices``),
+* ``name``, ``xp`` (the array module), ``dtypes`` (``hpcattn.devices``) and ``head_dims``
+  (those its kernels take; None: any),
 * ``attention(q, k, v, *, causal, scale, q_pos, k_pos, block_q, block_k, progress)``: per-rank
   attention of validated inputs, ``(out, lse)``,
 * ``partial(q, kv_heads, *, causal, scale, q_pos, block_q, block_k)``: the running state a ring

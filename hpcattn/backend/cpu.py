@@ -29,6 +29,7 @@ class NumpyBackend:
     name = "cpu"
     xp = np
     dtypes = CPU_DTYPES
+    head_dims = None  # any
 
     def attention(self, q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=None,
                   block_k=None, progress=None):

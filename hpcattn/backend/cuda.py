@@ -9,6 +9,7 @@ from ..devices import GPU_DTYPES
 class CudaBackend:
     name = "gpu"
     dtypes = GPU_DTYPES
+    head_dims = gpu.kernels.HEAD_DIMS
 
     @property
     def xp(self):
