@@ -94,9 +94,10 @@ def owner(n: int, size: int, layout: str, pos) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Distribution:
-    """A length-``n`` sequence spread over ``size`` ranks by ``layout``, with every rank's
-    counts and positions computed once (as mpi4py-fft's ``Pencil`` carries its subshape and
-    start). Immutable; equal (and hashed) by ``(n, size, layout)``.
+    """A length-``n`` sequence spread over ``size`` ranks by ``layout``: the layout checked and
+    every rank's slices and counts computed once (as mpi4py-fft's ``Pencil`` carries its
+    subshape and start). Immutable; equal (and hashed) by ``(n, size, layout)``. Positions are
+    made from the slices when asked (O(N/P) each), so the value itself stays O(P) in size.
 
     >>> d = Distribution(10, 3, "zigzag")
     >>> d.counts, d.positions(1).tolist()
@@ -107,30 +108,30 @@ class Distribution:
     size: int
     layout: str = "contiguous"
     counts: tuple = field(init=False, repr=False, compare=False)
-    _positions: tuple = field(init=False, repr=False, compare=False)
+    _slices: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_layout(self.layout)
         if self.size < 1 or self.n < 0:
             raise ValueError(f"n={self.n} positions on size={self.size} ranks; expected n >= 0 and size >= 1")
-        pos = []
-        for r in range(self.size):
-            p = positions(self.n, self.size, r, self.layout)
-            p.setflags(write=False)  # shared by every caller: nobody may change it
-            pos.append(p)
-        object.__setattr__(self, "_positions", tuple(pos))
-        object.__setattr__(self, "counts", tuple(len(p) for p in pos))
+        slices = tuple(tuple(local_slices(self.n, self.size, r, self.layout)) for r in range(self.size))
+        object.__setattr__(self, "_slices", slices)
+        object.__setattr__(self, "counts", tuple(sum(len(range(*s.indices(self.n))) for s in sl)
+                                                 for sl in slices))
 
     def count(self, rank: int) -> int:
         return self.counts[rank]
 
-    def positions(self, rank: int) -> np.ndarray:
-        """Global positions rank ``rank`` holds (int64, increasing, read-only)."""
-        return self._positions[rank]
-
     def slices(self, rank: int) -> list[slice]:
         """Slices of the global sequence ``rank`` holds, in local order."""
-        return local_slices(self.n, self.size, rank, self.layout)
+        return list(self._slices[rank])
+
+    def positions(self, rank: int) -> np.ndarray:
+        """Global positions rank ``rank`` holds (int64, increasing, read-only)."""
+        parts = [np.arange(*s.indices(self.n), dtype=np.int64) for s in self._slices[rank]]
+        pos = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        pos.setflags(write=False)
+        return pos
 
     def owner(self, pos) -> tuple[np.ndarray, np.ndarray]:
         """(rank, local index) of each global position in ``pos``."""
@@ -139,7 +140,7 @@ class Distribution:
     @property
     def global_order(self) -> np.ndarray:
         """Every rank's positions, rank 0 first: ``x_global[order] == cat(shards)``."""
-        return np.concatenate(self._positions)
+        return np.concatenate([self.positions(r) for r in range(self.size)])
 
     def mismatch(self, counts) -> str | None:
         """Why ranks holding ``counts`` positions are not this distribution (None if they are)."""
