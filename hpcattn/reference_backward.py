@@ -20,8 +20,11 @@ def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, q_pos=N
     nk, hkv = k.shape[1], k.shape[2]
     group = h // hkv
     scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = scale * np.einsum("bqhd,bkhd->bhqk", q, kr)
+    # (batch, heads, seq, d) for the matrix products
+    qt = q.transpose(0, 2, 1, 3)
+    kt, vt = (np.repeat(x, group, axis=2).transpose(0, 2, 1, 3) for x in (k, v))
+    dot = dout.transpose(0, 2, 1, 3)
+    scores = scale * (qt @ kt.transpose(0, 1, 3, 2))
     visible = np.ones((nq, nk), dtype=bool)
     if causal:
         qp = np.arange(nq) if q_pos is None else np.asarray(q_pos)
@@ -34,12 +37,11 @@ def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, q_pos=N
     total = weights.sum(axis=-1, keepdims=True)
     probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
     # dL/dP = dout · vᵀ; the softmax Jacobian gives dS = P ∘ (dP - rowsum(P ∘ dP))
-    dprobs = np.einsum("bqhd,bkhd->bhqk", dout, vr)
+    dprobs = dot @ vt.transpose(0, 1, 3, 2)
     dscores = probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True))
-    dq = scale * np.einsum("bhqk,bkhd->bqhd", dscores, kr)
-    dk = scale * np.einsum("bhqk,bqhd->bkhd", dscores, q)
-    dv = np.einsum("bhqk,bqhd->bkhd", probs, dout)
-    # the group's query heads share one kv head: sum their gradients
-    dk = dk.reshape(b, nk, hkv, group, d).sum(axis=3)
-    dv = dv.reshape(b, nk, hkv, group, d).sum(axis=3)
-    return dq, dk, dv
+    dq = scale * (dscores @ kt)
+    dk = scale * (dscores.transpose(0, 1, 3, 2) @ qt)
+    dv = probs.transpose(0, 1, 3, 2) @ dot
+    # back to (batch, seq, heads, d); the group's query heads share one kv head: sum them
+    dk, dv = (x.reshape(b, hkv, group, nk, d).sum(axis=2).transpose(0, 2, 1, 3) for x in (dk, dv))
+    return dq.transpose(0, 2, 1, 3), dk, dv
