@@ -213,3 +213,22 @@ def test_score_ramp_forces_the_exact_fallback_and_stays_exact(dtype):
         tol = 1e-5 if dtype == "float32" else 1e-12
         assert np.abs(out - ref).max() < tol
         assert np.abs(lse - ref_lse).max() / np.abs(ref_lse).max() < tol
+
+
+def test_the_backend_is_chosen_once_by_array_or_device_name():
+    """NumPy arrays and "cpu" give the NumPy backend (its kernel is this file's subject); "gpu"
+    names the CUDA one without importing CuPy; an unknown device is a one-line error."""
+    from hpcattn import backend
+
+    rng = np.random.default_rng(14)
+    q, k, v = make(rng, 1, 20, 20, 2, 1, 8, "float32")
+    cpu = backend.select(q)
+    assert cpu is backend.by_name("cpu") and cpu.xp is np and cpu.dtypes == ("float32", "float64")
+    out, lse = cpu.attention(q, k, v, causal=True, scale=None)
+    ref, ref_lse = naive_attention(q, k, v, causal=True)
+    assert np.abs(out - ref).max() <= TOL["float32"] and np.abs(lse - ref_lse).max() <= 10 * TOL["float32"]
+    gpu = backend.by_name("gpu")
+    assert gpu.name == "gpu" and gpu.dtypes == ("float16", "bfloat16", "float32")
+    assert gpu.head_dims == (64, 128)
+    with pytest.raises(ValueError, match=r"device 'tpu' is unknown; expected one of cpu, gpu"):
+        backend.by_name("tpu")

@@ -131,3 +131,26 @@ def test_too_few_positions_and_wrong_sharding():
     with pytest.raises(CollectiveError, match="layout 'striped'.*assigns"):
         ring_attention(q, k, v, comm, layout="striped")
     comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_with_the_gpu_running_state_on_the_host(layout, monkeypatch):
+    """The CUDA backend's running state (attention per block, merged by log-sum-exp), with the
+    NumPy kernel standing in for the CUDA one, gives the same ring result as the NumPy state."""
+    from hpcattn import backend, blockwise
+    from hpcattn.gpu.partial import MergedAttention
+
+    def merged(self, q, kv_heads, *, causal, scale, q_pos, **block_kw):
+        return MergedAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
+                               attend=blockwise.attention, xp=np, **block_kw)
+
+    comm = MPI.COMM_WORLD
+    q, k, v = global_inputs(77)
+    monkeypatch.setattr(backend.NumpyBackend, "partial", merged)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, lse = ring_attention(*local, comm, causal=True, layout=layout, block_q=8, block_k=8)
+    ref, ref_lse = naive_attention(q, k, v, causal=True)
+    assert np.abs(unshard(out, comm, layout) - ref).max() < 1e-12
+    assert np.abs(unshard(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
