@@ -20,6 +20,7 @@ this package is the only one that imports ``hpcattn.gpu`` (in ``cuda.py``, when 
 from __future__ import annotations
 
 from ..devices import DEVICES
+from ..merge import merge_lse
 from ..validate import check_qkv
 from .cpu import NUMPY, NumpyBackend
 
@@ -87,8 +88,6 @@ def merge_partials(out, lse, out_b, lse_b):
     ``out``: (batch, N, heads, d); ``lse``: (batch, heads, N). Uses the log-sum-exp weights, so
     the merged result equals attention over the union of the two key sets.
     """
-    from ..merge import merge_lse
-
     return merge_lse(out, lse, out_b, lse_b, select(out).xp)
 
 
