@@ -26,10 +26,8 @@
 // The tile sizes come from Python as -D options (hpcattn.gpu.backward.compile_defines()).
 #include "hpcattn_common.cuh"
 
-#if !defined(HPCATTN_BWD_THREADS) || !defined(HPCATTN_BWD_DKDV_KEYS_D64) || !defined(HPCATTN_BWD_DKDV_QUERIES_D64) \
-    || !defined(HPCATTN_BWD_DKDV_KEYS_D128) || !defined(HPCATTN_BWD_DKDV_QUERIES_D128)                           \
-    || !defined(HPCATTN_BWD_DQ_QUERIES_D64) || !defined(HPCATTN_BWD_DQ_KEYS_D64)                                 \
-    || !defined(HPCATTN_BWD_DQ_QUERIES_D128) || !defined(HPCATTN_BWD_DQ_KEYS_D128)
+// (the forward's HPCATTN_THREADS / HPCATTN_BLOCK_Q configure attention_fwd_mma.cuh, included below)
+#if !defined(HPCATTN_BWD_THREADS) || !defined(HPCATTN_BWD_dq_ROWS_D64) || !defined(HPCATTN_THREADS)
 #error "compile with the -D options from hpcattn.gpu.backward.compile_options()"
 #endif
 
@@ -346,7 +344,10 @@ __device__ __forceinline__ void attention_bwd_dkdv(HPCATTN_BACKWARD_PARAMS(T), f
 }  // namespace bwd
 }  // namespace hpcattn
 
-// extern "C" entry points; argument lists declared once in hpcattn/gpu/backward.py.
+#include "attention_bwd_mma.cuh"
+
+// extern "C" entry points; argument lists declared once in hpcattn/gpu/backward.py, tile sizes
+// HPCATTN_BWD_<stage>[_mma]_{ROWS,COLS}_D<d> from its TILES table.
 #define HPCATTN_BWD_DELTA_ENTRY(NAME, T, D)                                                       \
     extern "C" __global__ void __launch_bounds__(HPCATTN_BWD_THREADS)                            \
         NAME(const T* __restrict__ out, const T* __restrict__ dout, float* __restrict__ delta, int n_q, int heads) { \
@@ -357,18 +358,26 @@ __device__ __forceinline__ void attention_bwd_dkdv(HPCATTN_BACKWARD_PARAMS(T), f
         extern __shared__ float4 hpcattn_smem[];                                                  \
         hpcattn::bwd::IMPL<T, D, ROWS, COLS>(HPCATTN_BACKWARD_ARGS, hpcattn_smem);                \
     }
-#define HPCATTN_BWD_ENTRIES(SUFFIX, T)                                                            \
-    HPCATTN_BWD_DELTA_ENTRY(attention_bwd_delta_##SUFFIX##_d64, T, 64)                            \
-    HPCATTN_BWD_DELTA_ENTRY(attention_bwd_delta_##SUFFIX##_d128, T, 128)                          \
-    HPCATTN_BWD_ENTRY(attention_bwd_dq_##SUFFIX##_d64, attention_bwd_dq, T, 64, HPCATTN_BWD_DQ_QUERIES_D64, \
-                      HPCATTN_BWD_DQ_KEYS_D64)                                                    \
-    HPCATTN_BWD_ENTRY(attention_bwd_dq_##SUFFIX##_d128, attention_bwd_dq, T, 128, HPCATTN_BWD_DQ_QUERIES_D128, \
-                      HPCATTN_BWD_DQ_KEYS_D128)                                                   \
-    HPCATTN_BWD_ENTRY(attention_bwd_dkdv_##SUFFIX##_d64, attention_bwd_dkdv, T, 64, HPCATTN_BWD_DKDV_KEYS_D64, \
-                      HPCATTN_BWD_DKDV_QUERIES_D64)                                               \
-    HPCATTN_BWD_ENTRY(attention_bwd_dkdv_##SUFFIX##_d128, attention_bwd_dkdv, T, 128, HPCATTN_BWD_DKDV_KEYS_D128, \
-                      HPCATTN_BWD_DKDV_QUERIES_D128)
+// attention_bwd_<stage>[_mma]_<suffix>_d<D> running attention_bwd_<stage>[_mma]<T, D, rows, cols>
+#define HPCATTN_BWD_STAGE(STAGE, KIND, SUFFIX, T, D)                                              \
+    HPCATTN_BWD_ENTRY(attention_bwd_##STAGE##KIND##_##SUFFIX##_d##D, attention_bwd_##STAGE##KIND, T, D, \
+                      HPCATTN_BWD_##STAGE##KIND##_ROWS_D##D, HPCATTN_BWD_##STAGE##KIND##_COLS_D##D)
+#define HPCATTN_BWD_SIMT_ENTRIES(SUFFIX, T, D)                                                    \
+    HPCATTN_BWD_DELTA_ENTRY(attention_bwd_delta_##SUFFIX##_d##D, T, D)                            \
+    HPCATTN_BWD_STAGE(dq, , SUFFIX, T, D)                                                         \
+    HPCATTN_BWD_STAGE(dkdv, , SUFFIX, T, D)
+// tensor cores (sm_80+), fp16/bf16 only
+#define HPCATTN_BWD_MMA_ENTRIES(SUFFIX, T, D)                                                     \
+    HPCATTN_BWD_STAGE(dq, _mma, SUFFIX, T, D)                                                     \
+    HPCATTN_BWD_STAGE(dkdv, _mma, SUFFIX, T, D)
 
-HPCATTN_BWD_ENTRIES(f32, float)
-HPCATTN_BWD_ENTRIES(f16, __half)
-HPCATTN_BWD_ENTRIES(bf16, __nv_bfloat16)
+HPCATTN_BWD_SIMT_ENTRIES(f32, float, 64)
+HPCATTN_BWD_SIMT_ENTRIES(f32, float, 128)
+HPCATTN_BWD_SIMT_ENTRIES(f16, __half, 64)
+HPCATTN_BWD_SIMT_ENTRIES(f16, __half, 128)
+HPCATTN_BWD_SIMT_ENTRIES(bf16, __nv_bfloat16, 64)
+HPCATTN_BWD_SIMT_ENTRIES(bf16, __nv_bfloat16, 128)
+HPCATTN_BWD_MMA_ENTRIES(f16, __half, 64)
+HPCATTN_BWD_MMA_ENTRIES(f16, __half, 128)
+HPCATTN_BWD_MMA_ENTRIES(bf16, __nv_bfloat16, 64)
+HPCATTN_BWD_MMA_ENTRIES(bf16, __nv_bfloat16, 128)

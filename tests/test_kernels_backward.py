@@ -18,6 +18,8 @@ from hpcattn.reference_backward import naive_attention_backward
 pytestmark = pytest.mark.timeout(180)
 
 DTYPES = tuple(kernels.DTYPES)
+#: (dtype, kernel variant): SIMT for every dtype, tensor cores for fp16/bf16
+KERNEL_CASES = [*((dt, "simt") for dt in DTYPES), *((dt, "mma") for dt in kernels.MMA_DTYPES)]
 # (batch, n_q, n_k, heads, kv_heads, head_dim, causal): ragged tiles, GQA 4/2, MQA 4/1,
 # n_q != n_k both ways, single rows and keys, both head dims
 SHAPES = [
@@ -64,56 +66,56 @@ def shape_id(s):
     return "b{}q{}k{}h{}kv{}d{}{}".format(*s[:6], "c" * s[6])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_emulated_backward_matches_float64_reference(shape, dtype):
+def test_emulated_backward_matches_float64_reference(shape, dtype, variant):
     b, nq, nk, h, hkv, d, causal = shape
     rng = np.random.default_rng(hash(shape) % 2**32)
     q_pos, k_pos = positions(rng, nq, nk, causal)
     args = problem(rng, b, nq, nk, h, hkv, d, dtype, causal, q_pos, k_pos)
-    grads = attention_backward_emulated(*args, causal=causal, q_pos=q_pos, k_pos=k_pos)
+    grads = attention_backward_emulated(*args, causal=causal, q_pos=q_pos, k_pos=k_pos, variant=variant)
     assert [g.dtype for g in grads] == [np_dtype(dtype)] * 3
     assert grads[1].shape == grads[2].shape == (b, nk, hkv, d)
     verdict = judge_backward(*args, grads, causal=causal, q_pos=q_pos, k_pos=k_pos)
-    print(f"{shape} {dtype}: {verdict}")
+    print(f"{shape} {dtype} {variant}: {verdict}")
     assert verdict.ok, verdict
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_float32_gradients_and_a_scale_that_is_not_the_default(dtype):
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_float32_gradients_and_a_scale_that_is_not_the_default(dtype, variant):
     """grad_dtype="float32" hands back the kernels' accumulators (what a ring sums over steps);
     the default is exactly them rounded to the input dtype."""
     rng = np.random.default_rng(5)
     q_pos, k_pos = zigzag(90), zigzag(90)
     kw = dict(causal=True, scale=0.3, q_pos=q_pos, k_pos=k_pos)
     q, k, v, out, lse, dout = problem(rng, 1, 90, 90, 4, 2, 64, dtype, **kw)
-    wide = attention_backward_emulated(q, k, v, out, lse, dout, grad_dtype="float32", **kw)
+    wide = attention_backward_emulated(q, k, v, out, lse, dout, grad_dtype="float32", variant=variant, **kw)
     assert all(g.dtype == np.float32 for g in wide)
-    rounded = attention_backward_emulated(q, k, v, out, lse, dout, **kw)
+    rounded = attention_backward_emulated(q, k, v, out, lse, dout, variant=variant, **kw)
     assert all(np.array_equal(r, w.astype(q.dtype)) for r, w in zip(rounded, wide))
     for grads in (rounded, wide):
         verdict = judge_backward(q, k, v, out, lse, dout, grads, **kw)
         assert verdict.ok, verdict
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rows_that_see_no_key_get_zero_gradient(dtype):
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_rows_that_see_no_key_get_zero_gradient(dtype, variant):
     rng = np.random.default_rng(1)
     q_pos = np.arange(20, dtype=np.int64)           # rows 0..9 come before every key
     k_pos = np.arange(10, 40, dtype=np.int64)
     args = problem(rng, 1, 20, 30, 2, 1, 64, dtype, True, q_pos, k_pos)
     assert np.all(np.isneginf(args[4][:, :, :10]))
-    grads = attention_backward_emulated(*args, causal=True, q_pos=q_pos, k_pos=k_pos)
+    grads = attention_backward_emulated(*args, causal=True, q_pos=q_pos, k_pos=k_pos, variant=variant)
     assert np.all(grads[0][:, :10].astype(np.float32) == 0)
     verdict = judge_backward(*args, grads, causal=True, q_pos=q_pos, k_pos=k_pos)
     assert verdict.ok, verdict
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_tiles_in_the_future_are_skipped_not_masked(dtype):
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_tiles_in_the_future_are_skipped_not_masked(dtype, variant):
     """K/V rows of a key tile in every query's future hold NaN (a masked tile would still form
     dP = dO V^T from them and poison dQ); their dK/dV are exactly 0 (no query reaches them)."""
-    bk = max(backward.DKDV_TILES[64][0], backward.DQ_TILES[64][1])  # a whole tile of both kernels
+    bk = max(backward.TILES["dkdv", variant][64][0], backward.TILES["dq", variant][64][1])  # a whole tile of both
     rng = np.random.default_rng(2)
     q_pos = np.arange(50, dtype=np.int64)
     k_pos = np.concatenate([np.arange(bk), np.arange(1000, 1000 + bk)]).astype(np.int64)
@@ -122,33 +124,36 @@ def test_tiles_in_the_future_are_skipped_not_masked(dtype):
     out = out.astype(q.dtype)
     k[:, bk:] = np.nan
     v[:, bk:] = np.nan
-    dq, dk, dv = attention_backward_emulated(q, k, v, out, lse, dout, causal=True, q_pos=q_pos, k_pos=k_pos)
+    dq, dk, dv = attention_backward_emulated(q, k, v, out, lse, dout, causal=True, q_pos=q_pos, k_pos=k_pos,
+                                             variant=variant)
     assert np.all(dk[:, bk:].astype(np.float32) == 0) and np.all(dv[:, bk:].astype(np.float32) == 0)
     verdict = judge_backward(q, k[:, :bk], v[:, :bk], out, lse, dout, (dq, dk[:, :bk], dv[:, :bk]),
                              causal=True, q_pos=q_pos, k_pos=k_pos[:bk])
     assert verdict.ok, verdict
 
 
+@pytest.mark.parametrize("dtype, variant", [("float32", "simt"), ("float16", "mma")])
 @pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
-def test_a_tile_starting_at_the_last_querys_position_is_not_skipped(head_dim):
+def test_a_tile_starting_at_the_last_querys_position_is_not_skipped(head_dim, dtype, variant):
     """Key positions 31, 32, ...: the first key of some key tile sits at exactly the last
     position of a query tile (q_max == k_min, visible), for the tile sizes of both kernels."""
     rng = np.random.default_rng(6)
     q_pos, k_pos = np.arange(96, dtype=np.int64), np.arange(96, dtype=np.int64) + 31
-    args = problem(rng, 1, 96, 96, 2, 1, head_dim, "float32", True, q_pos, k_pos)
-    grads = attention_backward_emulated(*args, causal=True, q_pos=q_pos, k_pos=k_pos)
+    args = problem(rng, 1, 96, 96, 2, 1, head_dim, dtype, True, q_pos, k_pos)
+    grads = attention_backward_emulated(*args, causal=True, q_pos=q_pos, k_pos=k_pos, variant=variant)
     verdict = judge_backward(*args, grads, causal=True, q_pos=q_pos, k_pos=k_pos)
     assert verdict.ok, verdict
 
 
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
 @pytest.mark.parametrize("n_q, n_k", [(5, 0), (0, 5)])
-def test_no_keys_or_no_queries_give_zero_gradients(n_q, n_k):
+def test_no_keys_or_no_queries_give_zero_gradients(n_q, n_k, dtype, variant):
     rng = np.random.default_rng(3)
-    q, k, v, dout = inputs(rng, 1, n_q, n_k, 2, 1, 64, "float32")
+    q, k, v, dout = inputs(rng, 1, n_q, n_k, 2, 1, 64, dtype)
     out, lse = np.zeros_like(q), np.full((1, 2, n_q), -np.inf, np.float32)
-    dq, dk, dv = attention_backward_emulated(q, k, v, out, lse, dout, causal=True)
+    dq, dk, dv = attention_backward_emulated(q, k, v, out, lse, dout, causal=True, variant=variant)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
-    assert not dq.any() and not dk.any() and not dv.any()
+    assert not any(g.astype(np.float32).any() for g in (dq, dk, dv))
 
 
 def test_lowprec_reference_is_the_float64_one_for_float32_inputs():
@@ -160,6 +165,12 @@ def test_lowprec_reference_is_the_float64_one_for_float32_inputs():
     low = lowprec_attention_backward(*args, causal=True, q_pos=q_pos, k_pos=k_pos)
     ref = naive_attention_backward(args[0], args[1], args[2], args[5], causal=True, q_pos=q_pos, k_pos=k_pos)
     assert all(scaled_error(g, r) < 1e-5 for g, r in zip(low, ref))
+
+
+def test_tensor_core_variant_needs_16_bit_inputs():
+    x = np.zeros((1, 4, 1, 64), np.float32)
+    with pytest.raises(HpcattnError, match="kernel variant 'mma' for float32"):
+        attention_backward_emulated(x, x, x, x, np.zeros((1, 1, 4), np.float32), x, variant="mma")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -210,7 +221,7 @@ def test_every_backward_entry_point_compiles_without_spills_within_limits(nvrtc,
     assert set(rep) == set(backward.KERNELS), "ptxas reported other entry points than backward.KERNELS"
     for name, res in sorted(rep.items()):
         stage, head_dim = name.split("_")[2], int(name.rsplit("_d", 1)[1])
-        dynamic = backward.smem_bytes(stage, head_dim)
+        dynamic = backward.smem_bytes(stage, head_dim, "mma" if "_mma_" in name else "simt")
         print(f"sm_{arch} {name}: {res.registers} registers, {res.static_smem + dynamic} B shared")
         assert res.spill_stores == 0 and res.spill_loads == 0, f"{name} sm_{arch} spills: {res}"
         assert res.stack_bytes == 0, f"{name} sm_{arch} uses a stack frame (local memory): {res}"

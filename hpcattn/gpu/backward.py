@@ -23,11 +23,17 @@ BACKWARD_SOURCE = "attention_bwd.cu"
 THREADS = 128
 #: query rows per block of the delta kernel (8 lanes per row)
 DELTA_ROWS = THREADS // 8
-#: (key rows per block, query rows per tile) of the dK/dV kernel and (query rows per block, key
-#: rows per tile) of the dQ kernel, by head_dim: float32 tiles that fit sm_89's 99 KiB of shared
-#: memory (sizes in ``smem_bytes``) with at most 2 x 64 accumulators per thread.
-DKDV_TILES = {64: (64, 32), 128: (32, 32)}
-DQ_TILES = {64: (64, 32), 128: (32, 32)}
+#: (rows per block, rows per streamed tile) by (stage, variant) and head_dim: the dQ kernel's
+#: blocks own query rows and stream key tiles, the dK/dV kernel's own key rows and stream query
+#: tiles. SIMT: float32 tiles that fit sm_89's 99 KiB of shared memory (``smem_bytes``) with at
+#: most 2 x 64 accumulators per thread; mma: 16 rows per warp, 16-bit tiles, streamed tiles
+#: small enough to stay clear of 255 registers (no spills) on sm_80/89/90.
+TILES = {
+    ("dq", "simt"): {64: (64, 32), 128: (32, 32)},
+    ("dkdv", "simt"): {64: (64, 32), 128: (32, 32)},
+    ("dq", "mma"): {64: (64, 32), 128: (64, 32)},
+    ("dkdv", "mma"): {64: (64, 32), 128: (64, 16)},  # d128: 2 x 64 accumulators, ~220 registers
+}
 STAGES = ("delta", "dq", "dkdv")
 
 #: ``attention_bwd_delta_*`` parameters
@@ -43,36 +49,42 @@ BACKWARD_ARGS = (
 )
 
 
-def kernel_name(stage: str, dtype: str, head_dim: int) -> str:
-    return f"attention_bwd_{stage}_{kernels.DTYPES[dtype]}_d{head_dim}"
+def kernel_name(stage: str, dtype: str, head_dim: int, variant: str = "simt") -> str:
+    kind = "_mma" if variant == "mma" and stage != "delta" else ""
+    return f"attention_bwd_{stage}{kind}_{kernels.DTYPES[dtype]}_d{head_dim}"
 
 
 #: every entry point of attention_bwd.cu with its argument list
-KERNELS = {kernel_name(stage, dt, d): DELTA_ARGS if stage == "delta" else BACKWARD_ARGS
-           for stage in STAGES for dt in kernels.DTYPES for d in kernels.HEAD_DIMS}
+KERNELS = {kernel_name(stage, dt, d, var): DELTA_ARGS if stage == "delta" else BACKWARD_ARGS
+           for var in kernels.VARIANTS for stage in STAGES
+           if not (stage == "delta" and var == "mma")  # one delta kernel serves both
+           for dt in (kernels.MMA_DTYPES if var == "mma" else kernels.DTYPES) for d in kernels.HEAD_DIMS}
 
 
-def smem_bytes(stage: str, head_dim: int) -> int:
-    """Dynamic shared memory of one block (float32 tiles; see the layouts in attention_bwd.cu)."""
+def smem_bytes(stage: str, head_dim: int, variant: str = "simt") -> int:
+    """Dynamic shared memory of one block (the layouts in attention_bwd.cu / attention_bwd_mma.cuh:
+    SIMT tiles are float32, mma tiles 16-bit with rows padded by 8)."""
     d = head_dim
     if stage == "delta":
         return 0
+    rows, cols = TILES[stage, variant][d]
+    if variant == "mma":
+        tiles = 2 * (rows + cols) * (d + 8) + d * (cols + 8) * (1 if stage == "dq" else 2)
+        return 2 * tiles + (0 if stage == "dq" else 4 * 2 * cols)
     if stage == "dq":
-        bq, bk = DQ_TILES[d]
-        return 4 * (2 * d * bq + 2 * bk * (d + 1) + bk * (bq + 4))
-    bkv, bq = DKDV_TILES[d]
-    return 4 * (2 * d * bkv + 2 * bq * (d + 1) + 2 * bq * (bkv + 4) + 2 * bq)
+        return 4 * (2 * d * rows + 2 * cols * (d + 1) + cols * (rows + 4))
+    return 4 * (2 * d * rows + 2 * cols * (d + 1) + 2 * cols * (rows + 4) + 2 * cols)
 
 
 def compile_defines() -> tuple[str, ...]:
-    """The -D options that configure the kernels (the .cu refuses to compile without them)."""
+    """The -D options that configure the kernels (the .cu refuses to compile without them); the
+    forward's configure the tensor-core helpers of attention_fwd_mma.cuh they share."""
     opts = [f"-DHPCATTN_BWD_THREADS={THREADS}"]
-    for d in kernels.HEAD_DIMS:
-        opts += [f"-DHPCATTN_BWD_DKDV_KEYS_D{d}={DKDV_TILES[d][0]}",
-                 f"-DHPCATTN_BWD_DKDV_QUERIES_D{d}={DKDV_TILES[d][1]}",
-                 f"-DHPCATTN_BWD_DQ_QUERIES_D{d}={DQ_TILES[d][0]}",
-                 f"-DHPCATTN_BWD_DQ_KEYS_D{d}={DQ_TILES[d][1]}"]
-    return tuple(opts)
+    for (stage, variant), by_dim in TILES.items():
+        kind = "_mma" if variant == "mma" else ""
+        for d, (rows, cols) in by_dim.items():
+            opts += [f"-DHPCATTN_BWD_{stage}{kind}_ROWS_D{d}={rows}", f"-DHPCATTN_BWD_{stage}{kind}_COLS_D{d}={cols}"]
+    return kernels.compile_defines() + tuple(opts)
 
 
 def compile_options() -> tuple[str, ...]:
@@ -122,11 +134,12 @@ def _check_operands(q, k, v, out, lse, dout) -> None:
 
 
 def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, q_pos, k_pos,
-                            xp) -> BackwardPlan:
+                            xp, variant=None) -> BackwardPlan:
     """float32 outputs allocated with ``xp`` and the three kernel calls that fill them.
 
     Layouts as ``plan_attention``: q/out/dout (b, n_q, heads, d), k/v (b, n_k, kv_heads, d),
-    lse (b, heads, n_q) from the forward; q_pos/k_pos int64 global positions (causal only).
+    lse (b, heads, n_q) from the forward; q_pos/k_pos int64 global positions (causal only);
+    ``variant`` "simt" or "mma" (default ``kernels.default_variant``, as the forward).
     """
     b, n_q, heads, d = q.shape
     dtype = str(q.dtype)
@@ -134,6 +147,10 @@ def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: flo
         raise HpcattnError(f"dtype {dtype} is not supported by the GPU kernels; "
                            f"expected one of {', '.join(kernels.DTYPES)}")
     kernels.check_head_dim(d)
+    variant = kernels.default_variant(dtype) if variant is None else variant
+    if variant not in kernels.VARIANTS or (variant == "mma" and dtype not in kernels.MMA_DTYPES):
+        raise HpcattnError(f"kernel variant {variant!r} for {dtype}; expected simt, or mma for "
+                           f"{' / '.join(kernels.MMA_DTYPES)}")
     _check_operands(q, k, v, out, lse, dout)
     n_k, kv_heads = k.shape[1], k.shape[2]
     if max(n_q, n_k) >= 2**31 or b > 65535 or heads > 65535:
@@ -161,15 +178,15 @@ def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: flo
                     k_bounds=kernels.tile_bounds(k_pos, k_block, xp))
 
     block = (THREADS, 1, 1)
-    bq, bk = DQ_TILES[d]
-    bkv, bq2 = DKDV_TILES[d]
+    bq, bk = TILES["dq", variant][d]
+    bkv, bq2 = TILES["dkdv", variant][d]
     launches = (
         Launch(kernel_name("delta", dtype, d), (-(-n_q // DELTA_ROWS), heads, b), block, 0,
                dict(out=out, dout=dout, delta=delta, n_q=n_q, heads=heads), None, None),
-        Launch(kernel_name("dq", dtype, d), (-(-n_q // bq), heads, b), block, smem_bytes("dq", d),
-               {**common, "dq": dq, **bounds(bq, bk)}, None, None),
-        Launch(kernel_name("dkdv", dtype, d), (-(-n_k // bkv), kv_heads, b), block, smem_bytes("dkdv", d),
-               {**common, "dk": dk, "dv": dv, **bounds(bq2, bkv)}, None, None),
+        Launch(kernel_name("dq", dtype, d, variant), (-(-n_q // bq), heads, b), block,
+               smem_bytes("dq", d, variant), {**common, "dq": dq, **bounds(bq, bk)}, None, None),
+        Launch(kernel_name("dkdv", dtype, d, variant), (-(-n_k // bkv), kv_heads, b), block,
+               smem_bytes("dkdv", d, variant), {**common, "dk": dk, "dv": dv, **bounds(bq2, bkv)}, None, None),
     )
     return BackwardPlan(launches, dq, dk, dv, delta)
 
@@ -207,19 +224,22 @@ def launch(plan: Launch) -> None:
 
 
 def attention_backward_gpu(q, k, v, out, lse, dout, *, causal: bool = False, scale: float | None = None,
-                           q_pos=None, k_pos=None, grad_dtype=None):
+                           q_pos=None, k_pos=None, grad_dtype=None, variant: str | None = None):
     """Gradients ``(dq, dk, dv)`` of ``hpcattn.attention`` for CuPy arrays, from the forward's
     ``out`` and ``lse`` and the output gradient ``dout``; dk/dv have the kv-head shape (the GQA
     group's query heads summed). float32/float16/bfloat16, head_dim 64 or 128. Returned in q's
-    dtype, or float32 with ``grad_dtype="float32"``."""
+    dtype, or float32 with ``grad_dtype="float32"``. ``variant`` as ``attention_gpu``'s: "mma"
+    (tensor cores; default for fp16/bf16 on sm_80+) or "simt"."""
     import cupy
 
     q, k, v, out, dout = (_prepare(x) for x in (q, k, v, out, dout))
     scale = attention_scale(scale, q.shape[3])
     if causal:
         q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1], cupy)
+    if variant is None and int(cupy.cuda.Device().compute_capability) < 80:
+        variant = "simt"  # mma.sync m16n8k16 needs sm_80
     plan = plan_attention_backward(q, k, v, out, cupy.asarray(lse), dout, causal=causal, scale=scale,
-                                   q_pos=q_pos, k_pos=k_pos, xp=cupy)
+                                   q_pos=q_pos, k_pos=k_pos, xp=cupy, variant=variant)
     for step in plan.launches:
         launch(step)
     return plan.gradients(q.dtype, grad_dtype)
