@@ -25,18 +25,22 @@ def naive_attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None
     nk, hkv = k.shape[1], k.shape[2]
     group = h // hkv
     scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    k = np.repeat(k, group, axis=2)
-    v = np.repeat(v, group, axis=2)
-    s = np.einsum("bqhd,bkhd->bhqk", q, k) * dtype.type(scale)
+    # (b, hkv, group, n, d): query heads grouped under the K/V head they share (GQA, no copies of K/V)
+    qh = (q * dtype.type(scale)).transpose(0, 2, 1, 3).reshape(b, hkv, group, nq, d)
+    kh = k.transpose(0, 2, 1, 3)[:, :, None]
+    vh = v.transpose(0, 2, 1, 3)[:, :, None]
+    s = np.matmul(qh, kh.swapaxes(-1, -2))                 # the (Nq, Nk) scores, per head
     if causal:
         qp = np.arange(nq) if q_pos is None else np.asarray(q_pos)
         kp = np.arange(nk) if k_pos is None else np.asarray(k_pos)
-        s = np.where(qp[:, None] >= kp[None, :], s, -np.inf)
+        np.copyto(s, -np.inf, where=qp[:, None] < kp[None, :])
     m = s.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m_safe)
-    l = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.einsum("bhqk,bkhd->bqhd", np.where(l > 0, p / l, 0.0), v)
-        lse = np.where(l[..., 0] > 0, np.log(l[..., 0]) + m_safe[..., 0], -np.inf)
+    s -= m_safe
+    np.exp(s, out=s)
+    l = s.sum(axis=-1, keepdims=True)
+    np.divide(s, l, out=s, where=l > 0)                    # rows with no visible key stay 0
+    out = np.matmul(s, vh).reshape(b, h, nq, d).transpose(0, 2, 1, 3)
+    with np.errstate(divide="ignore"):
+        lse = np.where(l[..., 0] > 0, np.log(l[..., 0]) + m_safe[..., 0], -np.inf).reshape(b, h, nq)
     return out, lse
