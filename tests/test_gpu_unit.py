@@ -67,6 +67,19 @@ def test_info_reports_the_machine_truthfully(monkeypatch):
     assert "CUDA-aware" in text and ("GPUs: none" in text) == (not gpus)
 
 
+def test_no_gpu_reason_says_no_gpu_on_a_machine_without_one():
+    """Without any /dev/nvidia* node the skip reason says "no GPU", not CUDA's "driver version is
+    insufficient" (which sends people looking for a driver update on a laptop)."""
+    from hpcattn.gpu.environment import no_gpu_reason
+
+    reason = no_gpu_reason()
+    if _gpu_device_nodes():
+        pytest.skip("this machine has GPU device nodes")
+    if reason is not None and "CuPy not installed" in reason:
+        pytest.skip("CuPy is not installed here")
+    assert reason is not None and reason.startswith("no GPU (no /dev/nvidia* device"), reason
+
+
 @pytest.mark.parametrize("value, want", [("0", False), ("1", True)])
 def test_info_reports_the_cuda_aware_override(monkeypatch, value, want):
     from hpcattn.cli.info import info

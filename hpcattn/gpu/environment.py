@@ -16,6 +16,12 @@ def _first_line(text: str) -> str:
     return " ".join(text.strip().splitlines()[0].split()) if text.strip() else "?"
 
 
+def device_nodes() -> list[str]:
+    """The NVIDIA GPU device nodes of this machine (``/dev/nvidia0``, ...; not nvidiactl/-uvm)."""
+    dev = Path("/dev")
+    return sorted(p.name for p in dev.glob("nvidia[0-9]*")) if dev.is_dir() else []
+
+
 def cupy_report() -> dict:
     """CuPy/NVRTC versions, CUDA driver/runtime and the GPUs CuPy sees; every failure becomes a
     reason string (``gpus_reason``), never an exception."""
@@ -41,7 +47,11 @@ def cupy_report() -> dict:
             rep["gpus"].append({"id": i, "name": name, "sm": f"{p['major']}{p['minor']}",
                                 "memory_gib": round(p["totalGlobalMem"] / 2**30, 1)})
     except Exception as exc:  # noqa: BLE001 - no driver / no device: report none, and why
-        rep = {"cupy": rep["cupy"], "nvrtc": rep["nvrtc"], "gpus": [], "gpus_reason": _first_line(str(exc))}
+        reason = _first_line(str(exc))
+        if not device_nodes():
+            # CUDA blames the driver when there is no GPU at all; say what the machine lacks
+            reason = f"no GPU (no /dev/nvidia* device on this machine; CUDA says: {reason})"
+        rep = {"cupy": rep["cupy"], "nvrtc": rep["nvrtc"], "gpus": [], "gpus_reason": reason}
         return rep
     if not count:
         rep["gpus_reason"] = "the CUDA runtime reports 0 devices"
