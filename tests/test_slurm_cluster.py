@@ -254,7 +254,7 @@ def test_slurm_rejection_is_reported(slurm_cluster, tmp_path):
     job = write_job(tmp_path, "rejected", "seq_len = 128")
     proc = hpcattn(["submit", job, "--partition", "nosuch"], tmp_path)
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("Error: sbatch rejected the script: sbatch: error: ")
+    assert proc.stderr.strip().startswith("hpcattn: error: sbatch rejected the script: sbatch: error: ")
     assert "invalid partition" in proc.stderr.lower() and "nosuch" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not list((tmp_path / "results/rejected.slurm").glob("*.sbatch"))

@@ -242,8 +242,8 @@ def test_submit_saves_scripts_and_chains_the_merge(job_file, tmp_path, monkeypat
 def test_sbatch_missing(job_file, tmp_path, monkeypatch):
     fake_tools(tmp_path, monkeypatch)
     res = CliRunner().invoke(submit, [job_file()])
-    assert res.exit_code == 1
-    assert "Error: sbatch not found on PATH; expected a Slurm client" in res.output
+    assert res.exit_code == 1, "a missing Slurm is a runtime failure"
+    assert res.stderr.startswith("hpcattn: error: sbatch not found on PATH; expected a Slurm client")
     assert len(res.output.strip().splitlines()) == 1
 
 
@@ -253,15 +253,16 @@ def test_sbatch_rejection_shows_slurms_message(job_file, tmp_path, monkeypatch):
         """)
     res = CliRunner().invoke(submit, [job_file(), "-p", "nosuch"])
     assert res.exit_code == 1
-    assert res.output.strip() == ("Error: sbatch rejected the script: sbatch: error: Batch job submission "
-                                  "failed: Invalid partition name specified")
+    assert res.output.strip() == ("hpcattn: error: sbatch rejected the script: sbatch: error: Batch job "
+                                  "submission failed: Invalid partition name specified")
     assert not list((tmp_path / "out/demo.slurm").glob("*.sbatch"))
 
 
 def test_bad_slurm_table_stops_submit(job_file, tmp_path, monkeypatch):
     fake_tools(tmp_path, monkeypatch, sbatch="touch called; echo 1\n")
     res = CliRunner().invoke(submit, [job_file("gpus = 4")])
-    assert res.exit_code == 1 and "demo.toml:13: slurm.gpus is not a known key" in res.output
+    assert res.exit_code == 2, "a bad job file is an input error"
+    assert res.stderr.startswith("hpcattn: error: demo.toml:13: slurm.gpus is not a known key")
     assert not (tmp_path / "called").exists()
 
 

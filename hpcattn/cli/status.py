@@ -119,15 +119,16 @@ def status(job_ids, wait):
     """
     from ..errors import HpcattnError
     from ..slurm import client
+    from .submit import fail
 
-    bad = [j for j in job_ids if not client.JOB_ID_RE.match(j)]
+    bad = [j for j in job_ids if not client.JOB_ID_RE.fullmatch(j)]
     if bad:
         raise click.BadParameter(f"{bad[0]!r} is not a job id; expected a number such as 1234 (or 1234_5)",
                                  param_hint="JOBID")
     try:
         records = client.wait_for(job_ids) if wait and job_ids else client.show_jobs(job_ids)
     except HpcattnError as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(exc)
     if not job_ids:
         records = client.mine(records)
     if not records:

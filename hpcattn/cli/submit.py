@@ -18,6 +18,15 @@ def _gpus(value):
     return int(value) if value is not None and value.isdigit() else value
 
 
+def fail(exc) -> None:
+    """One line on stderr, ``hpcattn: error: ...``; exit 1 when Slurm failed (missing, refused,
+    no answer), 2 for a bad job file, option or path (the convention of the whole command line)."""
+    from ..slurm import SlurmError
+
+    click.echo(f"hpcattn: error: {exc}", err=True)
+    sys.exit(1 if isinstance(exc, SlurmError) else 2)
+
+
 def _save(folder: str, name: str, text: str) -> str:
     path = os.path.join(folder, name)
     with open(path, "w") as fh:
@@ -53,14 +62,17 @@ def _save(folder: str, name: str, text: str) -> str:
               help="How ranks start (default srun --mpi=pmi2).")
 @click.option("--srun-mpi", default=None, help="srun --mpi plugin (default pmi2, which MPICH needs).")
 @click.option("--setup", multiple=True, metavar="LINE",
-              help="Shell line run before the launch, e.g. 'module load cuda'. Repeatable; added to [slurm] setup.")
+              help="Shell line run before the launch, e.g. 'module load cuda'. Repeatable; added to [slurm] "
+                   "setup. Shell code: it runs in the job exactly as written.")
 @click.option("--sbatch", "extra", multiple=True, metavar="OPTION",
               help="Extra sbatch option, e.g. --sbatch=--exclusive. Repeatable; added to [slurm] extra.")
 @click.option("--signal-before", type=int, default=None,
               help="Seconds before the time limit that the job is asked to stop after its current case.")
 @click.option("--run-args", default=None, metavar="OPTIONS",
-              help="Options added to 'hpcattn run' in the job, e.g. '--device gpu --dtype bfloat16'.")
-@click.option("--launcher-args", default=None, metavar="ARGS", help="Extra arguments for srun/mpiexec.")
+              help="Options added to 'hpcattn run' in the job, e.g. '--device gpu --dtype bfloat16'; split "
+                   "into words as a shell would, each passed on as one literal argument (nothing expands).")
+@click.option("--launcher-args", default=None, metavar="ARGS",
+              help="Extra arguments for srun/mpiexec; words, each passed on literally (like --run-args).")
 @click.option("--python", default=None, help="Python running hpcattn in the job (default: this one).")
 @click.option("--wait", is_flag=True, help="Wait until the job (and its merge step) ended; print its status; "
                                            "exit 1 unless everything COMPLETED.")
@@ -73,6 +85,12 @@ def submit(job_file, dry_run, wait, parsable, **options):
     results/<name>.slurm/<JOBID>.sbatch, together with Slurm's logs. Resubmitting a job resumes
     it: completed cases are never redone. Before the time limit the job gets a signal and stops
     after its current case.
+
+    Every value that enters the script is checked (names, times, sizes: one word, no control
+    characters) or quoted, and --run-args/--launcher-args are passed on as literal words. The
+    exception is --setup ([slurm] setup): it is shell code, run as written, and --sbatch ([slurm]
+    extra), which is sbatch options as written. Errors exit 2 (job file, option, path) or 1
+    (Slurm missing, refusing or not answering).
 
     \b
     Examples:
@@ -92,6 +110,7 @@ def submit(job_file, dry_run, wait, parsable, **options):
     if options["array"] is not None:
         overrides["array"] = options["array"] or True
     try:
+        render.check_path("job file", job_file)  # before any message quotes the name
         job = load_job(job_file)
         settings = slurm_settings.resolve(job.slurm, overrides, path=job.path, text=job.text)
         rendered = render.render_job(job, settings)
@@ -111,7 +130,7 @@ def submit(job_file, dry_run, wait, parsable, **options):
             _save(rendered.logs, f"{merge_id}.merge.sbatch", merge_script)
             ids.append(merge_id)
     except HpcattnError as exc:
-        raise click.ClickException(str(exc)) from None
+        fail(exc)
     if parsable:
         click.echo("\n".join(ids))
     else:
@@ -128,7 +147,7 @@ def submit(job_file, dry_run, wait, parsable, **options):
         try:
             records = client.wait_for(ids)
         except HpcattnError as exc:
-            raise click.ClickException(str(exc)) from None
+            fail(exc)
         click.echo(report(records), err=parsable)
         if not client.all_completed(records):
             sys.exit(1)

@@ -30,7 +30,7 @@ STOPPED = {138: "stopped by SIGUSR1 before the time limit", 143: "stopped by SIG
 UNSTARTED_TASK = "4294967294"
 
 FIELD_RE = re.compile(r"\s+(?=[A-Za-z][\w:/]*=)")
-JOB_ID_RE = re.compile(r"^\d+(_\d+)?$")
+JOB_ID_RE = re.compile(r"[0-9]+(_[0-9]+)?")   # whole ids only: use fullmatch
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def sbatch(script: str, *args: str) -> str:
     if proc.returncode != 0:
         raise SlurmError(f"sbatch rejected the script: {_one_line(proc.stderr or proc.stdout)}")
     job_id = proc.stdout.strip().split(";")[0]
-    if not re.match(r"^\d+$", job_id):
+    if not re.fullmatch(r"[0-9]+", job_id):
         raise SlurmError(f"sbatch answered {proc.stdout.strip()!r}; expected a job id")
     return job_id
 

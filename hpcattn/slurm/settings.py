@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
+import unicodedata
 
 from ..errors import HpcattnError
 from ..jobs import JobFileError, key_line
@@ -17,13 +19,38 @@ LAUNCHERS = ("srun", "mpiexec")
 SIGNALS = ("USR1", "TERM", "INT")
 #: keys whose command-line values are added to the job file's instead of replacing them
 LIST_KEYS = ("setup", "extra", "after")
+#: options of `hpcattn submit` not named like their key
+OPTION_NAMES = {"extra": "--sbatch"}
 
-TIME_RE = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?)$")
-MEM_RE = re.compile(r"^\d+[KMGT]?$")
-GPUS_RE = re.compile(r"^([A-Za-z0-9_.-]+:)?[1-9]\d*$")
-TOKEN_RE = re.compile(r"^[^\s'\"\\$`;]+$")     # one shell word that needs no quoting in #SBATCH
-DEP_RE = re.compile(r"^((after|afterany|afterok|afternotok|aftercorr|afterburstbuffer):)?"
-                    r"\d+(_\d+)?(\+\d+)?$")
+# Every value that reaches a batch script is checked here with a full match (re.fullmatch: `$`
+# would let a final newline through) over ASCII classes, or is quoted by render. A newline in a
+# value would end the #SBATCH line or the comment it sits in and start a command.
+TIME_RE = re.compile(r"[0-9]+-[0-9]+(:[0-9]+(:[0-9]+)?)?|[0-9]+(:[0-9]+(:[0-9]+)?)?")
+MEM_RE = re.compile(r"[0-9]+[KMGT]?")
+GPUS_RE = re.compile(r"([A-Za-z0-9_.-]+:)?[1-9][0-9]*")
+#: one #SBATCH value: names, lists and Slurm's feature/binding syntax (a100&ib, [a|b]*2, map_gpu:0,1)
+WORD_RE = re.compile(r"[A-Za-z0-9_.,:+*&|()\[\]-]+")
+WORD_CHARS = "letters, digits and _ . , : + * & | ( ) [ ] -"
+PLUGIN_RE = re.compile(r"[A-Za-z0-9_.+-]+")
+DEP_RE = re.compile(r"((after|afterany|afterok|afternotok|aftercorr|afterburstbuffer):)?"
+                    r"[0-9]+(_[0-9]+)?(\+[0-9]+)?")
+
+
+def has_control(text: str, *, tab: bool = False) -> bool:
+    """True when ``text`` holds a control character (C0, DEL, C1 such as U+0085) or a Unicode
+    line/paragraph separator: all of them end a line for bash, sbatch, str.splitlines or a terminal."""
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") and not (tab and c == "\t") for c in text)
+
+
+def shell_words(text: str) -> list[str] | None:
+    """``text`` split into words as a shell would (quotes group, nothing expands); None when it
+    cannot be split (an open quote) or holds a control character other than tab."""
+    if has_control(text, tab=True):
+        return None
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return None
 
 
 def time_seconds(value) -> int:
@@ -59,7 +86,7 @@ def _positive(v):
 def _time(v):
     if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
         return None
-    if isinstance(v, str) and TIME_RE.match(v) and time_seconds(v) > 0:
+    if isinstance(v, str) and TIME_RE.fullmatch(v) and time_seconds(v) > 0:
         return None
     return "a time limit: minutes or \"HH:MM:SS\" (also \"MM:SS\", \"D-HH\", \"D-HH:MM:SS\")"
 
@@ -67,26 +94,44 @@ def _time(v):
 def _mem(v):
     if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
         return None
-    return None if isinstance(v, str) and MEM_RE.match(v) else "megabytes or a size such as \"16G\""
+    return None if isinstance(v, str) and MEM_RE.fullmatch(v) else "megabytes or a size such as \"16G\""
 
 
 def _gpus(v):
     if isinstance(v, int) and not isinstance(v, bool):
         return None if v >= 0 else "a count >= 0"
-    return None if isinstance(v, str) and GPUS_RE.match(v) else "a count or \"TYPE:COUNT\" such as \"a100:4\""
+    return None if isinstance(v, str) and GPUS_RE.fullmatch(v) else "a count or \"TYPE:COUNT\" such as \"a100:4\""
 
 
 def _word(v):
-    return None if isinstance(v, str) and TOKEN_RE.match(v) else "one word without spaces or quotes"
+    return None if isinstance(v, str) and WORD_RE.fullmatch(v) else f"one word of {WORD_CHARS}"
 
 
-def _text(v):
-    return None if isinstance(v, str) and "\n" not in v else "a string on one line"
+def _plugin(v):
+    ok = isinstance(v, str) and PLUGIN_RE.fullmatch(v)
+    return None if ok else "a plugin name such as pmi2 (letters, digits, _ . + -)"
 
 
-def _lines(v):
-    ok = all(isinstance(x, str) and "\n" not in x for x in as_list(v))
-    return None if ok else "a string or a list of strings, one line each"
+def _args(v):
+    ok = isinstance(v, str) and shell_words(v) is not None
+    return None if ok else ("shell words on one line, with balanced quotes (each word is passed on "
+                            "as one literal argument)")
+
+
+def _command(v):
+    ok = isinstance(v, str) and v.strip() and not has_control(v)
+    return None if ok else "a path or command name on one line"
+
+
+def _shell_lines(v):
+    # shell code, run as written; a line must at least close its quotes, or it swallows the launch
+    ok = all(isinstance(x, str) and shell_words(x) is not None for x in as_list(v))
+    return None if ok else "a string or a list of strings, one shell line each, with balanced quotes"
+
+
+def _sbatch_options(v):
+    ok = all(isinstance(x, str) and shell_words(x) is not None for x in as_list(v))
+    return None if ok else "a string or a list of strings, one line of sbatch options each, with balanced quotes"
 
 
 def _choice(*choices):
@@ -100,7 +145,7 @@ def _array(v):
 
 
 def _after(v):
-    ok = all(isinstance(x, (int, str)) and not isinstance(x, bool) and DEP_RE.match(str(x)) for x in as_list(v))
+    ok = all(isinstance(x, (int, str)) and not isinstance(x, bool) and DEP_RE.fullmatch(str(x)) for x in as_list(v))
     return None if ok else "a job id such as 1234 or \"afterany:1234\" (or a list of them)"
 
 
@@ -127,13 +172,14 @@ KEYS: dict[str, Key] = {
     "constraint": Key(_word, "node features (--constraint), e.g. a100&ib"),
     "job_name": Key(_word, "Slurm job name (--job-name); default the job's name"),
     "launcher": Key(_choice(*LAUNCHERS), "srun (default) or mpiexec", "srun"),
-    "srun_mpi": Key(_word, "PMI plugin passed as srun --mpi= (pmi2 suits MPICH)", "pmi2"),
-    "launcher_args": Key(_text, "extra arguments for srun/mpiexec", ""),
-    "run_args": Key(_text, "extra options for `hpcattn run` in the job, e.g. \"--device gpu\" (they "
-                           "override the job's sweep values)", ""),
-    "python": Key(_text, "Python that runs hpcattn in the job; default the one running submit"),
-    "setup": Key(_lines, "shell lines run before the launch (module load ..., source venv/bin/activate)"),
-    "extra": Key(_lines, "extra #SBATCH options, e.g. \"--exclusive\" or \"--mail-type=END\""),
+    "srun_mpi": Key(_plugin, "PMI plugin passed as srun --mpi= (pmi2 suits MPICH)", "pmi2"),
+    "launcher_args": Key(_args, "extra arguments for srun/mpiexec (words, each passed on literally)", ""),
+    "run_args": Key(_args, "extra options for `hpcattn run` in the job, e.g. \"--device gpu\" (they "
+                           "override the job's sweep values; words, each passed on literally)", ""),
+    "python": Key(_command, "Python that runs hpcattn in the job; default the one running submit"),
+    "setup": Key(_shell_lines, "shell lines run before the launch (module load ..., source venv/bin/activate); "
+                         "shell code, run as written"),
+    "extra": Key(_sbatch_options, "extra #SBATCH options, e.g. \"--exclusive\" or \"--mail-type=END\""),
     "signal": Key(_choice(*SIGNALS), "signal sent before the time limit", "USR1"),
     "signal_before": Key(_positive, "seconds before the time limit the signal comes; default "
                                     "min(120, a quarter of the limit)"),
@@ -172,7 +218,8 @@ def resolve(table: dict, overrides: dict, *, path: str = "<job>", text: str = ""
             continue
         problem = check_value(key, value)
         if problem:
-            raise HpcattnError(f"--{key.replace('_', '-')} {value!r} is not valid; expected {problem}")
+            option = OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
+            raise HpcattnError(f"{option} {value!r} is not valid; expected {problem}")
         if key in LIST_KEYS:
             value = as_list(table.get(key)) + as_list(value)
         settings[key] = value
