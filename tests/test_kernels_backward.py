@@ -146,6 +146,25 @@ def test_a_tile_starting_at_the_last_querys_position_is_not_skipped(head_dim, dt
 
 
 @pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_padding_keys_of_a_ragged_tile_are_masked_even_when_every_score_is_very_negative(dtype, variant):
+    """lse around -570: an unmasked padding key (score 0) would get P = exp(570) = inf, and
+    inf * K = inf * 0 = NaN in dQ. (Scores this large cost any float32 exp about 5 digits, so
+    beyond finiteness the bound here is the usual one or a loose 1e-2, whichever is larger.)"""
+    rng = np.random.default_rng(8)
+    q, k, v, dout = inputs(rng, 1, 40, 45, 2, 1, 64, dtype)
+    q = (-3 + 0.1 * q.astype(np.float32)).astype(q.dtype)
+    k = (3 + 0.1 * k.astype(np.float32)).astype(k.dtype)
+    out, lse = naive_attention(q, k, v, scale=1.0)
+    assert lse.max() < -300
+    args = (q, k, v, out.astype(q.dtype), lse.astype(np.float32), dout)
+    grads = attention_backward_emulated(*args, scale=1.0, variant=variant)
+    verdict = judge_backward(*args, grads, scale=1.0)
+    print(verdict)
+    assert not verdict.detail, verdict  # finite
+    assert all(verdict.errors[n] <= max(1e-2, verdict.budgets[n]) for n in verdict.errors), verdict
+
+
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
 @pytest.mark.parametrize("n_q, n_k", [(5, 0), (0, 5)])
 def test_no_keys_or_no_queries_give_zero_gradients(n_q, n_k, dtype, variant):
     rng = np.random.default_rng(3)
