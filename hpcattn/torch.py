@@ -1,0 +1,128 @@
+"""PyTorch adapter: hpcattn's attention as a differentiable torch operation (optional extra).
+
+    >>> import torch, hpcattn.torch as ht
+    >>> out = ht.ring_attention(q, k, v, causal=True, layout="zigzag")   # under mpiexec
+    >>> out.sum().backward()                                              # q.grad, k.grad, v.grad
+
+Tensors are ``(batch, seq, heads, head_dim)``, each rank holding its shard of the sequence
+(``hpcattn.shard`` on a NumPy view, or :func:`shard` here). Data crosses between torch and
+hpcattn through DLPack without copies. The forward runs ``hpcattn.ring_attention`` (or
+``hpcattn.attention`` for :func:`attention`) and saves its log-sum-exp; the backward runs
+``ring_attention_backward`` / ``attention_backward``: K/V and their dK/dV accumulators travel the
+ring, so a million-token sequence trains without an N x N matrix anywhere.
+
+CPU tensors (float32, float64) run the NumPy kernels. CUDA tensors run the CUDA forward; their
+backward is not wired yet and says so.
+
+Needs PyTorch (``pip install 'hpcattn[torch]'``); the rest of hpcattn never imports this module.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .backend import attention as _attention
+from .blockwise_backward import attention_backward as _attention_backward
+from .errors import HpcattnError
+from .layouts import shard as _shard
+from .ring import ring_attention as _ring_attention
+from .ring_backward import ring_attention_backward as _ring_attention_backward
+
+__all__ = ["attention", "ring_attention", "RingAttention", "shard"]
+
+
+def _to_array(t: torch.Tensor):
+    """The tensor's memory as a NumPy (CPU) array, without a copy."""
+    if t.is_cuda:
+        raise HpcattnError("hpcattn.torch takes CPU tensors for now (the CUDA backward is not wired "
+                           "to autograd yet); move the tensors with .cpu()")
+    if t.dtype not in (torch.float32, torch.float64):
+        raise HpcattnError(f"tensor has dtype {t.dtype}; expected torch.float32 or torch.float64")
+    return np.from_dlpack(t.detach())
+
+
+def _to_tensor(a) -> torch.Tensor:
+    """A tensor on the array's memory (DLPack; a read-only array is copied, torch needs to own
+    writeable memory)."""
+    a = np.ascontiguousarray(a)
+    return torch.from_dlpack(a if a.flags.writeable else a.copy())
+
+
+class _Attention(torch.autograd.Function):
+    """Single-rank attention with hpcattn's forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        qa, ka, va = (_to_array(t) for t in (q, k, v))
+        out, lse = _attention(qa, ka, va, causal=causal, scale=scale)
+        out_t, lse_t = _to_tensor(out), _to_tensor(lse)
+        ctx.save_for_backward(q, k, v, out_t, lse_t)
+        ctx.causal, ctx.scale = causal, scale
+        return out_t
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
+        dq, dk, dv = _attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
+                                         causal=ctx.causal, scale=ctx.scale)
+        return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention over the ranks of ``comm``; gradients by the ring backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, comm, causal, layout, scale):
+        qa, ka, va = (_to_array(t) for t in (q, k, v))
+        out, lse = _ring_attention(qa, ka, va, comm, causal=causal, layout=layout, scale=scale)
+        out_t, lse_t = _to_tensor(out), _to_tensor(lse)
+        ctx.save_for_backward(q, k, v, out_t, lse_t)
+        ctx.comm, ctx.causal, ctx.layout, ctx.scale = comm, causal, layout, scale
+        return out_t
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
+        dq, dk, dv = _ring_attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
+                                              ctx.comm, causal=ctx.causal, layout=ctx.layout,
+                                              scale=ctx.scale)
+        return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None, None, None
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Exact attention of one rank's tensors, differentiable (``(batch, seq, heads, head_dim)``;
+    k/v may have fewer heads: GQA/MQA)."""
+    return _Attention.apply(q, k, v, causal, scale)
+
+
+def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
+                   scale: float | None = None) -> torch.Tensor:
+    """Exact attention over the sequence whose shards the ranks of ``comm`` (default
+    ``MPI.COMM_WORLD``) hold, differentiable. Every rank calls it, forward and backward alike."""
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    return _RingAttention.apply(q, k, v, comm, causal, layout, scale)
+
+
+class RingAttention(torch.nn.Module):
+    """:func:`ring_attention` as a module: ``RingAttention(causal=True, layout="zigzag")(q, k, v)``."""
+
+    def __init__(self, comm=None, *, causal: bool = False, layout: str = "contiguous",
+                 scale: float | None = None):
+        super().__init__()
+        self.comm, self.causal, self.layout, self.scale = comm, causal, layout, scale
+
+    def forward(self, q, k, v):
+        return ring_attention(q, k, v, self.comm, causal=self.causal, layout=self.layout,
+                              scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, layout={self.layout!r}"
+
+
+def shard(x: torch.Tensor, comm=None, layout: str = "contiguous", axis: int = 1) -> torch.Tensor:
+    """This rank's part of the global tensor ``x`` (the same on every rank) along ``axis``: a new
+    tensor (no autograd link to ``x``), as ``hpcattn.shard`` gives for arrays."""
+    return _to_tensor(_shard(np.from_dlpack(x.detach()), comm, layout, axis))
