@@ -6,6 +6,7 @@ every attention case of a sweep. It knows nothing of files or command lines.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ from . import backend
 from .check import sampled_check
 from .devices import DEVICES, default_tolerance, np_dtype
 from .errors import CollectiveError
+from .footprint import MAX_REPEATS
 from .inputs import random_qkv
 from .layouts import Distribution, check_layout
 from .measure import attention_flops, peak_rss_bytes, traced_peak
@@ -43,6 +45,8 @@ class AttentionCase:
             val = getattr(self, name)
             if not isinstance(val, (int, np.integer)) or val < 1:
                 raise CollectiveError(f"{name}={val!r} is invalid; expected a positive integer")
+        if self.repeats > MAX_REPEATS:
+            raise CollectiveError(f"repeats={self.repeats!r} is too large; expected at most {MAX_REPEATS}")
         kvh = self.heads if self.kv_heads is None else self.kv_heads
         if kvh < 1 or self.heads % kvh:
             raise CollectiveError(f"kv_heads={kvh} does not divide heads={self.heads}; "
@@ -75,8 +79,20 @@ def attention_case(params: dict) -> tuple[AttentionCase, float | None]:
     """The case and check tolerance a job's parameter dict describes (``tolerance`` is not a case
     field: it only judges the check; None means the dtype's default)."""
     params = dict(params)
-    tol = params.pop("tolerance", None)
+    tol = check_tolerance(params.pop("tolerance", None))
     return AttentionCase(**params), tol
+
+
+def check_tolerance(tol) -> float | None:
+    """``tol`` as a float (None stays None: the dtype's default); CollectiveError unless it is a
+    finite number >= 0 (a nan tolerance fails every check, an infinite one passes every one)."""
+    if tol is None:
+        return None
+    number = isinstance(tol, (int, float, np.integer, np.floating)) and not isinstance(tol, (bool, np.bool_))
+    if not number or not math.isfinite(tol) or tol < 0:
+        raise CollectiveError(f"tolerance={tol!r} is invalid; expected a finite number >= 0 (the "
+                              "largest max abs error the check accepts)")
+    return float(tol)
 
 
 def resolved_params(case: AttentionCase, tolerance: float | None) -> dict:
@@ -86,7 +102,8 @@ def resolved_params(case: AttentionCase, tolerance: float | None) -> dict:
         params["kv_heads"] = params["heads"]
     params = {k: v for k, v in params.items() if v is not None}
     if case.check_rows:
-        params["tolerance"] = default_tolerance(case.dtype) if tolerance is None else float(tolerance)
+        tolerance = check_tolerance(tolerance)
+        params["tolerance"] = default_tolerance(case.dtype) if tolerance is None else tolerance
     return params
 
 

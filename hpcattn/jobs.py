@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -32,10 +33,14 @@ from collections.abc import Mapping
 from .errors import HpcattnError
 from .layouts import LAYOUTS
 from .devices import ALL_DTYPES
+from .footprint import MAX_REPEATS
 
 KINDS = ("attention", "mixer")
 COMPRESSIONS = ("gzip", "lzf", "none")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# a sweep is counted (product of its axis lengths) before it is built: 10^8 case dicts do not fit
+MAX_CASES = 100_000
+MAX_CASES_VAR = "HPCATTN_MAX_CASES"   # raises the cap for a sweep that really needs more
 
 
 class JobFileError(HpcattnError):
@@ -52,6 +57,7 @@ class Spec:
     minimum: float | None = None
     choices: tuple | None = None
     sweepable: bool = True
+    maximum: float | None = None
 
     def type_name(self) -> str:
         return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
@@ -73,8 +79,13 @@ class Spec:
     def value_problem(self, value) -> str | None:
         if self.choices is not None and value not in self.choices:
             return f"is not one of {', '.join(map(str, self.choices))}"
+        if self.kind is float and not math.isfinite(value):   # nan passes every comparison
+            low = "" if self.minimum is None else f" >= {self.minimum}"
+            return f"is not a finite number; expected a finite number{low}"
         if self.minimum is not None and value < self.minimum:
             return "must be positive" if self.minimum == 1 else f"must be >= {self.minimum}"
+        if self.maximum is not None and value > self.maximum:
+            return f"is too large; expected at most {self.maximum}"
         return None
 
 
@@ -86,7 +97,7 @@ ATTENTION_KEYS: dict[str, Spec] = {
     "head_dim": POSITIVE, "dtype": Spec(str, choices=ALL_DTYPES),
     "device": Spec(str, choices=("cpu", "gpu")),
     "causal": Spec(bool), "layout": Spec(str, choices=LAYOUTS), "seed": Spec(int, minimum=0),
-    "repeats": POSITIVE, "check_rows": Spec(int, minimum=0), "tolerance": Spec(float, minimum=0),
+    "repeats": Spec(int, minimum=1, maximum=MAX_REPEATS), "check_rows": Spec(int, minimum=0), "tolerance": Spec(float, minimum=0),
     "block_q": POSITIVE, "block_k": POSITIVE,
 }
 
@@ -145,8 +156,15 @@ class Job:
         """Keys that take more than one value."""
         return [k for k, vals in self.sweep.items() if len(vals) > 1]
 
+    @property
+    def n_cases(self) -> int:
+        """How many cases the sweep has, counted without building them."""
+        return math.prod(len(vals) for vals in self.sweep.values())
+
     def cases(self) -> list[dict]:
-        """The cross product of the sweep, in a stable order (last key varies fastest)."""
+        """The cross product of the sweep, in a stable order (last key varies fastest);
+        JobFileError when it has more than :func:`max_cases` cases."""
+        check_case_count(self, self.path)
         keys = list(self.sweep)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(self.sweep[k] for k in keys))]
 
@@ -158,8 +176,39 @@ class Job:
             if key not in allowed:
                 raise JobFileError(f"{key!r} does not apply to {self.kind} jobs ({self.path}); "
                                    f"expected one of {', '.join(allowed)}")
+            spec = allowed[key]
+            problem = None if spec is None else (
+                None if spec.type_ok(val) else f"has type {_toml_type(val)}; expected {spec.type_name()}")
+            problem = problem or (spec and spec.value_problem(val))
+            if problem:
+                raise JobFileError(f"{key} = {val!r} {problem} (given on the command line for {self.path})")
             sweep[key] = [val]
         return dataclasses.replace(self, sweep=sweep)
+
+
+def max_cases() -> int:
+    """The cap on cases per job: MAX_CASES, or ``$HPCATTN_MAX_CASES`` when set."""
+    text = os.environ.get(MAX_CASES_VAR)
+    if text is None:
+        return MAX_CASES
+    try:
+        cap = int(text)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise JobFileError(f"{MAX_CASES_VAR}={text!r} is not a positive integer; expected e.g. "
+                           f"{MAX_CASES_VAR}={MAX_CASES}")
+    return cap
+
+
+def check_case_count(job: Job, where: str) -> None:
+    """JobFileError naming the count and the cap when ``job`` has too many cases."""
+    n, cap = job.n_cases, max_cases()
+    if n > cap:
+        axes = " x ".join(f"{k} {len(job.sweep[k])}" for k in job.axes)
+        raise JobFileError(f"{where}: the sweep has {n:,} cases ({axes}); at most {cap:,} are "
+                           f"allowed (set {MAX_CASES_VAR} to raise the cap); expected fewer "
+                           "sweep values, or several jobs")
 
 
 def array_task_path(output: str, task: int) -> str:
@@ -227,10 +276,13 @@ def parse_job(data: dict, text: str, path: str) -> Job:
     if kind == "mixer" and "mixer" in allowed and "mixer" not in sweep:
         raise err("sweep", None, "has no mixer; expected mixer = \"name\" or a list of names")
     out = values.get("path", os.path.join("results", values["name"] + ".h5"))
-    return Job(path=path, text=text, name=values["name"], kind=kind,
-               description=values.get("description", ""), sweep=sweep, output=out,
-               activations=values.get("activations", False),
-               compression=values.get("compression", "none"), slurm=dict(data.get("slurm", {})))
+    job = Job(path=path, text=text, name=values["name"], kind=kind,
+              description=values.get("description", ""), sweep=sweep, output=out,
+              activations=values.get("activations", False),
+              compression=values.get("compression", "none"), slurm=dict(data.get("slurm", {})))
+    line = key_line(text, "sweep", None)
+    check_case_count(job, f"{path}:{line}" if line else path)
+    return job
 
 
 def _check_key(err, table, key, val, allowed):
@@ -242,8 +294,10 @@ def _check_key(err, table, key, val, allowed):
             raise err(table, key, f"= {val!r} is a list; expected {spec.type_name()} (it cannot be swept)")
         if not val:
             raise err(table, key, "= [] is empty; expected at least one value")
-        if len(set(map(repr, val))) != len(val):
-            raise err(table, key, f"= {val!r} repeats a value; expected distinct values")
+        repeated = _repeated(val)
+        if repeated is not None:
+            raise err(table, key, f"= {val!r} repeats a value: {repeated[0]!r} appears "
+                                  f"{repeated[1]} times; expected distinct values")
         items = val
     else:
         items = [val]
@@ -257,6 +311,21 @@ def _check_key(err, table, key, val, allowed):
         problem = spec.value_problem(item)
         if problem:
             raise err(table, key, f"= {item!r} {problem}")
+
+
+def _repeated(values) -> tuple | None:
+    """(first value that appears more than once, how often) or None; 1 and 1.0 are the same
+    value (they make the same case), true and 1 are not."""
+    def same_as(v):
+        return ("bool", v) if isinstance(v, bool) else (
+            ("number", v) if isinstance(v, (int, float)) else (type(v).__name__, repr(v)))
+    seen: dict = {}
+    for v in values:
+        seen.setdefault(same_as(v), []).append(v)
+    for group in seen.values():
+        if len(group) > 1:
+            return group[0], len(group)
+    return None
 
 
 def _toml_type(val) -> str:

@@ -36,6 +36,7 @@ spreads cases over ranks.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -43,6 +44,7 @@ import numpy as np
 from .. import backend
 from ..devices import MIXER_DTYPES
 from ..errors import HpcattnError
+from ..footprint import MAX_REPEATS
 from ..inputs import random_qkv
 from ..measure import peak_rss_bytes, traced_peak
 from . import REGISTRY, get_mixer
@@ -85,9 +87,15 @@ def check_mixer_case(case: dict) -> dict:
         if not ok:
             raise HpcattnError(f"mixer case {key}={val!r} has type {type(val).__name__}; "
                                f"expected {kind.__name__}")
+        if kind is float and not math.isfinite(val):   # nan passes every range check below
+            raise HpcattnError(f"mixer case {key}={val!r} is not a finite number; expected a "
+                               "finite number")
     for key in POSITIVE:
         if full[key] < 1:
             raise HpcattnError(f"mixer case {key}={full[key]!r} is invalid; expected a positive integer")
+    if full["repeats"] > MAX_REPEATS:
+        raise HpcattnError(f"mixer case repeats={full['repeats']!r} is too large; expected at most "
+                           f"{MAX_REPEATS}")
     for key, allowed in (("task", TASKS), ("dtype", MIXER_DTYPES), ("mixer", tuple(REGISTRY))):
         if full[key] not in allowed:
             raise HpcattnError(f"mixer case {key}={full[key]!r} is unknown; expected one of "
