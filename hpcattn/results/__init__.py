@@ -9,7 +9,9 @@ Layout (details in docs/hdf5-layout.md)::
 
 One concept per module: :mod:`.format` (what a results file is, opening it, crash-safe
 replacing), :mod:`.tree` (results dicts <-> groups), :mod:`.provenance`, :mod:`.activations`
-(shards and virtual datasets), :mod:`.master` (the master file and its lock), :mod:`.merge`.
+(shards and virtual datasets), :mod:`.master` (the master file and its lock), :mod:`.merge`,
+:mod:`.files` (writing without following links, unique temporaries, checksums, a full disk),
+:mod:`.verify` (``verify(path)``: completed cases whose activation files are missing or changed).
 """
 from .activations import ACTIVATIONS, SEQ_AXIS, add_virtual, missing_sources, write_activations
 from .format import (FORMAT, FORMAT_VERSION, TIMING_KEYS, ResultsError, case_name, completed,
@@ -18,8 +20,9 @@ from .master import Master
 from .merge import merge
 from .provenance import SLURM_VARS, provenance
 from .tree import read_tree, write_tree
+from .verify import verify
 
 __all__ = ["ACTIVATIONS", "FORMAT", "FORMAT_VERSION", "SEQ_AXIS", "SLURM_VARS", "TIMING_KEYS",
            "Master", "ResultsError", "add_virtual", "case_name", "completed", "have_mpio", "merge",
            "missing_sources", "now", "open_results", "params_json", "provenance", "read_tree",
-           "sidecar", "write_activations", "write_tree"]
+           "sidecar", "verify", "write_activations", "write_tree"]

@@ -14,7 +14,8 @@ import shutil
 import numpy as np
 
 from ..errors import HpcattnError
-from .format import LIBVER, case_name, have_mpio, import_h5py, publish, sidecar
+from . import files
+from .format import LIBVER, ResultsError, case_name, have_mpio, import_h5py, sidecar
 
 ACTIVATIONS = ("q", "k", "v", "out", "lse")
 SEQ_AXIS = {"q": 1, "k": 1, "v": 1, "out": 1, "lse": 2}
@@ -31,26 +32,41 @@ def write_activations(path: str, index: int, local: dict, *, n: int, layout: str
     """
     from ..layouts import local_slices
 
-    case_dir = os.path.join(sidecar(path), case_name(index))
+    case_dir = os.path.join(sidecar(files.resolve_output(path)), case_name(index))
     size, rank = comm.size, comm.rank
+    error = None
     if rank == 0:
-        shutil.rmtree(case_dir, ignore_errors=True)
-        os.makedirs(case_dir)
-    comm.Barrier()
+        try:   # only names hpcattn writes are removed; a link is never followed
+            files.own_dir(os.path.dirname(case_dir))
+            files.clean_case_dir(case_dir)
+            files.own_dir(case_dir)
+        except HpcattnError as exc:
+            error = str(exc)
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        raise HpcattnError(errors[0])
     names = [a for a in ACTIVATIONS if a in local]
     shapes = {a: _global_shape(local[a], SEQ_AXIS[a], n) for a in names}
     parallel = size > 1 and have_mpio()
-    error = None
+    error, sums = None, {}
     try:
+        files.check_space(case_dir, sum(int(np.asarray(local[a]).nbytes) for a in names))
         if parallel:
             _write_parallel(case_dir, local, names, shapes, n=n, layout=layout, comm=comm)
+            if rank == 0:
+                sums[f"{case_name(index)}/all.h5"] = files.checksum(os.path.join(case_dir, "all.h5"))
         else:
-            _write_shard(os.path.join(case_dir, f"r{rank}.h5"), local, names, compression)
+            shard = os.path.join(case_dir, f"r{rank}.h5")
+            _write_shard(shard, local, names, compression)
+            sums[f"{case_name(index)}/r{rank}.h5"] = files.checksum(shard)
     except Exception as exc:  # noqa: BLE001 - reported collectively below
-        error = f"rank {rank}: {type(exc).__name__}: {exc}"
-    errors = [e for e in comm.allgather(error) if e]
+        error = f"rank {rank}: {_why(exc, case_dir)}"
+    gathered = comm.allgather((error, sums))
+    errors = [e for e, _ in gathered if e]
     if errors:
         raise HpcattnError(f"writing activations of {case_name(index)} failed: {errors[0]}")
+    for _, part in gathered:
+        sums.update(part)
     rel = case_name(index)
     spec = {}
     for a in names:
@@ -71,8 +87,33 @@ def write_activations(path: str, index: int, local: dict, *, n: int, layout: str
                 shape = list(shapes[a])
                 shape[axis] = off
                 sources.append({"file": f"{rel}/r{r}.h5", "dset": a, "shape": shape, "maps": maps})
+        for src in sources:
+            if sums.get(src["file"]):
+                src["checksum"] = sums[src["file"]]
         spec[a] = {"shape": shapes[a], "dtype": np.dtype(local[a].dtype).str, "axis": axis,
                    "sources": sources}
+    return spec
+
+
+def _why(exc: BaseException, where: str) -> str:
+    """One line for a failed shard write; a full disk (OSError ENOSPC from HDF5, or its message)
+    is named as such."""
+    if isinstance(exc, ResultsError):
+        return str(exc)
+    if isinstance(exc, OSError) and (exc.errno in files.DISK_FULL or "No space left" in str(exc)):
+        return str(files.write_error(OSError(files.DISK_FULL[0], "No space left on device"), where))
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def shard_checksums(base: str, spec: dict) -> dict:
+    """Fill in the checksum of every source file of ``spec`` (relative to ``base``, the master's
+    ``.d``) that the writing ranks did not report."""
+    for d in spec.values():
+        for src in d["sources"]:
+            if not src.get("checksum"):
+                src["checksum"] = files.checksum(os.path.join(base, src["file"]))
+                if src["checksum"] is None:
+                    raise ResultsError(f"activation file {base}/{src['file']} is missing")
     return spec
 
 
@@ -83,15 +124,33 @@ def _global_shape(arr, axis: int, n: int) -> list[int]:
 
 
 def _write_shard(final: str, local: dict, names, compression: str) -> None:
-    tmp = final + ".tmp"
+    """Written by HDF5 in a private temporary folder (nothing planted can be in it), then renamed."""
     opts = {} if compression == "none" else {"compression": compression}
-    with import_h5py().File(tmp, "w", libver=LIBVER) as f:
-        for a in names:
-            arr = np.ascontiguousarray(_host(local[a]))
-            f.create_dataset(a, data=arr, chunks=True if arr.size else None, **opts)
-        if "positions" in local:
-            f.create_dataset("positions", data=np.asarray(local["positions"], dtype=np.int64))
-    publish(tmp, final)
+    with files.private_dir(os.path.dirname(final)) as tmpdir:
+        tmp = os.path.join(tmpdir, os.path.basename(final))
+        f = import_h5py().File(tmp, "w", libver=LIBVER)
+        try:
+            for a in names:
+                arr = np.ascontiguousarray(_host(local[a]))
+                f.create_dataset(a, data=arr, chunks=True if arr.size else None, **opts)
+            if "positions" in local:
+                f.create_dataset("positions", data=np.asarray(local["positions"], dtype=np.int64))
+        finally:
+            _close_quietly(f)
+        files.publish_file(tmp, final)
+
+
+def _close_quietly(f) -> None:
+    """Close an h5py file; a failure to flush (a full disk) is raised once here, not again as
+    'Exception ignored' when the object is collected."""
+    try:
+        f.close()
+    except Exception:
+        try:
+            f.id.close()
+        except Exception:  # noqa: BLE001 - already reported by the first failure
+            pass
+        raise
 
 
 def _write_parallel(case_dir, local, names, shapes, *, n, layout, comm) -> None:
@@ -100,7 +159,16 @@ def _write_parallel(case_dir, local, names, shapes, *, n, layout, comm) -> None:
     from ..layouts import local_slices
 
     final = os.path.join(case_dir, "all.h5")
-    tmp = final + ".tmp"
+    made = None
+    if comm.rank == 0:
+        try:
+            made = (files.private_dir_path(case_dir), None)
+        except ResultsError as exc:
+            made = (None, str(exc))
+    tmpdir, err = comm.bcast(made, root=0)
+    if err:
+        raise ResultsError(err)
+    tmp = os.path.join(tmpdir, "all.h5")
     with import_h5py().File(tmp, "w", driver="mpio", comm=comm, libver=LIBVER) as f:
         dsets = {a: f.create_dataset(a, shape=tuple(shapes[a]), dtype=local[a].dtype) for a in names}
         for a in names:
@@ -115,7 +183,10 @@ def _write_parallel(case_dir, local, names, shapes, *, n, layout, comm) -> None:
                 off += count
     comm.Barrier()
     if comm.rank == 0:
-        publish(tmp, final)
+        try:
+            files.publish_file(tmp, final)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)   # made by mkdtemp: ours alone
     comm.Barrier()
 
 
@@ -147,9 +218,7 @@ def add_virtual(group, spec: dict, prefix: str) -> None:
 
 def missing_sources(path: str, group) -> list[str]:
     """Activation source files a case of master ``path`` refers to that do not exist."""
-    if "activations" not in group:
-        return []
-    spec = json.loads(group["activations"].attrs["vds_json"])
-    files = {src["file"] for d in spec.values() for src in d["sources"]}
-    base = sidecar(path)
-    return sorted(f for f in files if not os.path.exists(os.path.join(base, f)))
+    from .verify import sources
+
+    base = sidecar(files.resolve_output(path))
+    return sorted(f for f in sources(group, str(path)) if not os.path.isfile(os.path.join(base, f)))

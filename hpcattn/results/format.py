@@ -1,15 +1,17 @@
-"""What makes a file an hpcattn results file, opening one, and replacing files crash-safely.
+"""What makes a file an hpcattn results file, opening one, and HDF5 files built in memory.
 
-Files are only ever *replaced*, never edited in place: written under a temporary name, flushed,
-fsync'ed and renamed (:func:`publish`). A SIGKILL therefore leaves the previous file (which h5py
-and h5dump open) and at most a stray ``*.tmp``.
+Files are only ever *replaced*, never edited in place: hpcattn builds a master or a case record
+in memory (:func:`new_image`, :func:`open_image`), then writes the bytes itself under a temporary
+name of its own, fsyncs and renames them (:func:`hpcattn.results.files.write_bytes`). HDF5 thus
+never writes to disk for them (a full disk is a clean OSError, never a crash inside HDF5), and a
+SIGKILL leaves the previous file, which h5py and h5dump open.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
+import secrets
 
 import numpy as np
 
@@ -60,32 +62,111 @@ def format_attrs() -> dict:
 # --- opening ------------------------------------------------------------------------------------
 
 def open_results(path, mode: str = "r"):
-    """Open an hpcattn results file; a one-line :class:`ResultsError` for anything else."""
+    """Open an hpcattn results file (a symlink opens its target, so activation sources resolve
+    next to it); a one-line :class:`ResultsError` for anything else: missing, not HDF5,
+    truncated, foreign, damaged attributes, links to other files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ResultsError(f"results file {path} does not exist")
     try:
-        f = import_h5py().File(path, mode)
+        f = import_h5py().File(os.path.realpath(path), mode)
     except OSError as exc:
-        reason = str(exc).split("(")[0].strip().rstrip(":") or type(exc).__name__
-        raise ResultsError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {reason}") from None
-    fmt = f.attrs.get("hpcattn_format")
-    if fmt != FORMAT or "cases" not in f:
+        raise ResultsError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {h5_reason(exc)}") from None
+    try:
+        check_results(f, path)
+    except BaseException:
         f.close()
-        raise ResultsError(f"{path} is an HDF5 file but not an hpcattn results file (no "
-                           f"hpcattn_format={FORMAT!r} attribute); expected a file from 'hpcattn run'")
-    version = int(f.attrs.get("hpcattn_format_version", 0))
-    if version > FORMAT_VERSION:
-        f.close()
-        raise ResultsError(f"{path} has results format version {version}; this hpcattn reads up to "
-                           f"{FORMAT_VERSION} (upgrade hpcattn)")
+        raise
     return f
+
+
+def h5_reason(exc: BaseException) -> str:
+    return one_line(str(exc).split("(")[0].strip().rstrip(":") or type(exc).__name__)
+
+
+def one_line(text) -> str:
+    """``text`` with control characters escaped (messages stay one line, terminals untouched)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))[:300]
+
+
+def text_attr(attrs, key):
+    """A string attribute as str (None when absent or not a string)."""
+    val = attrs.get(key)
+    if isinstance(val, bytes):
+        val = val.decode("utf-8", "replace")
+    return val if isinstance(val, str) else None
+
+
+def int_attr(attrs, key, where: str, default=None) -> int:
+    val = attrs.get(key, default)
+    if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, np.integer)):
+        raise ResultsError(f"{where}: attribute {key} is {one_line(repr(val))}; expected an integer")
+    return int(val)
+
+
+def json_attr(attrs, key, where: str, kind=dict):
+    text = text_attr(attrs, key)
+    try:
+        val = json.loads(text) if text is not None else None
+    except ValueError:
+        val = None
+    if not isinstance(val, kind):
+        raise ResultsError(f"{where}: attribute {key} is {one_line(repr(attrs.get(key)))[:80]}; "
+                           f"expected JSON ({kind.__name__})")
+    return val
+
+
+def hard_children(group, where: str):
+    """(name, object) of ``group``'s members; a soft or external link is refused (a results file
+    has none: following one would read, or copy, another file)."""
+    h5py = import_h5py()
+    for name in group:
+        link = group.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            target = getattr(link, "filename", None) or getattr(link, "path", "")
+            raise ResultsError(f"{where}: {group.name.rstrip('/')}/{one_line(name)} is a "
+                               f"{type(link).__name__} to {one_line(target)}; an hpcattn results "
+                               "file has no links")
+        yield name, group[name]
+
+
+def check_results(f, path) -> None:
+    """A one-line ResultsError unless ``f`` is a usable results file."""
+    h5py = import_h5py()
+    try:
+        if text_attr(f.attrs, "hpcattn_format") != FORMAT or "cases" not in f.keys():
+            raise ResultsError(f"{path} is an HDF5 file but not an hpcattn results file (no "
+                               f"hpcattn_format={FORMAT!r} attribute); expected a file from 'hpcattn run'")
+        version = int_attr(f.attrs, "hpcattn_format_version", str(path), 0)
+        if version > FORMAT_VERSION:
+            raise ResultsError(f"{path} has results format version {version}; this hpcattn reads up "
+                               f"to {FORMAT_VERSION} (upgrade hpcattn)")
+        top = dict(hard_children(f, str(path)))
+        if not isinstance(top["cases"], h5py.Group) or not isinstance(top.get("runs", f), h5py.Group):
+            raise ResultsError(f"{path}: /cases and /runs must be groups")
+        for name, g in hard_children(f["cases"], str(path)):
+            where = f"{path}: /cases/{one_line(name)}"
+            if not isinstance(g, h5py.Group):
+                raise ResultsError(f"{where} is not a group")
+            index = int_attr(g.attrs, "index", where)
+            if name != case_name(index):
+                raise ResultsError(f"{where} has index {index}; expected {case_name(index)}")
+            json_attr(g.attrs, "params_json", where)
+            for _, sub in hard_children(g, where):
+                if isinstance(sub, h5py.Group):
+                    list(hard_children(sub, where))
+    except ResultsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py raises many kinds on damaged metadata
+        raise ResultsError(f"{path} is damaged (truncated or corrupt?): {type(exc).__name__}: "
+                           f"{h5_reason(exc)}") from None
 
 
 def completed(path) -> dict[int, str]:
     """Completed cases of master ``path``: index -> parameters (canonical JSON)."""
     with open_results(path) as f:
-        return {int(g.attrs["index"]): str(g.attrs["params_json"]) for g in f["cases"].values()}
+        return {int(g.attrs["index"]): str(text_attr(g.attrs, "params_json"))
+                for g in f["cases"].values()}
 
 
 def params_json(params: dict) -> str:
@@ -111,17 +192,33 @@ def set_attrs(obj, attrs: dict) -> None:
             obj.attrs[key] = val
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def image_name(near: str) -> str:
+    """A name for an HDF5 file that lives only in memory, in the directory of ``near`` (HDF5
+    resolves relative virtual-dataset sources from it); nothing is ever created under it."""
+    folder = os.path.dirname(os.path.abspath(near))
+    return os.path.join(folder, f".hpcattn-image-{os.getpid()}-{secrets.token_hex(6)}.h5")
 
 
-def publish(tmp: str, final: str) -> None:
-    """Make ``tmp`` durable and atomically visible as ``final``."""
-    _fsync(tmp)
-    os.replace(tmp, final)
-    with contextlib.suppress(OSError):
-        _fsync(os.path.dirname(os.path.abspath(final)))
+def new_image(near: str, **kw):
+    """An empty HDF5 file in memory (write it out with ``image_bytes``)."""
+    return import_h5py().File(image_name(near), "w", driver="core", backing_store=False,
+                              libver=LIBVER, **kw)
+
+
+def open_image(data: bytes, near: str, *, write: bool = False):
+    """The HDF5 file whose bytes are ``data``, opened in memory (changes stay in memory);
+    OSError when the bytes are not an HDF5 file."""
+    h5py = import_h5py()
+    if not data:
+        raise OSError("empty file")
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fapl_core(backing_store=False)
+    fapl.set_file_image(data)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_V110)  # as LIBVER
+    flags = h5py.h5f.ACC_RDWR if write else h5py.h5f.ACC_RDONLY
+    return h5py.File(h5py.h5f.open(image_name(near).encode(), flags, fapl=fapl))
+
+
+def image_bytes(f) -> bytes:
+    f.flush()
+    return f.id.get_file_image()

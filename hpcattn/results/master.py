@@ -1,18 +1,28 @@
 """The master file of one output path: provenance, every completed case, virtual datasets.
 
-The master is updated by copying it, changing the copy and renaming the copy over it
-(:func:`~hpcattn.results.format.publish`), and a case enters it only once its data is on disk, so
-the master's cases are exactly the completed ones, even after a SIGKILL.
+The master is built in memory and written under a temporary name of this writer's own, fsync'ed
+and renamed (:func:`~hpcattn.results.files.write_bytes`); a case enters it only once its data is
+on disk, so the master's cases are exactly the completed ones, even after a SIGKILL. The size and
+BLAKE2b of every master hpcattn writes are kept in ``<master>.d/.master.sum``, so a master changed
+behind hpcattn's back (bytes overwritten, truncated) is refused instead of resumed into.
+
+An output path that is a symlink is written *through*: the file it points to is the master (the
+link stays), and the lock and the ``.d`` folder belong to that file, so two runs through two
+names of one file cannot both write it.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
-import shutil
 
-from .activations import add_virtual
-from .format import (LIBVER, ResultsError, case_name, completed, format_attrs, import_h5py,
-                     now, open_results, params_json, publish, set_attrs, sidecar)
+from . import files
+from .activations import add_virtual, shard_checksums
+from .format import (ResultsError, case_name, check_results, format_attrs, h5_reason, image_bytes,
+                     new_image, now, open_image, params_json, set_attrs, sidecar, text_attr)
 from .tree import write_tree
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 class Master:
@@ -20,55 +30,85 @@ class Master:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        self.prefix = os.path.basename(sidecar(self.path)) + "/"
+        self.real = None          # the resolved file, once locked or prepared
         self.run_index = None
+        self.rerun: list[tuple[int, str]] = []   # (case, why it runs again) found by prepare
         self._lock = None
+        self._image = None        # bytes of the master as hpcattn last wrote (or will write) it
+        self._disk_sum = None     # checksum of the master on disk, when known
 
-    # locking keeps two runs from writing the same master (lost updates); best effort where the
-    # file system has no flock
+    @property
+    def dir(self) -> str:
+        return sidecar(self._resolve())
+
+    @property
+    def prefix(self) -> str:
+        return os.path.basename(self.dir) + "/"
+
+    def _resolve(self) -> str:
+        if self.real is None:
+            self.real = files.resolve_output(self.path)
+        return self.real
+
+    # --- locking: keeps two writers (runs, merges) off one master; keyed on the resolved file,
+    # best effort where the file system has no flock
     def lock(self) -> None:
         import fcntl
 
-        os.makedirs(sidecar(self.path), exist_ok=True)
-        fh = open(os.path.join(sidecar(self.path), ".lock"), "w")
+        if self._lock is not None:
+            return
+        real = self._resolve()
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        lock_path = os.path.join(files.own_dir(self.dir), files.LOCK_NAME)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) |
+                         getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ResultsError(f"{lock_path} is a symlink; hpcattn opens only a lock file it "
+                                   "made (remove the link)") from None
+            raise files.write_error(exc, lock_path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.close()
+            os.close(fd)
             raise ResultsError(f"another hpcattn run is writing {self.path} (lock held); wait for it "
                                "or choose another --output") from None
         except OSError:
             pass  # no flock here (some network file systems): go on unlocked
-        self._lock = fh
+        self._lock = fd
 
     def unlock(self) -> None:
         if self._lock is not None:
-            self._lock.close()
+            os.close(self._lock)
             self._lock = None
 
+    # --- opening and creating ------------------------------------------------------------------
     def prepare(self, meta: dict, prov: dict, *, force: bool = False) -> dict[int, str]:
         """Create the master (or check an existing one) and record this run. Returns completed
-        cases (index -> params JSON); empty with ``force``."""
+        cases (index -> params JSON); empty with ``force``. Writers call :meth:`lock` first."""
+        real = self._resolve()
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        files.own_dir(self.dir)
         done: dict[int, str] = {}
-        if force or not os.path.exists(self.path):
+        if force or not os.path.lexists(real):
             if force:
-                shutil.rmtree(sidecar(self.path), ignore_errors=True)
-                self.unlock()
-                self.lock()
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            tmp = self.path + ".tmp"
-            with import_h5py().File(tmp, "w", libver=LIBVER, track_order=True) as f:
+                self._check_replaceable(meta)
+            files.clean_sidecar(self.dir, keep={files.LOCK_NAME})
+            with new_image(real, track_order=True) as f:
                 set_attrs(f, format_attrs())
                 f.create_group("cases", track_order=True)
                 f.create_group("runs", track_order=True)
-            publish(tmp, self.path)
+                self._image = image_bytes(f)
         else:
-            with open_results(self.path) as f:
-                old = f.attrs.get("job_name")
+            self._image = self._load()
+            with open_image(self._image, real) as f:
+                old = text_attr(f.attrs, "job_name")
                 if old is not None and old != meta["job_name"]:
                     raise ResultsError(f"{self.path} holds results of job {old!r}, not "
                                        f"{meta['job_name']!r}; choose another --output or use --force")
-            done = completed(self.path)
+                done = {int(g.attrs["index"]): text_attr(g.attrs, "params_json")
+                        for g in f["cases"].values()}
 
         def record(f):
             runs = f.require_group("runs")
@@ -79,9 +119,93 @@ class Master:
         self._update(record)
         return done
 
+    def _load(self) -> bytes:
+        """The master's bytes, checked: a usable results file, and the file hpcattn last wrote."""
+        try:
+            data = files.read_bytes(self.real)
+        except OSError as exc:
+            raise ResultsError(f"{self.path} cannot be read: {exc.strerror or exc}") from None
+        try:
+            f = open_image(data, self.real)
+        except OSError as exc:
+            raise ResultsError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?): "
+                               f"{h5_reason(exc)}") from None
+        with f:
+            check_results(f, self.path)
+        sums = self._sums()
+        self._disk_sum = files.checksum_bytes(data)
+        if sums and self._disk_sum not in sums:
+            raise ResultsError(f"{self.path} is not the file hpcattn last wrote there (size or "
+                               f"checksum differs from {files.DIGEST_NAME}: changed or corrupted); "
+                               "nothing was written; restore it, or start over with --force")
+        return data
+
+    def check_loadable(self) -> None:
+        """Raise the one-line ResultsError that resuming into this master would raise."""
+        self._resolve()
+        self._image = self._load()
+
+    def changed(self) -> str | None:
+        """Why the master on disk is not the file hpcattn last wrote there (None when it is, or
+        when no checksum was kept). Reads only; takes no lock."""
+        sums = self._sums()
+        try:
+            data = files.read_bytes(self._resolve())
+        except OSError as exc:
+            return f"{self.path} cannot be read: {exc.strerror or exc}"
+        if sums and files.checksum_bytes(data) not in sums:
+            return (f"{self.path} is not the file hpcattn last wrote there (size or checksum "
+                    f"differs from {files.DIGEST_NAME}: changed or corrupted)")
+        return None
+
+    def replace(self, data: bytes) -> None:
+        """Publish ``data`` (a whole master built elsewhere, e.g. by merge) as this master."""
+        self._publish(data)
+
+    def _sums(self) -> list[dict]:
+        """Checksums of the last masters written here (the current one and the one before)."""
+        try:
+            sums = json.loads(files.read_bytes(os.path.join(self.dir, files.DIGEST_NAME), 1 << 16))
+            return [s for s in sums if isinstance(s, dict)]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _check_replaceable(self, meta: dict) -> None:
+        """--force replaces only a results file (or a damaged one hpcattn wrote); anything else
+        at the output path is refused."""
+        real = self.real
+        if not os.path.lexists(real):
+            return
+        job = meta.get("job_path")
+        if job and os.path.exists(job) and os.path.samefile(job, real):
+            raise ResultsError(f"{self.path} is the job file itself; choose another --output")
+        if not os.path.isfile(real) or os.path.islink(real):
+            raise ResultsError(f"{self.path} is not a regular file; --force replaces only hpcattn "
+                               "results files (move it away or choose another --output)")
+        try:
+            head = files.read_bytes(real, None)[: 1 << 20]
+        except OSError:
+            head = b""
+        ours = head.startswith(HDF5_SIGNATURE) and (self._sums() or b"hpcattn-results" in head)
+        if not ours:
+            try:
+                with open_image(files.read_bytes(real), real) as f:
+                    check_results(f, self.path)
+                    ours = True
+            except (OSError, ResultsError):
+                ours = False
+        if not ours:
+            raise ResultsError(f"{self.path} is not an hpcattn results file; --force replaces only "
+                               "results files hpcattn wrote (move it away or choose another --output)")
+
+    # --- adding cases --------------------------------------------------------------------------
     def add_cases(self, records: list[dict]) -> None:
         """Append completed cases: each record has index, kind, params, results, and optionally
         ``activations`` (a spec from :func:`~hpcattn.results.write_activations`) and ``elapsed_s``."""
+        for rec in records:
+            if rec.get("activations"):
+                shard_checksums(self.dir, rec["activations"])
+
         def add(f):
             cases = f["cases"]
             for rec in records:
@@ -101,9 +225,22 @@ class Master:
         self._update(add)
 
     def _update(self, change) -> None:
-        """Copy the master, change the copy, publish it: the master on disk is always whole."""
-        tmp = self.path + ".tmp"
-        shutil.copyfile(self.path, tmp)
-        with import_h5py().File(tmp, "a", libver=LIBVER) as f:
+        """Change a copy of the master in memory and publish it: the master on disk is always
+        whole, and a failed change leaves it (and this object) as they were."""
+        if self._image is None:
+            self._resolve()
+            self._image = self._load()
+        with open_image(self._image, self.real, write=True) as f:
             change(f)
-        publish(tmp, self.path)
+            data = image_bytes(f)
+        self._publish(data)
+
+    def _publish(self, data: bytes) -> None:
+        files.own_dir(self.dir)
+        new = files.checksum_bytes(data)
+        # the checksum file first: a kill between the two writes leaves the old master, which the
+        # file still accepts
+        files.write_bytes(os.path.join(self.dir, files.DIGEST_NAME),
+                          json.dumps([new] + ([self._disk_sum] if self._disk_sum else [])).encode())
+        files.write_bytes(self.real, data)
+        self._image, self._disk_sum = data, new
