@@ -14,7 +14,7 @@ all lie in the future of every local query is skipped (never computed), and with
 """
 from __future__ import annotations
 
-from . import backend
+from . import backend, exchange
 from .errors import CollectiveError, HpcattnError
 from .layouts import Distribution, check_layout
 from .validate import check_qkv
@@ -37,7 +37,7 @@ def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
     check_layout(layout)
     size = comm.size
     be = backend.select(q) if be is None else be
-    infos = comm.allgather(_describe(q, k, v, be))
+    infos = exchange.allgather(comm, _describe(q, k, v, be), "checking the ring's inputs")
     for r, info in enumerate(infos):
         if info["err"]:
             raise CollectiveError(f"rank {r}: {info['err']}")
@@ -102,7 +102,7 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
             n_src = dist.count(src)
             if step < size - 1:
                 n_next = dist.count((src - 1) % size)
-                ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)])
+                ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)], step=step)
             k_pos = dist.positions(src)
             clock.start()
             if causal and q_pos[-1] < k_pos[0]:

@@ -48,14 +48,14 @@ def cuda_aware_mpi() -> tuple[bool, str]:
 
 
 class _SyncedRingComm(RingComm):
-    def send_recv(self, send_buf, recv_buf, tag=0):
+    def send_recv(self, send_buf, recv_buf, tag=0, *, step=None):
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
-        self._post(send_buf, recv_buf, tag)
+        self._post(send_buf, recv_buf, tag, step)
 
-    def _post(self, send_buf, recv_buf, tag):
-        RingComm.send_recv(self, send_buf, recv_buf, tag)
+    def _post(self, send_buf, recv_buf, tag, step):
+        RingComm.send_recv(self, send_buf, recv_buf, tag, step=step)
 
 
 class DeviceRingComm(_SyncedRingComm):
@@ -69,8 +69,8 @@ class StagedRingComm(_SyncedRingComm):
 
     cuda_aware = False
 
-    def __init__(self, comm):
-        super().__init__(comm)
+    def __init__(self, comm, **watchdog):
+        super().__init__(comm, **watchdog)
         self._pinned = {}
         self._pending = None
 
@@ -83,11 +83,11 @@ class StagedRingComm(_SyncedRingComm):
             self._pinned[role] = buf
         return buf[:nbytes]
 
-    def _post(self, send_buf, recv_buf, tag):
+    def _post(self, send_buf, recv_buf, tag, step):
         host_send = self._host("send", send_buf.nbytes)
         host_recv = self._host("recv", recv_buf.nbytes)
         send_buf.data.copy_to_host(host_send.ctypes.data, send_buf.nbytes)
-        RingComm.send_recv(self, host_send, host_recv, tag)
+        RingComm.send_recv(self, host_send, host_recv, tag, step=step)
         self._pending = (host_recv, recv_buf)
 
     def wait(self):
