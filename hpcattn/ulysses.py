@@ -1,0 +1,158 @@
+"""Ulysses (all-to-all) context parallelism: re-shard from sequence to heads, attend, shard back.
+
+Every rank holds its positions of q/k/v (any ``hpcattn.layouts`` layout, uneven N). One
+``Alltoallv`` per tensor gives each rank the WHOLE sequence for a subset of the heads; it runs
+ordinary per-rank attention on them (global positions carry the causal mask, so the received rows
+need no reordering), and one more all-to-all returns every rank its own rows for all heads.
+Communication per rank is about 4·N·H·d/P elements each way, independent of the causal mask.
+
+How heads are split (:func:`head_plan`), any head count on any number of ranks:
+
+* ``kv_heads >= P``: the kv heads are split into near-equal contiguous blocks and each rank gets
+  the query heads of its kv heads, so GQA groups stay whole and nothing is replicated.
+* ``kv_heads < P`` (e.g. MQA on 4 ranks): the query heads are split instead and each rank
+  receives, per query head, a copy of the kv head it reads (kv replicated as needed).
+* ``heads < P``: ranks without a head send and receive but compute nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+from .layouts import blockdist
+from .ring import check_ring_inputs
+
+
+def head_plan(heads: int, kv_heads: int, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each rank, ``(query heads, kv heads)`` it attends over, as index arrays. When kv heads
+    are replicated, the kv array has one entry per query head (a plain multi-head problem)."""
+    group = heads // kv_heads
+    plan = []
+    for r in range(size):
+        if kv_heads >= size:
+            c, s = blockdist(kv_heads, size, r)
+            kv = np.arange(s, s + c)
+            qh = np.arange(s * group, (s + c) * group)
+        else:
+            c, s = blockdist(heads, size, r)
+            qh = np.arange(s, s + c)
+            kv = qh // group
+        plan.append((qh, kv))
+    return plan
+
+
+def _alltoallv(comm, pieces, shapes, dtype):
+    """Send ``pieces[j]`` to rank j, receive an array of ``shapes[i]`` from every rank i."""
+    from mpi4py import MPI
+
+    item = np.dtype(dtype).itemsize
+    send = np.concatenate([np.ascontiguousarray(p).reshape(-1) for p in pieces]) if pieces else \
+        np.empty(0, dtype)
+    sizes = [int(np.prod(s)) for s in shapes]
+    recv = np.empty(sum(sizes), dtype)
+    scounts = [p.size * item for p in pieces]
+    rcounts = [s * item for s in sizes]
+    comm.Alltoallv([send.view(np.uint8), (scounts, _displs(scounts)), MPI.BYTE],
+                   [recv.view(np.uint8), (rcounts, _displs(rcounts)), MPI.BYTE])
+    out, at = [], 0
+    for s, n in zip(shapes, sizes):
+        out.append(recv[at:at + n].reshape(s))
+        at += n
+    return out
+
+
+def _displs(counts):
+    return [0, *np.cumsum(counts)[:-1].tolist()] if counts else []
+
+
+class _Relayout:
+    """The two all-to-alls of one Ulysses call: rows of this rank (all heads) <-> the whole
+    sequence for this rank's heads, for (b, n, heads, d) tensors and (b, heads, n) lse."""
+
+    def __init__(self, comm, dist, plan, be):
+        self.comm, self.dist, self.plan, self.be = comm, dist, plan, be
+        self.counts = dist.counts
+        self.mine = plan[comm.rank]
+
+    def to_heads(self, x, which: int):
+        """(b, n_local, H or Hkv, d) -> (b, N, my heads, d); rows in rank order."""
+        x = self.be.to_host(x)
+        b, _, _, d = x.shape
+        pieces = [x[:, :, p[which]] for p in self.plan]
+        mine = len(self.mine[which])
+        shapes = [(b, c, mine, d) for c in self.counts]
+        return np.concatenate(_alltoallv(self.comm, pieces, shapes, x.dtype), axis=1)
+
+    def lse_to_heads(self, lse):
+        lse = self.be.to_host(lse)
+        b = lse.shape[0]
+        pieces = [lse[:, p[0]] for p in self.plan]
+        shapes = [(b, len(self.mine[0]), c) for c in self.counts]
+        return np.concatenate(_alltoallv(self.comm, pieces, shapes, lse.dtype), axis=2)
+
+    def to_rows(self, full, which: int, heads: int, *, add: bool = False):
+        """(b, N, my heads, d) -> (b, n_local, heads, d); ``add`` sums replicated kv heads."""
+        b, _, _, d = full.shape
+        cuts = np.cumsum(self.counts)[:-1]
+        pieces = np.split(full, cuts, axis=1)
+        n_local = self.counts[self.comm.rank]
+        shapes = [(b, n_local, len(p[which]), d) for p in self.plan]
+        got = _alltoallv(self.comm, pieces, shapes, full.dtype)
+        out = np.zeros((b, n_local, heads, d), full.dtype)
+        for p, g in zip(self.plan, got):
+            if add:
+                np.add.at(out, (slice(None), slice(None), p[which]), g)
+            else:
+                out[:, :, p[which]] = g
+        return out
+
+    def lse_to_rows(self, full, heads: int):
+        b = full.shape[0]
+        cuts = np.cumsum(self.counts)[:-1]
+        pieces = np.split(full, cuts, axis=2)
+        n_local = self.counts[self.comm.rank]
+        shapes = [(b, len(p[0]), n_local) for p in self.plan]
+        out = np.empty((b, heads, n_local), full.dtype)
+        for p, g in zip(self.plan, _alltoallv(self.comm, pieces, shapes, full.dtype)):
+            out[:, p[0]] = g
+        return out
+
+
+def ulysses_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
+                      scale: float | None = None, stats: dict | None = None, **block_kw):
+    """Exact attention over the global sequence whose shards the ranks of ``comm`` hold, by
+    all-to-all over heads. Same contract as :func:`hpcattn.ring_attention`: this rank's
+    ``(out, lse)`` rows. ``stats`` receives ``bytes_sent`` (this rank, both all-to-alls) and
+    ``compute_s``."""
+    import time
+
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    be = backend.select(q)
+    dist = check_ring_inputs(q, k, v, comm, layout, be)
+    b, _, h, d = q.shape
+    plan = head_plan(h, k.shape[2], comm.size)
+    move = _Relayout(comm, dist, plan, be)
+    qf, kf, vf = move.to_heads(q, 0), move.to_heads(k, 1), move.to_heads(v, 1)
+    pos = dist.global_order  # the received rows are in rank order; positions say where they sit
+    t0 = time.perf_counter()
+    if len(move.mine[0]):
+        o, l = be.attention(be.to_device(qf), be.to_device(kf), be.to_device(vf), causal=causal,
+                            scale=scale, q_pos=pos if causal else None, k_pos=pos if causal else None,
+                            **block_kw)
+        o, l = be.to_host(o), be.to_host(l)
+    else:
+        o = np.zeros((b, dist.n, 0, d), qf.dtype)
+        l = np.zeros((b, 0, dist.n), np.float64 if qf.dtype == np.float64 else np.float32)
+    compute = time.perf_counter() - t0
+    out = move.to_rows(o, 0, h)
+    lse = move.lse_to_rows(l, h)
+    if stats is not None:
+        item = q.dtype.itemsize
+        n_local = dist.count(comm.rank)
+        sent = n_local * b * d * item * (h + 2 * sum(len(p[1]) for p in plan)) \
+            + dist.n * b * len(move.mine[0]) * (d * item + l.dtype.itemsize)
+        stats.update(compute_s=compute, bytes_sent=int(sent), steps=2, skipped=0)
+    return be.to_device(out), be.to_device(lse)
