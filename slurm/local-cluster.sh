@@ -7,6 +7,8 @@
 #
 #   slurm/local-cluster.sh install     # apt-get install slurmctld slurmd slurm-client munge
 #   slurm/local-cluster.sh start       # start, wait until the node is idle, print SLURM_CONF
+#                                      # (a port in use fails at once; a failed start stops
+#                                      # again whatever it started)
 #   eval "$(slurm/local-cluster.sh env)"   # point sbatch/squeue/scontrol at it
 #   slurm/local-cluster.sh status | stop | clean
 #
@@ -100,14 +102,49 @@ start_munged() {
     || die "munged did not start; see $DIR/munge/munged.log"
 }
 
+# true when something listens on TCP port $1 of this machine: ss when there is one, else a
+# connection through bash's /dev/tcp (which only sees loopback, where our daemons listen)
+port_busy() {
+  local port=$1
+  if command -v ss >/dev/null 2>&1; then
+    [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ]
+  else
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+  fi
+}
+
+# fail before starting anything when a port a daemon of ours needs is taken by someone else
+check_port() {
+  local name=$1 port=$2 who=""
+  "${name}_pid" >/dev/null && return 0   # ours, already running
+  port_busy "$port" || return 0
+  who=$(ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'users:(("[^"]*"' | head -n 1 | cut -d'"' -f2 || true)
+  die "port $port ($name) is already in use${who:+ by $who}; stop that program or choose other ports with HPCATTN_SLURM_PORT=N (slurmd takes N+1)"
+}
+
 wait_idle() {
   local t=0 state
   while :; do
     state=$(SLURM_CONF=$CONF sinfo -h -n "$NODE" -o %t 2>/dev/null || true)
     case $state in idle*|mix*|alloc*) return 0 ;; esac
+    if [ "$t" -ge 3 ]; then   # the daemons have written their PID files by now
+      slurmctld_pid >/dev/null || die "slurmctld exited during start; see $DIR/log/slurmctld.log"
+      slurmd_pid >/dev/null || die "slurmd exited during start; see $DIR/log/slurmd.log"
+    fi
     [ "$t" -lt "$READY_TIMEOUT" ] || die "node $NODE not idle after ${READY_TIMEOUT}s (state '${state:-?}'); see $DIR/log/"
     sleep 1; t=$((t + 1))
   done
+}
+
+STARTED=()   # daemons this start started, stopped again if the start fails
+undo_failed_start() {
+  local rc=$? i
+  trap - EXIT
+  set +e
+  if [ "$rc" != 0 ]; then
+    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_one "${STARTED[i]}" >&2; done
+  fi
+  exit "$rc"
 }
 
 cmd_start() {
@@ -115,11 +152,21 @@ cmd_start() {
   mkdir -p "$DIR"; chmod 0755 "$DIR"
   # two starts at once (parallel test sessions) take turns; the daemons must not inherit the lock
   exec 9>"$DIR/.start.lock"; flock 9
+  check_port slurmctld "$PORT"
+  check_port slurmd $((PORT + 1))
+  trap undo_failed_start EXIT
   write_conf
-  start_munged
-  slurmctld_pid >/dev/null || slurmctld -f "$CONF" 9>&- || die "slurmctld did not start; see $DIR/log/slurmctld.log"
-  slurmd_pid >/dev/null || slurmd -f "$CONF" -N "$NODE" 9>&- || die "slurmd did not start; see $DIR/log/slurmd.log"
+  if ! munged_pid >/dev/null; then STARTED+=(munged); start_munged; fi
+  if ! slurmctld_pid >/dev/null; then
+    STARTED+=(slurmctld)
+    slurmctld -f "$CONF" 9>&- || die "slurmctld did not start; see $DIR/log/slurmctld.log"
+  fi
+  if ! slurmd_pid >/dev/null; then
+    STARTED+=(slurmd)
+    slurmd -f "$CONF" -N "$NODE" 9>&- || die "slurmd did not start; see $DIR/log/slurmd.log"
+  fi
   wait_idle
+  trap - EXIT
   echo "local Slurm cluster up: node $NODE ($CPUS CPUs), config $CONF"
   echo "export SLURM_CONF=$CONF"
 }
