@@ -1,7 +1,10 @@
-"""The one reference attention: naive, with the full score matrix, float64 unless asked.
+"""The one reference attention, forward and backward: naive, with the full score matrix, float64
+unless asked.
 
 Nothing here is used by the fast paths; tests, ``--check``, the GPU kernel checks and the
-benchmark's vanilla multi-head attention (``dtype`` = the input precision) use it.
+benchmark's vanilla multi-head attention (``dtype`` = the input precision) use the forward; the
+analytic backward (every probability materialised) is the independent reference for the
+gradients, itself checked against central finite differences of the forward in the tests.
 """
 from __future__ import annotations
 
@@ -44,3 +47,42 @@ def naive_attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None
     with np.errstate(divide="ignore"):
         lse = np.where(l[..., 0] > 0, np.log(l[..., 0]) + m_safe[..., 0], -np.inf).reshape(b, h, nq)
     return out, lse
+
+
+def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, q_pos=None, k_pos=None):
+    """``(dq, dk, dv)`` in float64 of softmax attention, with every probability materialised.
+
+    Layout (batch, seq, heads, head_dim); k/v may have fewer heads (GQA/MQA): their gradients
+    sum the group's query heads. ``q_pos``/``k_pos``: global positions for the causal mask.
+    Rows that see no key contribute nothing.
+    """
+    q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
+    b, nq, h, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    group = h // hkv
+    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    # (batch, heads, seq, d) for the matrix products
+    qt = q.transpose(0, 2, 1, 3)
+    kt, vt = (np.repeat(x, group, axis=2).transpose(0, 2, 1, 3) for x in (k, v))
+    dot = dout.transpose(0, 2, 1, 3)
+    scores = scale * (qt @ kt.transpose(0, 1, 3, 2))
+    visible = np.ones((nq, nk), dtype=bool)
+    if causal:
+        qp = np.arange(nq) if q_pos is None else np.asarray(q_pos)
+        kp = np.arange(nk) if k_pos is None else np.asarray(k_pos)
+        visible = qp[:, None] >= kp[None, :]
+    scores = np.where(visible, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    weights = np.exp(scores - row_max)
+    total = weights.sum(axis=-1, keepdims=True)
+    probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    # dL/dP = dout · vᵀ; the softmax Jacobian gives dS = P ∘ (dP - rowsum(P ∘ dP))
+    dprobs = dot @ vt.transpose(0, 1, 3, 2)
+    dscores = probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True))
+    dq = scale * (dscores @ kt)
+    dk = scale * (dscores.transpose(0, 1, 3, 2) @ qt)
+    dv = probs.transpose(0, 1, 3, 2) @ dot
+    # back to (batch, seq, heads, d); the group's query heads share one kv head: sum them
+    dk, dv = (x.reshape(b, hkv, group, nk, d).sum(axis=2).transpose(0, 2, 1, 3) for x in (dk, dv))
+    return dq.transpose(0, 2, 1, 3), dk, dv

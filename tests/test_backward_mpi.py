@@ -10,7 +10,7 @@ import pytest
 from hpcattn import LAYOUTS, attention, ring_attention, shard, unshard
 from hpcattn.blockwise_backward import attention_backward
 from hpcattn.errors import CollectiveError
-from hpcattn.reference_backward import naive_attention_backward
+from hpcattn.reference import naive_attention_backward
 from hpcattn.ring_backward import ring_attention_backward
 
 MPI_SIZES = (2, 3, 4)

@@ -23,7 +23,7 @@ def worker():
     from mpi4py import MPI
 
     from hpcattn import ring_attention, shard, unshard
-    from hpcattn.reference_backward import naive_attention_backward
+    from hpcattn.reference import naive_attention_backward
     from hpcattn.ring_backward import ring_attention_backward
 
     comm = MPI.COMM_WORLD

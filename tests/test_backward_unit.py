@@ -9,7 +9,7 @@ from hpcattn import attention
 from hpcattn.blockwise_backward import BackwardState, attention_backward
 from hpcattn.errors import HpcattnError
 from hpcattn.reference import naive_attention
-from hpcattn.reference_backward import naive_attention_backward
+from hpcattn.reference import naive_attention_backward
 
 # max error relative to the largest entry of dq, dk and dv together (one scale for the problem:
 # with one key, dq and dk are exactly 0 and only their rounding is left)

@@ -13,7 +13,7 @@ from hpcattn.errors import HpcattnError
 from hpcattn.gpu import backward, kernels
 from hpcattn.gpu.backward_accuracy import judge_backward, lowprec_attention_backward, scaled_error
 from hpcattn.reference import naive_attention
-from hpcattn.reference_backward import naive_attention_backward
+from hpcattn.reference import naive_attention_backward
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -23,7 +23,7 @@ PKG = Path(hpcattn.__file__).resolve().parent
 LAYERS = [
     # 0: facts and small helpers everything may use
     ("base", ["hpcattn._version", "hpcattn._threads", "hpcattn.errors", "hpcattn.devices",
-              "hpcattn.measure", "hpcattn.reference", "hpcattn.reference_backward",
+              "hpcattn.measure", "hpcattn.reference",
               "hpcattn.machine", "hpcattn.footprint"]),
     # 1: how data is laid out and moved; input checks
     ("layout", ["hpcattn.layouts", "hpcattn.validate", "hpcattn.exchange", "hpcattn.inputs",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..reference_backward import naive_attention_backward
+from ..reference import naive_attention_backward
 
 FLOAT32_TOL = 1e-5
 NAMES = ("dq", "dk", "dv")
