@@ -170,6 +170,10 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
                         f"({_diff(json.loads(done[c]), params[c])}); rerun with --force or "
                         "choose another --output")
             status = ("ok", [c for c in mine if c not in done])
+            for c, why in master.rerun:
+                if c in mine:
+                    sys.stderr.write(f"hpcattn run: {path}: {results.case_name(c)}: {why}; "
+                                     "running it again\n")
         except HpcattnError as exc:
             master.unlock()
             status = ("error", str(exc))

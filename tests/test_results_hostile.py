@@ -168,3 +168,148 @@ def test_merge_takes_the_run_lock(tmp_path):
     one_line_error(info, "lock held")
     running.unlock()
     assert results.merge(str(out), [str(part)])["cases"] == 2
+
+
+# --- silent corruption: activation shards --------------------------------------------------------
+
+def damage_shards(out):
+    """Case 0's shard removed, case 1's truncated, case 2's overwritten (same size)."""
+    d = f"{out}.d"
+    os.remove(f"{d}/case_0000/r0.h5")
+    data = open(f"{d}/case_0001/r0.h5", "rb").read()
+    open(f"{d}/case_0001/r0.h5", "wb").write(data[: len(data) // 2])
+    data = bytearray(open(f"{d}/case_0002/r0.h5", "rb").read())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+    open(f"{d}/case_0002/r0.h5", "wb").write(bytes(data))
+
+
+def test_damaged_shards_are_found_and_rerun(tmp_path):
+    from click.testing import CliRunner
+
+    from hpcattn.cli.run import run as run_cmd
+    from jobfiles import assert_same_results, comparable
+
+    out = tmp_path / "r.h5"
+    job = tiny_job(tmp_path, out, n=4)
+    runner.run_job(job, COMM)
+    ref = comparable(out)
+    damage_shards(out)
+    problems = results.verify(out)
+    assert [c for c, _ in problems] == [0, 1, 2], problems
+    assert "is missing" in problems[0][1] and "bytes, recorded" in problems[1][1]
+    assert "does not match its recorded checksum" in problems[2][1]
+    assert all("\n" not in why for _, why in problems)
+    res = CliRunner().invoke(run_cmd, [job.path])
+    assert res.exit_code == 0, res.output
+    again = [ln for ln in res.output.splitlines() if "running it again" in ln]
+    assert [ln.split(": ")[2] for ln in again] == ["case_0000", "case_0001", "case_0002"], res.output
+    assert "3 run now, 1 already done" in res.output
+    assert results.verify(out) == []
+    assert_same_results(comparable(out), ref)
+
+
+def test_merge_refuses_damaged_parts(tmp_path):
+    part = tmp_path / "p.h5"
+    runner.run_job(tiny_job(tmp_path, part, n=4), COMM)
+    damage_shards(part)
+    with pytest.raises(ResultsError) as info:
+        results.merge(str(tmp_path / "o.h5"), [str(part)])
+    one_line_error(info, str(part), "case_0000", "refers to missing activation file")
+    os.remove(f"{part}.d/case_0001/r0.h5")
+    runner.run_job(tiny_job(tmp_path, part, n=4), COMM)      # resume repairs the part
+    assert results.merge(str(tmp_path / "o.h5"), [str(part)])["cases"] == 4
+    assert results.verify(tmp_path / "o.h5") == []
+
+
+# --- silent corruption: the master ---------------------------------------------------------------
+
+def craft(path, kind):
+    """A master damaged (or crafted) in one way."""
+    data = bytearray(open(path, "rb").read())
+    if kind == "middle":
+        mid = len(data) // 2
+        data[mid:mid + 64] = np.random.default_rng(1).bytes(64)
+        open(path, "wb").write(bytes(data))
+    elif kind == "truncated":
+        open(path, "wb").write(bytes(data[: len(data) // 3]))
+    elif kind == "not_hdf5":
+        open(path, "wb").write(b"hello\n" * 100)
+    else:
+        os.remove(f"{path}.d/.master.sum")      # as if written by hand: no checksum to compare
+        with h5py.File(path, "a") as f:
+            g = f["cases/case_0000"]
+            if kind == "wrong_format":
+                f.attrs["hpcattn_format"] = "something-else"
+            elif kind == "bad_json":
+                g.attrs["params_json"] = "{not json"
+            elif kind == "wrong_type":
+                g.attrs["index"] = "zero"
+            elif kind == "wrong_version_type":
+                f.attrs["hpcattn_format_version"] = np.array([1, 2])
+            elif kind == "external_link":
+                with h5py.File(path.parent / "secret.h5", "w") as s:
+                    s.create_group("g").attrs["index"] = 1
+                del f["cases/case_0001"]
+                f["cases/case_0001"] = h5py.ExternalLink("secret.h5", "/g")
+            elif kind == "soft_link":
+                del f["cases/case_0001"]
+                f["cases/case_0001"] = h5py.SoftLink("/cases/case_0000")
+            elif kind == "escape":
+                g.attrs["index"] = np.array([1, 2])
+                f.attrs["hpcattn_format"] = "\x1b]0;pwned\x07"
+
+
+MASTER_DAMAGE = {"middle": "is not the file hpcattn last wrote there",
+                 "truncated": "is not a readable HDF5 file",
+                 "not_hdf5": "is not a readable HDF5 file",
+                 "wrong_format": "not an hpcattn results file",
+                 "bad_json": "attribute params_json is '{not json'; expected JSON",
+                 "wrong_type": "attribute index is 'zero'; expected an integer",
+                 "wrong_version_type": "attribute hpcattn_format_version is array",
+                 "external_link": "/cases/case_0001 is a ExternalLink to secret.h5",
+                 "soft_link": "/cases/case_0001 is a SoftLink to /cases/case_0000",
+                 "escape": "not an hpcattn results file"}
+
+
+@pytest.mark.parametrize("kind", sorted(MASTER_DAMAGE))
+def test_damaged_master_is_refused_and_never_written(tmp_path, kind):
+    from click.testing import CliRunner
+
+    from hpcattn.cli.run import run as run_cmd
+
+    out = tmp_path / "r.h5"
+    job = tiny_job(tmp_path, out, n=2)
+    runner.run_job(job, COMM)
+    craft(out, kind)
+    before = open(out, "rb").read()
+    listing = sorted(os.listdir(tmp_path))
+    with pytest.raises(ResultsError) as info:
+        Master(str(out)).prepare({"job_name": "t"}, results.provenance())
+    msg = one_line_error(info, str(out), MASTER_DAMAGE[kind])
+    assert "\x1b" not in msg
+    res = CliRunner().invoke(run_cmd, [job.path])
+    assert res.exit_code == 2 and MASTER_DAMAGE[kind] in res.output, res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
+    assert sorted(os.listdir(tmp_path)) == listing
+    with pytest.raises(ResultsError):
+        results.merge(str(tmp_path / "o.h5"), [str(out)])
+    if kind != "middle":     # readers refuse it too (the checksum is the writer's check)
+        with pytest.raises(ResultsError):
+            results.open_results(out)
+    else:
+        assert results.verify(out)[0][0] is None
+    assert open(out, "rb").read() == before
+
+
+def test_merge_compares_the_whole_job_not_its_name(tmp_path):
+    """Two job files both named 't' but sweeping different values are not parts of one job."""
+    a, b = tmp_path / "a" / "p.h5", tmp_path / "b" / "p.h5"
+    a.parent.mkdir()
+    b.parent.mkdir()
+    runner.run_job(tiny_job(a.parent, a, n=2), COMM, array_task=0, array_tasks=2, output=str(a))
+    runner.run_job(tiny_job(b.parent, b, n=2, causal=True), COMM, array_task=1, array_tasks=2,
+                   output=str(b))
+    with pytest.raises(ResultsError) as info:
+        results.merge(str(tmp_path / "o.h5"), [str(a), str(b)])
+    one_line_error(info, "hold different jobs named 't'", "sweep.causal is [True] there but")
+    assert not os.path.exists(tmp_path / "o.h5")

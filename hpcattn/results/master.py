@@ -21,6 +21,7 @@ from .activations import add_virtual, shard_checksums
 from .format import (ResultsError, case_name, check_results, format_attrs, h5_reason, image_bytes,
                      new_image, now, open_image, params_json, set_attrs, sidecar, text_attr)
 from .tree import write_tree
+from .verify import case_problem
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -86,7 +87,12 @@ class Master:
     # --- opening and creating ------------------------------------------------------------------
     def prepare(self, meta: dict, prov: dict, *, force: bool = False) -> dict[int, str]:
         """Create the master (or check an existing one) and record this run. Returns completed
-        cases (index -> params JSON); empty with ``force``. Writers call :meth:`lock` first."""
+        cases (index -> params JSON); empty with ``force``. Writers call :meth:`lock` first.
+
+        A completed case whose activation files are missing or no longer match the checksums
+        recorded when it completed is not returned (it runs again); :attr:`rerun` says which and
+        why. A master that is damaged, foreign, or changed since hpcattn wrote it is refused with
+        a one-line ResultsError, and nothing is written."""
         real = self._resolve()
         os.makedirs(os.path.dirname(real), exist_ok=True)
         files.own_dir(self.dir)
@@ -107,10 +113,16 @@ class Master:
                 if old is not None and old != meta["job_name"]:
                     raise ResultsError(f"{self.path} holds results of job {old!r}, not "
                                        f"{meta['job_name']!r}; choose another --output or use --force")
-                done = {int(g.attrs["index"]): text_attr(g.attrs, "params_json")
-                        for g in f["cases"].values()}
+                for g in f["cases"].values():   # a case is done only with its data intact
+                    why = case_problem(self.path, g)
+                    if why:
+                        self.rerun.append((int(g.attrs["index"]), why))
+                    else:
+                        done[int(g.attrs["index"])] = text_attr(g.attrs, "params_json")
 
         def record(f):
+            for index, _ in self.rerun:
+                del f["cases"][case_name(index)]
             runs = f.require_group("runs")
             self.run_index = len(runs)
             set_attrs(runs.create_group(f"run_{self.run_index:04d}"), prov)

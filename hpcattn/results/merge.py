@@ -119,6 +119,9 @@ def _check_parts(sources_: list[str]) -> tuple[dict[int, tuple[str, str]], dict]
     cases: dict[int, tuple[str, str]] = {}
     first, first_params, job_meta = None, None, {}
     for p in sources_:
+        why = Master(p).changed()
+        if why:
+            raise ResultsError(f"{why}; expected an intact part (rerun its array task)")
         with open_results(p) as f:
             params = _job_params(f)
             if first is None:
