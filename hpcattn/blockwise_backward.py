@@ -30,12 +30,15 @@ def accumulator_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
 
 
-def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True) -> str | None:
-    """The one-line reason ``(q, k, v, out, lse, dout)`` cannot be differentiated, or None."""
+def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True, allowed=None,
+                         xp=np) -> str | None:
+    """The one-line reason ``(q, k, v, out, lse, dout)`` cannot be differentiated, or None.
+
+    ``allowed``/``xp``: the dtype names and array module of q's backend (default NumPy's), as
+    ``validate.check_qkv`` takes them; every backend's backward checks its inputs here.
+    """
     try:
-        if not isinstance(q, np.ndarray):
-            raise HpcattnError(f"q is a {type(q).__module__} array; the backward runs on NumPy arrays")
-        check_qkv(q, k, v, check_finite=check_finite)
+        check_qkv(q, k, v, check_finite=check_finite, allowed=allowed, xp=xp)
         b, nq, h, _ = q.shape
         for name, x, shape in (("out", out, q.shape), ("dout", dout, q.shape), ("lse", lse, (b, h, nq))):
             got = tuple(getattr(x, "shape", ()))
@@ -44,12 +47,14 @@ def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True) 
         for name, x in (("out", out), ("dout", dout)):
             if x.dtype != q.dtype:
                 raise HpcattnError(f"{name} has dtype {x.dtype}; expected q's dtype {q.dtype}")
+            if type(x).__module__.partition(".")[0] != type(q).__module__.partition(".")[0]:
+                raise HpcattnError(f"{name} is a {type(x).__module__} array but q is not; expected one backend")
         if str(lse.dtype) not in ("float32", "float64"):
             raise HpcattnError(f"lse has dtype {lse.dtype}; expected float32 or float64")
         if check_finite:
-            check_finite_array("out", out)
-            check_finite_array("dout", dout)
-            if lse.size and not bool((np.isfinite(lse) | np.isneginf(lse)).all()):
+            check_finite_array("out", out, xp)
+            check_finite_array("dout", dout, xp)
+            if lse.size and not bool((xp.isfinite(lse) | xp.isneginf(lse)).all()):
                 raise HpcattnError("lse contains NaN or +Inf; expected finite values or -inf "
                                    "(rows that see no key)")
     except HpcattnError as exc:
@@ -68,6 +73,9 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: 
     has q's dtype; partial sums are float32 (float64 for float64 inputs). Rows with
     ``lse = -inf`` (no visible key) contribute nothing.
     """
+    if not isinstance(q, np.ndarray):
+        raise HpcattnError(f"q is a {type(q).__module__} array; this backward runs on NumPy arrays "
+                           "(hpcattn.attention_backward picks the backend)")
     err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite)
     if err:
         raise HpcattnError(err)
@@ -101,8 +109,10 @@ class BackwardState:
 
     ``block(k, v, k_pos)`` returns that block's ``(dk, dv)`` and adds its share to dq; ``dq()``
     gives dq when every block has been seen. The ring uses the packed forms: ``pack`` puts a
-    block into a flat buffer of ``packed_size(n)`` elements, and ``add_block`` accumulates into
-    a flat gradient buffer of ``grads_size(n)`` elements (``unpack_grads`` reads it).
+    block into a flat buffer of ``packed_size(n)`` elements of ``packed_dtype``, and
+    ``add_block`` accumulates into a flat gradient buffer of ``grads_size(n)`` elements of
+    ``acc_dtype`` (``unpack_grads`` reads it). The CUDA backend's state
+    (``gpu.partial_backward.PerBlockBackward``) has the same interface.
     """
 
     def __init__(self, q, out, lse, dout, kv_heads, *, causal=False, scale=None, q_pos=None,
@@ -112,6 +122,7 @@ class BackwardState:
         self.b, self.nq, self.h, self.hkv, self.g, self.d = b, nq, h, kv_heads, g, d
         self.slabs = b * kv_heads
         self.dtype, self.acc_dtype = q.dtype, accumulator_dtype(q.dtype)
+        self.packed_dtype = self.acc_dtype  # [k, 1] / [v, 1] feed float32/float64 GEMMs as they are
         self.causal = causal
         self.scale = attention_scale(scale, d)
         self.q_pos = causal_positions(q_pos, None, nq, 0)[0] if causal else None

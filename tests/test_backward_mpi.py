@@ -144,3 +144,34 @@ def test_bad_qkv_on_one_rank_uses_the_forward_checks():
     with pytest.raises(CollectiveError, match=r"rank 0: v contains NaN or Inf"):
         ring_attention_backward(**args, comm=comm, layout="zigzag")
     comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_ring_backward_with_the_gpu_running_state_on_the_host(layout, dtype, tol, monkeypatch):
+    """The CUDA backend's backward state (the backward per key block with the global lse; dq
+    summed, each block's dk/dv in float32 travelling the ring), with the NumPy backward standing
+    in for the CUDA kernels, gives the ring the reference gradients."""
+    from hpcattn import backend
+    from hpcattn.gpu.partial_backward import PerBlockBackward
+
+    asked = set()
+
+    def numpy_kernel(*args, grad_dtype=None, **kw):
+        asked.add(grad_dtype)
+        return tuple(g.astype(grad_dtype or g.dtype) for g in attention_backward(*args, **kw))
+
+    def per_block(self, q, out, lse, dout, kv_heads, *, causal, scale, q_pos, **block_kw):
+        return PerBlockBackward(q, out, lse, dout, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
+                                backward=numpy_kernel, xp=np, **block_kw)
+
+    comm = MPI.COMM_WORLD
+    q, k, v, dout = global_inputs(77, h=4, hkv=2, dtype=dtype)
+    monkeypatch.setattr(backend.NumpyBackend, "backward_state", per_block)
+    got = ring_gradients(q, k, v, dout, comm, layout, True, block_q=8, block_k=8)
+    ref = naive_attention_backward(q, k, v, dout, causal=True)
+    assert max_relative_error(got, ref) <= tol
+    if comm.size > 1:  # one rank runs the plain per-rank backward, no ring state
+        assert asked == ({None} if dtype == "float64" else {"float32"})

@@ -169,3 +169,58 @@ def test_bad_input_is_a_one_line_error(change, message):
     with pytest.raises(HpcattnError, match=message) as info:
         attention_backward(**args)
     assert "\n" not in str(info.value)
+
+
+def test_public_attention_backward_is_the_backends():
+    """``hpcattn.attention_backward`` (dispatch on q's backend) gives the blockwise gradients and
+    checks its inputs with the same one-line errors."""
+    import hpcattn
+
+    q, k, v, dout = make(11, 2, 37, 29, 4, 2, 8, "float64")
+    out, lse = attention(q, k, v, causal=True)
+    got = hpcattn.attention_backward(q, k, v, out, lse, dout, causal=True)
+    ref = naive_attention_backward(q, k, v, dout, causal=True)
+    assert max(relative_errors(got, ref)) <= 1e-12
+    with pytest.raises(HpcattnError, match=r"lse has shape \(2, 4, 36\); expected \(2, 4, 37\)"):
+        hpcattn.attention_backward(q, k, v, out, lse[..., 1:], dout)
+    with pytest.raises(HpcattnError, match=r"q has dtype float16; expected one of float32, float64"):
+        hpcattn.attention_backward(*(x.astype(np.float16) for x in (q, k, v, out)), lse, dout)
+
+
+def _numpy_block_backward(*args, grad_dtype=None, **kw):
+    """The NumPy backward standing in for the CUDA kernels' ``attention_backward_gpu``."""
+    return tuple(g.astype(grad_dtype or g.dtype) for g in attention_backward(*args, **kw))
+
+
+def _emulated_block_backward(*args, **kw):
+    from hpcattn.emulation.backward import attention_backward_emulated
+
+    return attention_backward_emulated(*args, **kw)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kernel, dtype, d, tol", [
+    (_numpy_block_backward, "float64", 8, 1e-12),
+    (_numpy_block_backward, "float32", 8, TOLERANCE["float32"]),
+    (_emulated_block_backward, "float32", 64, TOLERANCE["float32"]),  # the CUDA kernels themselves
+])
+def test_gpu_backward_state_key_blocks_one_at_a_time_equal_the_whole(kernel, dtype, d, tol):
+    """The CUDA backend's ring state (``PerBlockBackward``: the backward per key block with the
+    GLOBAL lse, dq summed, each block's dk/dv in float32) on the host, blocks out of order at
+    zig-zag positions, equals the float64 reference over all keys."""
+    from hpcattn.gpu.partial_backward import PerBlockBackward
+
+    q, k, v, dout = make(12, 1, 40, 40, 4, 2, d, dtype)
+    pos = np.concatenate([np.arange(20, 40), np.arange(20)])   # a zig-zag shard order
+    out, lse = attention(q, k, v, causal=True, q_pos=pos, k_pos=pos)
+    state = PerBlockBackward(q, out, lse, dout, 2, causal=True, scale=None, q_pos=pos,
+                             backward=kernel, xp=np)
+    assert state.acc_dtype == (np.float64 if dtype == "float64" else np.float32)
+    order = ((25, 40), (0, 9), (9, 25))
+    pieces = {a: state.block(k[:, a:b], v[:, a:b], k_pos=pos[a:b]) for a, b in order}
+    dk, dv = (np.concatenate([pieces[a][i] for a in sorted(pieces)], axis=1) for i in (0, 1))
+    grads = (state.dq(), dk, dv)
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+    ref = naive_attention_backward(q, k, v, dout, causal=True, q_pos=pos, k_pos=pos)
+    assert max(relative_errors(grads, ref)) <= tol

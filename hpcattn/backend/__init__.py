@@ -9,6 +9,13 @@ command line's ``--device``). A backend carries everything that differs between 
   attention of validated inputs, ``(out, lse)``,
 * ``partial(q, kv_heads, *, causal, scale, q_pos, block_q, block_k)``: the running state a ring
   rank folds key/value blocks into (``packed_size``, ``pack``, ``add_packed``, ``result``),
+* ``attention_backward(q, k, v, out, lse, dout, *, causal, scale, q_pos, k_pos, block_q, block_k,
+  progress)``: per-rank gradients ``(dq, dk, dv)`` of validated inputs,
+* ``backward_state(q, out, lse, dout, kv_heads, *, causal, scale, q_pos, block_q, block_k)``: what
+  a ring rank differentiates every passing key block against with the global lse
+  (``packed_size``/``packed_dtype``, ``pack``, ``grads_size``/``acc_dtype``, ``add_block``,
+  ``unpack_grads``, ``dq``; NumPy: ``blockwise_backward.BackwardState``, CUDA:
+  ``gpu.partial_backward.PerBlockBackward``),
 * ``ring_comm(comm)``: the exchange (``hpcattn.exchange.RingComm`` or its CUDA forms),
 * ``clock()``: the step clock (``start``, ``computed``, ``stop() -> (compute s, rest s)``),
 * ``use_device(comm)``, ``to_device(x)``, ``to_host(x)``, ``synchronize()``, ``pool_bytes()``.
@@ -19,7 +26,9 @@ this package is the only one that imports ``hpcattn.gpu`` (in ``cuda.py``, when 
 """
 from __future__ import annotations
 
+from ..blockwise_backward import backward_input_error
 from ..devices import DEVICES
+from ..errors import HpcattnError
 from ..merge import merge_lse
 from ..validate import check_qkv
 from .cpu import NUMPY, NumpyBackend
@@ -82,6 +91,28 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
                         block_q=block_q, block_k=block_k, progress=progress)
 
 
+def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: float | None = None,
+                       q_pos=None, k_pos=None, block_q: int | None = None, block_k: int | None = None,
+                       check_finite: bool = True, progress=None):
+    """Gradients ``(dq, dk, dv)`` of ``out = attention(q, k, v)`` given ``dout = dL/dout``, on q's
+    backend (FlashAttention-2's backward: never an N x N matrix).
+
+    ``q``, ``k``, ``v``, ``causal``, ``scale``, ``q_pos``, ``k_pos``, ``block_q``, ``block_k``,
+    ``progress`` as for :func:`attention`; ``out`` (q's shape and dtype) and ``lse`` (batch,
+    heads, Nq) are what :func:`attention` returned for them, ``dout`` the gradient of the loss
+    with respect to ``out`` (q's shape and dtype). ``dk``/``dv`` have the kv-head shape (a GQA
+    group's query heads summed); all three have q's dtype, accumulated in float32 (float64 for
+    float64). Bad input raises HpcattnError with a one-line message.
+    """
+    be = select(q)
+    err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite, allowed=be.dtypes,
+                               xp=be.xp)
+    if err:
+        raise HpcattnError(err)
+    return be.attention_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=q_pos,
+                                 k_pos=k_pos, block_q=block_q, block_k=block_k, progress=progress)
+
+
 def merge_partials(out, lse, out_b, lse_b):
     """Merge partial attention ``(out_b, lse_b)`` over other keys into ``(out, lse)`` in place.
 
@@ -91,4 +122,5 @@ def merge_partials(out, lse, out_b, lse_b):
     return merge_lse(out, lse, out_b, lse_b, select(out).xp)
 
 
-__all__ = ["select", "by_name", "is_gpu_array", "attention", "merge_partials", "NumpyBackend"]
+__all__ = ["select", "by_name", "is_gpu_array", "attention", "attention_backward", "merge_partials",
+           "NumpyBackend"]

@@ -1,12 +1,12 @@
-"""The NumPy backend: the blockwise kernel of ``hpcattn.blockwise``, the plain MPI exchange and
-the host clock (NumPy computes on the calling thread, so wall time is compute time)."""
+"""The NumPy backend: the blockwise kernels of ``hpcattn.blockwise`` (forward) and
+``hpcattn.blockwise_backward`` (backward), the plain MPI exchange and the host clock (NumPy computes on the calling thread, so wall time is compute time)."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from .. import blockwise
+from .. import blockwise, blockwise_backward
 from ..devices import CPU_DTYPES
 from ..exchange import RingComm
 
@@ -40,6 +40,20 @@ class NumpyBackend:
         """One online-softmax state that every arriving block is folded into (no merge)."""
         return blockwise.PartialAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
                                           block_q=block_q, block_k=block_k)
+
+    def attention_backward(self, q, k, v, out, lse, dout, *, causal, scale, q_pos=None, k_pos=None,
+                           block_q=None, block_k=None, progress=None):
+        """FlashAttention-2's backward over tiles (inputs already validated)."""
+        return blockwise_backward.attention_backward(
+            q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
+            block_q=block_q, block_k=block_k, check_finite=False, progress=progress)
+
+    def backward_state(self, q, out, lse, dout, kv_heads, *, causal, scale, q_pos, block_q=None,
+                       block_k=None):
+        """One state every arriving key block is differentiated against (dq kept, dk/dv given)."""
+        return blockwise_backward.BackwardState(q, out, lse, dout, kv_heads, causal=causal,
+                                                scale=scale, q_pos=q_pos, block_q=block_q,
+                                                block_k=block_k)
 
     def ring_comm(self, comm):
         return RingComm(comm)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .. import gpu
 from ..devices import GPU_DTYPES
+from ..gpu.backward import attention_backward_gpu
+from ..gpu.partial_backward import PerBlockBackward
 
 
 class CudaBackend:
@@ -26,6 +28,17 @@ class CudaBackend:
     def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None):
         """Attention per arriving block, merged by log-sum-exp (``gpu.MergedAttention``)."""
         return gpu.MergedAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos)
+
+    def attention_backward(self, q, k, v, out, lse, dout, *, causal, scale, q_pos=None, k_pos=None,
+                           block_q=None, block_k=None, progress=None):
+        """The backward kernels (``gpu.backward``); tiles and launches as the forward's."""
+        return attention_backward_gpu(q, k, v, out, lse, dout, causal=causal, scale=scale,
+                                      q_pos=q_pos, k_pos=k_pos)
+
+    def backward_state(self, q, out, lse, dout, kv_heads, *, causal, scale, q_pos, block_q=None,
+                       block_k=None):
+        """The backward kernels per arriving block with the global lse (``PerBlockBackward``)."""
+        return PerBlockBackward(q, out, lse, dout, kv_heads, causal=causal, scale=scale, q_pos=q_pos)
 
     def ring_comm(self, comm):
         """Device buffers straight to a CUDA-aware MPI, else staged through pinned host memory."""
