@@ -130,9 +130,64 @@ __device__ __forceinline__ void stage_transposed(float* dst, const T* src, long 
     }
 }
 
+// Element offset of row 0 of (batch b, head h) in a (batch, n, heads, D) tensor.
+__device__ __forceinline__ long long head_offset(int b, long long n, int heads, int h, int D) {
+    return ((long long)b * n * heads + h) * D;
+}
+
 // lse (natural log) -> log2 units; a row that saw no key (-inf) -> +inf, so its P is exp2(-inf) = 0.
 __device__ __forceinline__ float lse_log2(float x) {
     return x == -CUDART_INF_F ? CUDART_INF_F : x * CUDART_L2E_F;
+}
+
+// How a (query tile, key tile) pair is computed, from the (min, max) positions of each tile:
+// SKIP when every key is in every query's future, MASK when some pair is masked (or the key
+// tile is ragged), FULL otherwise.
+enum TilePair { SKIP, MASK, FULL };
+
+__device__ __forceinline__ TilePair tile_pair(int causal, bool ragged, const long long* q_bounds, int q_tile,
+                                              const long long* k_bounds, int k_tile) {
+    if (causal) {
+        if (q_bounds[2 * q_tile + 1] < k_bounds[2 * k_tile]) return SKIP;
+        if (q_bounds[2 * q_tile] < k_bounds[2 * k_tile + 1]) return MASK;
+    }
+    return ragged ? MASK : FULL;
+}
+
+// lse (log2 units) and D of one query row (row_at + row indexes (batch, head, row)); a row past
+// n_q gets lse = +inf, so its P is 0.
+__device__ __forceinline__ void query_row_stats(const float* lse, const float* delta, long long row_at, long long row,
+                                                long long n_q, float& lse2, float& dd) {
+    const bool in_range = row < n_q;
+    lse2 = in_range ? lse_log2(lse[row_at + row]) : CUDART_INF_F;
+    dd = in_range ? delta[row_at + row] : 0.f;
+}
+
+// The same for query rows [q0, q0 + ROWS) into shared Ls, Ds.
+template <int ROWS>
+__device__ __forceinline__ void stage_row_stats(float* Ls, float* Ds, const float* lse, const float* delta,
+                                                long long row_at, long long q0, long long n_q) {
+    for (int i = threadIdx.x; i < ROWS; i += THREADS) query_row_stats(lse, delta, row_at, q0 + i, n_q, Ls[i], Ds[i]);
+}
+
+// The query tiles a dK/dV block visits: every tile of every query head of kv head hk's group,
+// in a fixed order (so the group's sum is deterministic), less the skipped ones. Calls
+// visit(q rows, dout rows, row_at, q0, masked) after a __syncthreads(), so the previous tile's
+// shared memory is free again; row_at + row indexes (batch, head, row) of lse and delta.
+template <int D, int BQ, typename T, typename Visit>
+__device__ __forceinline__ void for_each_query_tile(const T* q, const T* dout, int b, int hk, int n_q, int heads,
+                                                    int kv_heads, int causal, bool ragged, const long long* q_bounds,
+                                                    const long long* k_bounds, int k_tile, Visit&& visit) {
+    const int group = heads / kv_heads, n_tiles = (n_q + BQ - 1) / BQ;
+    for (int h = hk * group; h < (hk + 1) * group; ++h) {
+        const long long at = head_offset(b, n_q, heads, h, D);
+        for (int qt = 0; qt < n_tiles; ++qt) {
+            const TilePair pair = tile_pair(causal, ragged, q_bounds, qt, k_bounds, k_tile);
+            if (pair == SKIP) continue;
+            __syncthreads();
+            visit(q + at, dout + at, ((long long)b * heads + h) * n_q, (long long)qt * BQ, pair == MASK);
+        }
+    }
 }
 
 // (b, n, heads, D) rows owned by this thread -> float32 gradient rows, scaled.
@@ -186,26 +241,18 @@ __device__ __forceinline__ void attention_bwd_dq(HPCATTN_BACKWARD_PARAMS(T), flo
     const int hk = h / (heads / kv_heads);
     const long long q0 = (long long)tile * BQ;
     const long long q_stride = (long long)heads * D, kv_stride = (long long)kv_heads * D;
-    const T* kb = k + ((long long)b * n_k * kv_heads + hk) * D;
-    const T* vb = v + ((long long)b * n_k * kv_heads + hk) * D;
-    stage_transposed<T, D, BQ>(Qt, q + ((long long)b * n_q * heads + h) * D, q_stride, q0, n_q);
-    stage_transposed<T, D, BQ>(dOt, dout + ((long long)b * n_q * heads + h) * D, q_stride, q0, n_q);
+    const T* kb = k + head_offset(b, n_k, kv_heads, hk, D);
+    const T* vb = v + head_offset(b, n_k, kv_heads, hk, D);
+    stage_transposed<T, D, BQ>(Qt, q + head_offset(b, n_q, heads, h, D), q_stride, q0, n_q);
+    stage_transposed<T, D, BQ>(dOt, dout + head_offset(b, n_q, heads, h, D), q_stride, q0, n_q);
 
     float lse2[RPT], dd[RPT];
     long long qp[RPT];
-    long long q_min = 0, q_max = 0;
-    if (causal) {
-        q_min = q_bounds[2 * tile];
-        q_max = q_bounds[2 * tile + 1];
-    }
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
         const long long row = q0 + ty * RPT + r;
-        const bool in_range = row < n_q;
-        const long long at = ((long long)b * heads + h) * n_q + row;
-        lse2[r] = in_range ? lse_log2(lse[at]) : CUDART_INF_F;  // rows past n_q: P = 0
-        dd[r] = in_range ? delta[at] : 0.f;
-        qp[r] = (causal && in_range) ? q_pos[row] : q_max;
+        query_row_stats(lse, delta, ((long long)b * heads + h) * n_q, row, n_q, lse2[r], dd[r]);
+        qp[r] = (causal && row < n_q) ? q_pos[row] : 0;  // (only read for rows in range)
     }
     float acc[RPT][DPT];
     zero<RPT, DPT>(acc);
@@ -213,11 +260,9 @@ __device__ __forceinline__ void attention_bwd_dq(HPCATTN_BACKWARD_PARAMS(T), flo
     const int n_tiles = (n_k + BK - 1) / BK;
     for (int kt = 0; kt < n_tiles; ++kt) {
         const long long k0 = (long long)kt * BK;
-        bool masked = k0 + BK > n_k;  // ragged last tile
-        if (causal) {
-            if (q_max < k_bounds[2 * kt]) continue;  // every key is in every query's future
-            masked = masked || q_min < k_bounds[2 * kt + 1];
-        }
+        const TilePair pair = tile_pair(causal, k0 + BK > n_k, q_bounds, tile, k_bounds, kt);
+        if (pair == SKIP) continue;
+        const bool masked = pair == MASK;
         __syncthreads();  // the previous tile's Ks, Vs and dSs are no longer read
         stage_rows<T, D, BK>(Ks, LDK, kb, kv_stride, k0, n_k);
         stage_rows<T, D, BK>(Vs, LDK, vb, kv_stride, k0, n_k);
@@ -245,7 +290,7 @@ __device__ __forceinline__ void attention_bwd_dq(HPCATTN_BACKWARD_PARAMS(T), flo
         __syncthreads();
         tile_product<RPT, DPT, BK>(acc, dSs + ty * RPT, LDS, Ks + tx, LDK, 1);
     }
-    store_grad<RPT, DPT>(dq + ((long long)b * n_q * heads + h) * D, acc, q0 + ty * RPT, n_q, q_stride, scale);
+    store_grad<RPT, DPT>(dq + head_offset(b, n_q, heads, h, D), acc, q0 + ty * RPT, n_q, q_stride, scale);
 }
 
 // dK, dV for BKV key rows of one (batch, kv head), summed over the group's query heads.
@@ -266,77 +311,55 @@ __device__ __forceinline__ void attention_bwd_dkdv(HPCATTN_BACKWARD_PARAMS(T), f
 
     const int tid = threadIdx.x, tx = tid % LANES, ty = tid / LANES;
     const int tile = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-    const int group = heads / kv_heads;
     const long long k0 = (long long)tile * BKV;
     const long long q_stride = (long long)heads * D, kv_stride = (long long)kv_heads * D;
-    stage_transposed<T, D, BKV>(Kt, k + ((long long)b * n_k * kv_heads + hk) * D, kv_stride, k0, n_k);
-    stage_transposed<T, D, BKV>(Vt, v + ((long long)b * n_k * kv_heads + hk) * D, kv_stride, k0, n_k);
+    stage_transposed<T, D, BKV>(Kt, k + head_offset(b, n_k, kv_heads, hk, D), kv_stride, k0, n_k);
+    stage_transposed<T, D, BKV>(Vt, v + head_offset(b, n_k, kv_heads, hk, D), kv_stride, k0, n_k);
 
     const bool ragged = k0 + BKV > n_k;
     long long kp[RPT];
-    long long k_min = 0, k_max = 0;
-    if (causal) {
-        k_min = k_bounds[2 * tile];
-        k_max = k_bounds[2 * tile + 1];
-    }
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
         const long long key = k0 + ty * RPT + r;
-        kp[r] = (causal && key < n_k) ? k_pos[key] : k_min;
+        kp[r] = (causal && key < n_k) ? k_pos[key] : 0;  // (only read for keys in range)
     }
     float dk_acc[RPT][DPT], dv_acc[RPT][DPT];
     zero<RPT, DPT>(dk_acc);
     zero<RPT, DPT>(dv_acc);
 
-    const int n_tiles = (n_q + BQ - 1) / BQ;
-    for (int h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* qb = q + ((long long)b * n_q * heads + h) * D;
-        const T* gb = dout + ((long long)b * n_q * heads + h) * D;
-        const long long row_at = ((long long)b * heads + h) * n_q;
-        for (int qt = 0; qt < n_tiles; ++qt) {
-            const long long q0 = (long long)qt * BQ;
-            bool masked = ragged;
-            if (causal) {
-                if (q_bounds[2 * qt + 1] < k_min) continue;  // every query is before every key
-                masked = masked || q_bounds[2 * qt] < k_max;
-            }
-            __syncthreads();  // the previous tile's Qs, dOs, Ps, dSs are no longer read
-            stage_rows<T, D, BQ>(Qs, LDQ, qb, q_stride, q0, n_q);
-            stage_rows<T, D, BQ>(dOs, LDQ, gb, q_stride, q0, n_q);
-            for (int i = tid; i < BQ; i += THREADS) {
-                const bool in_range = q0 + i < n_q;
-                Ls[i] = in_range ? lse_log2(lse[row_at + q0 + i]) : CUDART_INF_F;  // past n_q: P = 0
-                Ds[i] = in_range ? delta[row_at + q0 + i] : 0.f;
-            }
-            __syncthreads();
+    for_each_query_tile<D, BQ>(q, dout, b, hk, n_q, heads, kv_heads, causal, ragged, q_bounds, k_bounds, tile,
+                               [&](const T* qb, const T* gb, long long row_at, long long q0, bool masked) {
+        stage_rows<T, D, BQ>(Qs, LDQ, qb, q_stride, q0, n_q);
+        stage_rows<T, D, BQ>(dOs, LDQ, gb, q_stride, q0, n_q);
+        stage_row_stats<BQ>(Ls, Ds, lse, delta, row_at, q0, n_q);
+        __syncthreads();
 
-            float s[RPT][CPT], dp[RPT][CPT];  // transposed: rows are keys, columns queries
-            zero<RPT, CPT>(s);
-            zero<RPT, CPT>(dp);
-            tile_product<RPT, CPT, D>(s, Kt + ty * RPT, BKV, Qs + tx * LDQ, 1, LDQ);
-            tile_product<RPT, CPT, D>(dp, Vt + ty * RPT, BKV, dOs + tx * LDQ, 1, LDQ);
+        float s[RPT][CPT], dp[RPT][CPT];  // transposed: rows are keys, columns queries
+        zero<RPT, CPT>(s);
+        zero<RPT, CPT>(dp);
+        tile_product<RPT, CPT, D>(s, Kt + ty * RPT, BKV, Qs + tx * LDQ, 1, LDQ);
+        tile_product<RPT, CPT, D>(dp, Vt + ty * RPT, BKV, dOs + tx * LDQ, 1, LDQ);
 #pragma unroll
-            for (int j = 0; j < CPT; ++j) {
-                const int col = tx + j * LANES;
-                const long long row = q0 + col;
-                const long long qp = (masked && causal && row < n_q) ? q_pos[row] : 0;
-                const float l2 = Ls[col], dcol = Ds[col];
-                float p[RPT], ds[RPT];
+        for (int j = 0; j < CPT; ++j) {
+            const int col = tx + j * LANES;
+            const long long row = q0 + col;
+            const long long qp = (masked && causal && row < n_q) ? q_pos[row] : 0;
+            const float l2 = Ls[col], dcol = Ds[col];
+            float p[RPT], ds[RPT];
 #pragma unroll
-                for (int r = 0; r < RPT; ++r) {
-                    const bool visible = !masked || (k0 + ty * RPT + r < n_k && (!causal || qp >= kp[r]));
-                    p[r] = visible ? exp2f(s[r][j] * scale_log2 - l2) : 0.f;
-                    ds[r] = p[r] * (dp[r][j] - dcol);
-                }
-                store_vec<RPT>(Ps + col * LDP + ty * RPT, p);
-                store_vec<RPT>(dSs + col * LDP + ty * RPT, ds);
+            for (int r = 0; r < RPT; ++r) {
+                const bool visible = !masked || (k0 + ty * RPT + r < n_k && (!causal || qp >= kp[r]));
+                p[r] = visible ? exp2f(s[r][j] * scale_log2 - l2) : 0.f;
+                ds[r] = p[r] * (dp[r][j] - dcol);
             }
-            __syncthreads();
-            tile_product<RPT, DPT, BQ>(dv_acc, Ps + ty * RPT, LDP, dOs + tx, LDQ, 1);
-            tile_product<RPT, DPT, BQ>(dk_acc, dSs + ty * RPT, LDP, Qs + tx, LDQ, 1);
+            store_vec<RPT>(Ps + col * LDP + ty * RPT, p);
+            store_vec<RPT>(dSs + col * LDP + ty * RPT, ds);
         }
-    }
-    const long long grad_at = ((long long)b * n_k * kv_heads + hk) * D;
+        __syncthreads();
+        tile_product<RPT, DPT, BQ>(dv_acc, Ps + ty * RPT, LDP, dOs + tx, LDQ, 1);
+        tile_product<RPT, DPT, BQ>(dk_acc, dSs + ty * RPT, LDP, Qs + tx, LDQ, 1);
+    });
+    const long long grad_at = head_offset(b, n_k, kv_heads, hk, D);
     store_grad<RPT, DPT>(dk + grad_at, dk_acc, k0 + ty * RPT, n_k, kv_stride, scale);
     store_grad<RPT, DPT>(dv + grad_at, dv_acc, k0 + ty * RPT, n_k, kv_stride, 1.f);
 }

@@ -132,25 +132,18 @@ __device__ __forceinline__ void attention_bwd_dq_mma(HPCATTN_BACKWARD_PARAMS(T),
     const int hk = h / (heads / kv_heads);
     const long long q0 = (long long)tile * BQ;
     const long long q_stride = (long long)heads * D, kv_stride = (long long)kv_heads * D;
-    const T* kb = k + ((long long)b * n_k * kv_heads + hk) * D;
-    const T* vb = v + ((long long)b * n_k * kv_heads + hk) * D;
-    stage_tile<T, D, BQ>(Qs, LD, nullptr, 0, q + ((long long)b * n_q * heads + h) * D, q_stride, q0, n_q);
-    stage_tile<T, D, BQ>(dOs, LD, nullptr, 0, dout + ((long long)b * n_q * heads + h) * D, q_stride, q0, n_q);
+    const T* kb = k + head_offset(b, n_k, kv_heads, hk, D);
+    const T* vb = v + head_offset(b, n_k, kv_heads, hk, D);
+    stage_tile<T, D, BQ>(Qs, LD, nullptr, 0, q + head_offset(b, n_q, heads, h, D), q_stride, q0, n_q);
+    stage_tile<T, D, BQ>(dOs, LD, nullptr, 0, dout + head_offset(b, n_q, heads, h, D), q_stride, q0, n_q);
 
-    long long q_min = 0, q_max = 0, qp[2];
+    long long qp[2];
     float lse2[2], dd[2];
-    if (causal) {
-        q_min = q_bounds[2 * tile];
-        q_max = q_bounds[2 * tile + 1];
-    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // rows g (i = 0) and g + 8 (i = 1) of the warp
         const long long row = q0 + warp * 16 + g + 8 * i;
-        const bool in_range = row < n_q;
-        const long long at = ((long long)b * heads + h) * n_q + row;
-        lse2[i] = in_range ? lse_log2(lse[at]) : CUDART_INF_F;
-        dd[i] = in_range ? delta[at] : 0.f;
-        qp[i] = (causal && in_range) ? q_pos[row] : q_max;
+        query_row_stats(lse, delta, ((long long)b * heads + h) * n_q, row, n_q, lse2[i], dd[i]);
+        qp[i] = (causal && row < n_q) ? q_pos[row] : 0;  // (only read for rows in range)
     }
     float acc[D / 8][4];
 #pragma unroll
@@ -159,11 +152,9 @@ __device__ __forceinline__ void attention_bwd_dq_mma(HPCATTN_BACKWARD_PARAMS(T),
     const int n_tiles = (n_k + BK - 1) / BK;
     for (int kt = 0; kt < n_tiles; ++kt) {
         const long long k0 = (long long)kt * BK;
-        bool masked = k0 + BK > n_k;
-        if (causal) {
-            if (q_max < k_bounds[2 * kt]) continue;  // every key is in every query's future
-            masked = masked || q_min < k_bounds[2 * kt + 1];
-        }
+        const TilePair pair = tile_pair(causal, k0 + BK > n_k, q_bounds, tile, k_bounds, kt);
+        if (pair == SKIP) continue;
+        const bool masked = pair == MASK;
         __syncthreads();  // the previous tile's Ks, Vs, Kt are no longer read
         stage_tile<T, D, BK>(Ks, LD, Kt, LDT, kb, kv_stride, k0, n_k);
         stage_tile<T, D, BK>(Vs, LD, nullptr, 0, vb, kv_stride, k0, n_k);
@@ -187,7 +178,7 @@ __device__ __forceinline__ void attention_bwd_dq_mma(HPCATTN_BACKWARD_PARAMS(T),
             }
         accumulate_from_c<T, D, NT>(acc, s, Kt, LDT);
     }
-    store_c<D>(dq + ((long long)b * n_q * heads + h) * D, acc, q0 + warp * 16, n_q, q_stride, scale);
+    store_c<D>(dq + head_offset(b, n_q, heads, h, D), acc, q0 + warp * 16, n_q, q_stride, scale);
 }
 
 // Shared memory: Ks[BKV][D+8], Vs[BKV][D+8], Qs[BQ][D+8], dOs[BQ][D+8], Qt[D][BQ+8],
@@ -207,22 +198,17 @@ __device__ __forceinline__ void attention_bwd_dkdv_mma(HPCATTN_BACKWARD_PARAMS(T
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int tile = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-    const int group = heads / kv_heads;
     const long long k0 = (long long)tile * BKV;
     const long long q_stride = (long long)heads * D, kv_stride = (long long)kv_heads * D;
-    stage_tile<T, D, BKV>(Ks, LD, nullptr, 0, k + ((long long)b * n_k * kv_heads + hk) * D, kv_stride, k0, n_k);
-    stage_tile<T, D, BKV>(Vs, LD, nullptr, 0, v + ((long long)b * n_k * kv_heads + hk) * D, kv_stride, k0, n_k);
+    stage_tile<T, D, BKV>(Ks, LD, nullptr, 0, k + head_offset(b, n_k, kv_heads, hk, D), kv_stride, k0, n_k);
+    stage_tile<T, D, BKV>(Vs, LD, nullptr, 0, v + head_offset(b, n_k, kv_heads, hk, D), kv_stride, k0, n_k);
 
     const bool ragged = k0 + BKV > n_k;
-    long long k_min = 0, k_max = 0, kp[2];
-    if (causal) {
-        k_min = k_bounds[2 * tile];
-        k_max = k_bounds[2 * tile + 1];
-    }
+    long long kp[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const long long key = k0 + warp * 16 + g + 8 * i;
-        kp[i] = (causal && key < n_k) ? k_pos[key] : k_min;
+        kp[i] = (causal && key < n_k) ? k_pos[key] : 0;  // (only read for keys in range)
     }
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
@@ -230,50 +216,34 @@ __device__ __forceinline__ void attention_bwd_dkdv_mma(HPCATTN_BACKWARD_PARAMS(T
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.f;
 
-    const int n_tiles = (n_q + BQ - 1) / BQ;
-    for (int h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* qb = q + ((long long)b * n_q * heads + h) * D;
-        const T* gb = dout + ((long long)b * n_q * heads + h) * D;
-        const long long row_at = ((long long)b * heads + h) * n_q;
-        for (int qt = 0; qt < n_tiles; ++qt) {
-            const long long q0 = (long long)qt * BQ;
-            bool masked = ragged;
-            if (causal) {
-                if (q_bounds[2 * qt + 1] < k_min) continue;  // every query is before every key
-                masked = masked || q_bounds[2 * qt] < k_max;
-            }
-            __syncthreads();  // the previous tile's Qs, dOs, Qt, dOt, Ls, Ds are no longer read
-            stage_tile<T, D, BQ>(Qs, LD, Qt, LDT, qb, q_stride, q0, n_q);
-            stage_tile<T, D, BQ>(dOs, LD, dOt, LDT, gb, q_stride, q0, n_q);
-            for (int i = threadIdx.x; i < BQ; i += THREADS) {
-                const bool in_range = q0 + i < n_q;
-                Ls[i] = in_range ? lse_log2(lse[row_at + q0 + i]) : CUDART_INF_F;  // past n_q: P = 0
-                Ds[i] = in_range ? delta[row_at + q0 + i] : 0.f;
-            }
-            __syncthreads();
+    for_each_query_tile<D, BQ>(q, dout, b, hk, n_q, heads, kv_heads, causal, ragged, q_bounds, k_bounds, tile,
+                               [&](const T* qb, const T* gb, long long row_at, long long q0, bool masked) {
+        stage_tile<T, D, BQ>(Qs, LD, Qt, LDT, qb, q_stride, q0, n_q);
+        stage_tile<T, D, BQ>(dOs, LD, dOt, LDT, gb, q_stride, q0, n_q);
+        stage_row_stats<BQ>(Ls, Ds, lse, delta, row_at, q0, n_q);
+        __syncthreads();
 
-            float s[NT][4], dp[NT][4];  // transposed: rows are keys, columns queries
-            scores_and_dp<T, D, NT>(s, dp, Ks + warp * 16 * LD, Vs + warp * 16 * LD, Qs, dOs, LD);
+        float s[NT][4], dp[NT][4];  // transposed: rows are keys, columns queries
+        scores_and_dp<T, D, NT>(s, dp, Ks + warp * 16 * LD, Vs + warp * 16 * LD, Qs, dOs, LD);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int col = nt * 8 + 2 * t + j;
-                    const long long qp = (masked && causal && q0 + col < n_q) ? q_pos[q0 + col] : 0;
-                    const float l2 = Ls[col], dcol = Ds[col];
+            for (int j = 0; j < 2; ++j) {
+                const int col = nt * 8 + 2 * t + j;
+                const long long qp = (masked && causal && q0 + col < n_q) ? q_pos[q0 + col] : 0;
+                const float l2 = Ls[col], dcol = Ds[col];
 #pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        const bool visible = !masked || (k0 + warp * 16 + g + 8 * i < n_k && (!causal || qp >= kp[i]));
-                        const float p = visible ? exp2f(s[nt][2 * i + j] * scale_log2 - l2) : 0.f;
-                        s[nt][2 * i + j] = p;
-                        dp[nt][2 * i + j] = p * (dp[nt][2 * i + j] - dcol);  // dS^T
-                    }
+                for (int i = 0; i < 2; ++i) {
+                    const bool visible = !masked || (k0 + warp * 16 + g + 8 * i < n_k && (!causal || qp >= kp[i]));
+                    const float p = visible ? exp2f(s[nt][2 * i + j] * scale_log2 - l2) : 0.f;
+                    s[nt][2 * i + j] = p;
+                    dp[nt][2 * i + j] = p * (dp[nt][2 * i + j] - dcol);  // dS^T
                 }
-            accumulate_from_c<T, D, NT>(dv_acc, s, dOt, LDT);
-            accumulate_from_c<T, D, NT>(dk_acc, dp, Qt, LDT);
-        }
-    }
-    const long long grad_at = ((long long)b * n_k * kv_heads + hk) * D;
+            }
+        accumulate_from_c<T, D, NT>(dv_acc, s, dOt, LDT);
+        accumulate_from_c<T, D, NT>(dk_acc, dp, Qt, LDT);
+    });
+    const long long grad_at = head_offset(b, n_k, kv_heads, hk, D);
     store_c<D>(dk + grad_at, dk_acc, k0 + warp * 16, n_k, kv_stride, scale);
     store_c<D>(dv + grad_at, dv_acc, k0 + warp * 16, n_k, kv_stride, 1.f);
 }

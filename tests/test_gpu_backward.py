@@ -15,9 +15,10 @@ from hpcattn.reference import naive_attention
 cupy = pytest.importorskip("cupy", reason="no GPU: CuPy not installed (pip install '.[gpu]')")
 
 NO_GPU = no_gpu_reason()
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300),
-              pytest.mark.skipif(NO_GPU is not None, reason=f"no GPU: {NO_GPU}")]
+SKIP_REASON = NO_GPU if str(NO_GPU).startswith("no GPU") else f"no GPU: {NO_GPU}"
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300), pytest.mark.skipif(NO_GPU is not None, reason=SKIP_REASON)]
 
+KERNEL_CASES = [*((dt, "simt") for dt in kernels.DTYPES), *((dt, "mma") for dt in kernels.MMA_DTYPES)]
 # (batch, n_q, n_k, heads, kv_heads, causal): ragged, GQA and MQA, zigzag positions, n_q != n_k
 SHAPES = [
     (1, 1000, 1000, 4, 2, True),
@@ -46,35 +47,36 @@ def on_gpu(args, **kw):
     return [g.get() for g in grads]
 
 
-@pytest.mark.parametrize("dtype", kernels.DTYPES)
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
 @pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}q{}k{}h{}kv{}{}".format(*s[:5], "c" * s[5]))
-def test_gpu_backward_matches_float64_reference(shape, head_dim, dtype):
+def test_gpu_backward_matches_float64_reference(shape, head_dim, dtype, variant):
     b, nq, nk, h, hkv, causal = shape
     args, kw = problem(np.random.default_rng(7), b, nq, nk, h, hkv, head_dim, dtype, causal)
-    grads = on_gpu(args, **kw)
+    grads = on_gpu(args, variant=variant, **kw)
     assert [g.dtype for g in grads] == [args[0].dtype] * 3
     verdict = judge_backward(*args, grads, **kw)
-    print(f"{shape} d{head_dim} {dtype}: {verdict}")
+    print(f"{shape} d{head_dim} {dtype} {variant}: {verdict}")
     assert verdict.ok, verdict
 
 
-@pytest.mark.parametrize("dtype", kernels.DTYPES)
-def test_gpu_and_cpu_emulation_agree_and_the_gpu_is_deterministic(dtype):
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_gpu_and_cpu_emulation_agree_and_the_gpu_is_deterministic(dtype, variant):
     from hpcattn.emulation.backward import attention_backward_emulated
 
     args, kw = problem(np.random.default_rng(3), 1, 150, 130, 4, 2, 64, dtype, True)
-    first = on_gpu(args, grad_dtype="float32", **kw)
-    again = on_gpu(args, grad_dtype="float32", **kw)
+    kw.update(grad_dtype="float32", variant=variant)
+    first = on_gpu(args, **kw)
+    again = on_gpu(args, **kw)
     assert all(np.array_equal(a, b) for a, b in zip(first, again)), "two runs differ (no atomics: they must not)"
-    emulated = attention_backward_emulated(*args, grad_dtype="float32", **kw)
+    emulated = attention_backward_emulated(*args, **kw)
     for g, e in zip(first, emulated):  # FMA contraction and -ftz on the GPU: rounding only
         assert np.abs(g - e).max() <= 1e-5 * max(1.0, float(np.abs(e).max()))
 
 
 @pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
-@pytest.mark.parametrize("dtype", kernels.DTYPES)
-def test_report_backward_tflops(dtype, head_dim):
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_report_backward_tflops(dtype, variant, head_dim):
     """Not a threshold: prints what the kernels reach (run with -s)."""
     from hpcattn.gpu.backward import attention_backward_gpu
 
@@ -84,16 +86,16 @@ def test_report_backward_tflops(dtype, head_dim):
                           for _ in range(5))
     lse = cupy.full((b, h, n), float(np.log(n)), dtype=cupy.float32)  # timing only: any finite lse
     for causal in (False, True):
-        attention_backward_gpu(q, k, v, out, lse, dout, causal=causal)  # compile and warm up
+        attention_backward_gpu(q, k, v, out, lse, dout, causal=causal, variant=variant)  # compile, warm up
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         repeats = 5
         start.record()
         for _ in range(repeats):
-            attention_backward_gpu(q, k, v, out, lse, dout, causal=causal)
+            attention_backward_gpu(q, k, v, out, lse, dout, causal=causal, variant=variant)
         stop.record()
         stop.synchronize()
         seconds = cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats
         flops = 2.5 * attention_flops(b, n, h, head_dim, causal=causal)
-        print(f"backward {dtype} d{head_dim} N={n} H={h} causal={causal}: {seconds * 1e3:.2f} ms, "
+        print(f"backward {dtype} {variant} d{head_dim} N={n} H={h} causal={causal}: {seconds * 1e3:.2f} ms, "
               f"{flops / seconds / 1e12:.2f} TFLOP/s")
         assert seconds > 0
