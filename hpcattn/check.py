@@ -1,15 +1,25 @@
-"""``--check``: sampled query rows against a direct float64 computation, at any N.
+"""``--check``: sampled rows against a direct float64 computation, at any N.
 
-For S sampled global positions, every rank computes the float64 reference attention
-(``reference.naive_attention``) of those queries against the keys it holds, a chunk of keys at a
-time, and merges the chunks by log-sum-exp; rank 0 merges the ranks' results the same way and
-compares with the rows the ring produced. Cost O(S·N·d) in total, O(S·KEY_CHUNK) scores per
-rank at a time, so it works at a million tokens.
+Forward (``sampled_check``): for S sampled global positions, every rank computes the float64
+reference attention (``reference.naive_attention``) of those queries against the keys it holds,
+a chunk of keys at a time, and merges the chunks by log-sum-exp; rank 0 merges the ranks' results
+the same way and compares with the rows the ring produced. Cost O(S·N·d) in total, O(S·KEY_CHUNK)
+scores per rank at a time, so it works at a million tokens.
+
+Backward (``sampled_backward_check``): the gradients are sums over one index of the probability
+matrix, so sampled rows of them cost O(S·N·d) too. For S sampled query rows,
+``dq_i = scale·Σ_j P_ij (dP_ij - D_i) k_j`` with ``P_ij = exp(s_ij - lse_i)``, ``dP_ij = dout_i·v_j``
+and ``D_i = dout_i·out_i``, where lse_i and out_i are recomputed in float64 (as the forward check
+does) and every rank sums its keys' share. For S sampled KEY rows, ``dv_j = Σ_i P_ij dout_i`` and
+``dk_j = scale·Σ_i P_ij (dP_ij - D_i) q_i`` need P over every query: each rank sums its own queries'
+share with the forward's lse and out (the forward check verifies those on its sampled rows; the
+float64 lse of every query would cost O(N²)). Rank 0 adds the shares and compares.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from . import exchange
 from .layouts import Distribution
 from .merge import merge_lse
 from .reference import naive_attention
@@ -57,3 +67,127 @@ def sampled_check(q, k, v, out, lse, comm, *, dist: Distribution, causal, scale=
                   "max_lse_err": float(np.abs(ls - ref_lse).max()),
                   "max_rel_err": float(np.abs(os_ - ref).max() / max(np.abs(ref).max(), 1e-300))}
     return comm.bcast(result, root=0)
+
+
+def _grouped(x, hkv):
+    """(b, n, h, c) -> (b, hkv, g, n, c) float64: the g query heads of a kv head together."""
+    b, n, h, c = x.shape
+    return np.asarray(x, dtype=np.float64).transpose(0, 2, 1, 3).reshape(b, hkv, h // hkv, n, c)
+
+
+def _probs_and_dscores(qh, doh, lse, delta, kh, vh, q_pos, k_pos, causal, scale):
+    """float64 P and dS (b, hkv, g, n_q, n_k) of grouped queries against keys kh/vh (b, hkv, 1,
+    n_k, d); ``lse``/``delta`` (b, hkv, g, n_q). Rows with lse = -inf (no visible key) get P = 0."""
+    s = np.matmul(qh, kh.swapaxes(-1, -2))
+    s *= scale
+    seen = np.isfinite(lse)
+    s -= np.where(seen, lse, 0.0)[..., None]
+    p = np.exp(s, out=s)
+    hidden = ~seen[..., None]
+    if causal:
+        hidden = hidden | (q_pos[:, None] < k_pos[None, :])
+    np.copyto(p, 0.0, where=hidden)
+    ds = np.matmul(doh, vh.swapaxes(-1, -2))
+    ds -= delta[..., None]
+    ds *= p
+    return p, ds
+
+
+def _rows(x, li):
+    """This rank's sampled rows of ``x`` (local indices ``li``) as float64."""
+    return np.asarray(np.take(x, li, axis=1), dtype=np.float64)
+
+
+def _assemble(pieces, shape, axis):
+    """Rows gathered from every rank ``[(sample indices, rows), ...]`` put in sample order."""
+    full = np.empty(shape)
+    for idx, rows in pieces:
+        np.moveaxis(full, axis, 0)[idx] = np.moveaxis(rows, axis, 0)
+    return full
+
+
+def _sampled(n, rows, seed, stream, dist, rank):
+    sample = np.sort(np.random.default_rng([seed, stream]).choice(n, size=min(rows, n), replace=False))
+    own, local = dist.owner(sample)
+    mine = own == rank
+    return sample, np.nonzero(mine)[0], local[mine]
+
+
+def _errors(name, got, ref) -> dict:
+    err = float(np.abs(got - ref).max(initial=0.0))
+    return {f"max_{name}_err": err, f"max_{name}_rel_err": err / max(float(np.abs(ref).max(initial=0.0)), 1e-300)}
+
+
+def sampled_backward_check(q, k, v, out, lse, dout, dq, dk, dv, comm, *, dist: Distribution, causal,
+                           scale=None, rows=64, seed=0):
+    """Max abs (and relative) errors of the ring's ``dq`` on ``rows`` sampled query rows and of
+    its ``dk``/``dv`` on ``rows`` sampled key rows, against float64 (the same dict on every rank:
+    ``rows``, ``max_dq_err``, ``max_dk_err``, ``max_dv_err`` and ``max_*_rel_err``).
+
+    Collective. Every argument is this rank's host array, distributed as ``dist``: the forward's
+    inputs ``q``, ``k``, ``v`` and outputs ``out``, ``lse``, the output gradient ``dout`` and the
+    gradients the ring produced. The query rows are the forward check's (same ``seed``).
+    """
+    rank = comm.rank
+    b, n_local, h, d = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
+    pos = dist.positions(rank)
+    kh, vh = _grouped(k, hkv)[:, :, :1], _grouped(v, hkv)[:, :, :1]
+
+    # --- query rows: float64 lse and out recomputed, every rank's keys' share of dq summed ----
+    sample, idx, li = _sampled(dist.n, rows, seed, 4242, dist, rank)
+    S = len(sample)
+    pieces = exchange.allgather(comm, (idx, _rows(q, li), _rows(dout, li), _rows(dq, li)),
+                                "sampling rows for the gradient check")
+    qs = _assemble([(i, a) for i, a, _, _ in pieces], (b, S, h, d), 1)
+    dos = _assemble([(i, a) for i, _, a, _ in pieces], (b, S, h, d), 1)
+    ref_parts = exchange.gather(comm, _reference_rows(qs, sample, k, v, pos, causal, scale),
+                                "the gradient check's reference rows")
+    if rank == 0:
+        ref_out, ref_lse = ref_parts[0]
+        for o, l in ref_parts[1:]:
+            merge_lse(ref_out, ref_lse, o, l, np)
+        ref_parts = (ref_out, ref_lse)
+    ref_out, ref_lse = exchange.bcast(comm, ref_parts, "the gradient check's reference rows")
+    qh, doh = _grouped(qs, hkv) * scale, _grouped(dos, hkv)
+    lse_s = ref_lse.reshape(b, hkv, h // hkv, S)
+    delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(ref_out, hkv))
+    dq_part = np.zeros((b, hkv, h // hkv, S, d))
+    for c in range(0, n_local, KEY_CHUNK):
+        sl = slice(c, c + KEY_CHUNK)
+        _, ds = _probs_and_dscores(qh, doh, lse_s, delta, kh[..., sl, :], vh[..., sl, :], sample,
+                                   pos[sl], causal, 1.0)
+        dq_part += np.matmul(ds, kh[..., sl, :])
+    dq_parts = exchange.gather(comm, dq_part, "the gradient check's dq rows")
+
+    # --- key rows: every rank's queries' share, with the forward's lse and out ------------------
+    k_sample, k_idx, k_li = _sampled(dist.n, rows, seed, 4243, dist, rank)
+    Sk = len(k_sample)
+    k_pieces = exchange.allgather(comm, (k_idx, *(_rows(x, k_li) for x in (k, v, dk, dv))),
+                                  "sampling key rows for the gradient check")
+    ks, vs, dks, dvs = (_assemble([(p[0], p[j]) for p in k_pieces], (b, Sk, hkv, d), 1)
+                        for j in (1, 2, 3, 4))
+    ksh, vsh = _grouped(ks, hkv), _grouped(vs, hkv)
+    dk_part = np.zeros((b, hkv, Sk, d))
+    dv_part = np.zeros((b, hkv, Sk, d))
+    for c in range(0, n_local, KEY_CHUNK):
+        sl = slice(c, c + KEY_CHUNK)
+        qh = _grouped(q[:, sl], hkv) * scale
+        doh = _grouped(dout[:, sl], hkv)
+        lse_l = np.asarray(lse[:, :, sl], dtype=np.float64).reshape(b, hkv, h // hkv, -1)
+        delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(out[:, sl], hkv))
+        p, ds = _probs_and_dscores(qh, doh, lse_l, delta, ksh, vsh, pos[sl], k_sample, causal, 1.0)
+        dv_part += np.matmul(p.swapaxes(-1, -2), doh).sum(axis=2)
+        dk_part += np.matmul(ds.swapaxes(-1, -2), qh).sum(axis=2)
+    kv_parts = exchange.gather(comm, (dk_part, dv_part), "the gradient check's dk/dv rows")
+
+    result = None
+    if rank == 0:
+        dq_s = _assemble([(i, a) for i, _, _, a in pieces], (b, S, h, d), 1)
+        ref_dq = scale * sum(dq_parts)
+        ref_dq = ref_dq.reshape(b, h, S, d).transpose(0, 2, 1, 3)
+        ref_dk, ref_dv = (sum(part[j] for part in kv_parts).transpose(0, 2, 1, 3) for j in (0, 1))
+        result = {"rows": S, **_errors("dq", dq_s, ref_dq), **_errors("dk", dks, ref_dk),
+                  **_errors("dv", dvs, ref_dv)}
+    return exchange.bcast(comm, result, "the gradient check's result")
