@@ -129,8 +129,8 @@ class RingComm:
         else:
             peer, what = self.right, f"rank {self.right} did not receive our block"
         return (f"{what} for {seconds(waited)} s ({self.where}); expected rank {peer} to answer "
-                f"within the stall timeout of {seconds(self.timeout)} s (is it stopped or far "
-                f"slower?); {HINT}")
+                f"within the stall timeout of {seconds(self.timeout)} s (stopped, or far slower?); "
+                f"{HINT}")
 
 
 def barrier(comm, what: str, *, timeout: float | None = None, on_stall=None) -> None:
@@ -138,7 +138,9 @@ def barrier(comm, what: str, *, timeout: float | None = None, on_stall=None) -> 
 
     Every rank tells rank 0 it arrived and rank 0 then releases them all, so rank 0 knows who did
     not arrive and names them; the other ranks wait a grace period longer before they blame
-    rank 0 itself (which is then the stalled one, or has already aborted the job).
+    rank 0 itself (which is then the stalled one, or has already aborted the job). Rank 0, too,
+    waits a grace period beyond the stall timeout: a rank that is not here may itself be waiting
+    in a ring step for the stalled one, and that rank's message names the right culprit.
     """
     from mpi4py import MPI
 
@@ -147,8 +149,10 @@ def barrier(comm, what: str, *, timeout: float | None = None, on_stall=None) -> 
         return
     timeout = stall_timeout() if timeout is None else timeout
     on_stall = on_stall or functools.partial(abort_job, comm)
+    grace = max(1.0, 0.1 * timeout)
     token = bytearray(1)
     if comm.rank == 0:
+        timeout += grace
         others = range(1, size)
 
         def absent(pending, waited):
@@ -159,11 +163,10 @@ def barrier(comm, what: str, *, timeout: float | None = None, on_stall=None) -> 
         releases = [comm.Isend([token, MPI.BYTE], dest=r, tag=BARRIER_TAG) for r in others]
         wait_all(releases, absent, on_stall, timeout)
         return
-    grace = max(1.0, 0.25 * timeout)
+    timeout += 2 * grace
     reqs = [comm.Isend([token, MPI.BYTE], dest=0, tag=BARRIER_TAG),
             comm.Irecv([bytearray(1), MPI.BYTE], source=0, tag=BARRIER_TAG)]
-    wait_all(reqs, lambda pending, waited: _missing([0], waited, what, timeout + grace),
-             on_stall, timeout + grace)
+    wait_all(reqs, lambda pending, waited: _missing([0], waited, what, timeout), on_stall, timeout)
 
 
 def _missing(ranks, waited, what, timeout):
@@ -173,7 +176,7 @@ def _missing(ranks, waited, what, timeout):
 
 def _missing_text(who, waited, what, timeout):
     return (f"no answer from {who} for {seconds(waited)} s ({what}); expected every rank there "
-            f"within the stall timeout of {seconds(timeout)} s (is {who} stopped or far slower?); {HINT}")
+            f"within {seconds(timeout)} s (stopped, or far slower?); {HINT}")
 
 
 def _collective_stalled(comm, what, timeout):
