@@ -226,10 +226,18 @@ def _run_attention(job, comm, params, pending, master, bar, stop, summary) -> No
             spec = results.write_activations(summary["path"], c, local, n=case.seq_len,
                                              layout=case.layout, comm=comm,
                                              compression=job.compression)
+        error = None
         if master is not None:
-            master.add_cases([{"index": c, "kind": "attention", "params": params[c], "results": res,
-                               "activations": spec, "elapsed_s": time.perf_counter() - t0}])
-        comm.Barrier()  # the case is in the master before any rank moves on (or stops)
+            try:
+                master.add_cases([{"index": c, "kind": "attention", "params": params[c],
+                                   "results": res, "activations": spec,
+                                   "elapsed_s": time.perf_counter() - t0}])
+            except HpcattnError as exc:   # e.g. a full disk: every rank stops with the message
+                error = str(exc)
+        # the case is in the master before any rank moves on (or stops)
+        error = comm.bcast(error, root=0)
+        if error:
+            raise CollectiveError(error)
         summary["ran"] += 1
         bar.step(label=f"{results.case_name(c)} {label(params[c], job.axes)}")
     summary["stopped"] = stop.agreed(comm)
@@ -255,10 +263,13 @@ def _run_mixers(job, comm, params, pending, master, bar, stop, summary) -> None:
         error = None
         if master is not None:
             ok = [it for it in items if it[3] is None]
-            if ok:
-                master.add_cases([{"index": c, "kind": "mixer", "params": params[c], "results": res,
-                                   "elapsed_s": el} for c, res, el, _ in ok])
             bad = [it for it in items if it[3] is not None]
+            try:
+                if ok:
+                    master.add_cases([{"index": c, "kind": "mixer", "params": params[c],
+                                       "results": res, "elapsed_s": el} for c, res, el, _ in ok])
+            except HpcattnError as exc:
+                error, bad = str(exc), []
             if bad:
                 c = bad[0][0]
                 error = f"{results.case_name(c)} ({label(params[c], job.axes)}) failed: {bad[0][3]}"

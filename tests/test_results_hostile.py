@@ -313,3 +313,99 @@ def test_merge_compares_the_whole_job_not_its_name(tmp_path):
         results.merge(str(tmp_path / "o.h5"), [str(a), str(b)])
     one_line_error(info, "hold different jobs named 't'", "sweep.causal is [True] there but")
     assert not os.path.exists(tmp_path / "o.h5")
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+def leftovers(root):
+    """Temporaries anywhere below ``root`` (a writer that failed must leave none)."""
+    return [os.path.join(d, n) for d, dirs, names in os.walk(root) for n in names + dirs
+            if n.endswith(".tmp") or n.startswith(".hpcattn-")]
+
+
+@pytest.fixture
+def disk_of(monkeypatch):
+    """``disk_of(root, budget)``: writes below ``root`` fail with ENOSPC once ``budget`` bytes
+    have been written there (os.write and os.pwrite: every byte hpcattn writes goes through
+    them). Returns a function that gives the disk back."""
+    import errno
+
+    real = {"write": os.write, "pwrite": os.pwrite}
+
+    def install(root, budget):
+        left = [budget]
+
+        def guarded(name):
+            def call(fd, data, *rest):
+                try:
+                    target = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:
+                    target = ""
+                if target.startswith(str(root)):
+                    if len(data) > left[0]:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    left[0] -= len(data)
+                return real[name](fd, data, *rest)
+            return call
+        monkeypatch.setattr(os, "write", guarded("write"))
+        monkeypatch.setattr(os, "pwrite", guarded("pwrite"))
+        return lambda: (monkeypatch.setattr(os, "write", real["write"]),
+                        monkeypatch.setattr(os, "pwrite", real["pwrite"]))
+    return install
+
+
+@pytest.mark.parametrize("budget", [0, 3_000, 20_000, 60_000, 120_000, 250_000])
+def test_disk_full_is_one_line_and_leaves_the_master_whole(tmp_path, disk_of, capfd, budget):
+    from jobfiles import assert_same_results, comparable
+
+    out = tmp_path / "r.h5"
+    job = tiny_job(tmp_path, out, n=4, seq_len=[64, 128, 256, 512])
+    reference = tmp_path / "ref" / "r.h5"
+    reference.parent.mkdir()
+    runner.run_job(job, COMM, output=str(reference))
+    capfd.readouterr()
+    give_back = disk_of(tmp_path / "r.h5", budget)
+    with pytest.raises(HpcattnError) as info:
+        runner.run_job(job, COMM)
+    give_back()
+    one_line_error(info, "disk full", "free some space and rerun the same command")
+    assert capfd.readouterr().err == ""             # no 'Exception ignored', no HDF5 noise
+    assert leftovers(tmp_path) == []
+    if out.exists():
+        results.completed(out)                      # the master is whole
+    assert runner.run_job(job, COMM)["stopped"] == 0
+    assert results.verify(out) == []
+    assert_same_results(comparable(out), comparable(reference))
+
+
+def test_disk_full_on_a_real_file_system(tmp_path):
+    """A small tmpfs filled to several levels (root only): never a crash, one line, no temporary."""
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        job = tiny_job(tmp_path, mnt / "r.h5", n=3, seq_len=[256, 512, 1024])
+        for free_kb in (40, 200, 300, 700):
+            for name in os.listdir(mnt):
+                subprocess.run(["rm", "-rf", str(mnt / name)], check=True)
+            st = os.statvfs(mnt)
+            with open(mnt / "fill", "wb") as fh:
+                fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - free_kb * 1024))
+            proc = subprocess.run([sys.executable, "-m", "hpcattn", "run", job.path],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode in (0, 2), (free_kb, proc.returncode, proc.stderr)
+            if proc.returncode:
+                lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+                assert len(lines) == 1 and "disk full" in lines[0], (free_kb, proc.stderr)
+            assert leftovers(mnt) == [], free_kb
+            if (mnt / "r.h5").exists():
+                results.completed(mnt / "r.h5")
+    finally:
+        subprocess.run(["umount", str(mnt)])

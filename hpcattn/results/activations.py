@@ -124,33 +124,13 @@ def _global_shape(arr, axis: int, n: int) -> list[int]:
 
 
 def _write_shard(final: str, local: dict, names, compression: str) -> None:
-    """Written by HDF5 in a private temporary folder (nothing planted can be in it), then renamed."""
     opts = {} if compression == "none" else {"compression": compression}
-    with files.private_dir(os.path.dirname(final)) as tmpdir:
-        tmp = os.path.join(tmpdir, os.path.basename(final))
-        f = import_h5py().File(tmp, "w", libver=LIBVER)
-        try:
-            for a in names:
-                arr = np.ascontiguousarray(_host(local[a]))
-                f.create_dataset(a, data=arr, chunks=True if arr.size else None, **opts)
-            if "positions" in local:
-                f.create_dataset("positions", data=np.asarray(local["positions"], dtype=np.int64))
-        finally:
-            _close_quietly(f)
-        files.publish_file(tmp, final)
-
-
-def _close_quietly(f) -> None:
-    """Close an h5py file; a failure to flush (a full disk) is raised once here, not again as
-    'Exception ignored' when the object is collected."""
-    try:
-        f.close()
-    except Exception:
-        try:
-            f.id.close()
-        except Exception:  # noqa: BLE001 - already reported by the first failure
-            pass
-        raise
+    with files.h5_writer(final) as f:
+        for a in names:
+            arr = np.ascontiguousarray(_host(local[a]))
+            f.create_dataset(a, data=arr, chunks=True if arr.size else None, **opts)
+        if "positions" in local:
+            f.create_dataset("positions", data=np.asarray(local["positions"], dtype=np.int64))
 
 
 def _write_parallel(case_dir, local, names, shapes, *, n, layout, comm) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -21,7 +22,7 @@ import shutil
 import stat
 import tempfile
 
-from .format import ResultsError
+from .format import LIBVER, ResultsError, import_h5py
 
 TMP_PREFIX = ".hpcattn-"
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -64,10 +65,10 @@ def free_bytes(path: str) -> int:
 
 
 def check_space(path: str, need: int) -> None:
-    """Refuse up front when ``need`` bytes (plus a margin for HDF5's own metadata) do not fit:
-    HDF5 itself is not trusted to fail cleanly in the middle of a full disk."""
+    """Refuse up front when ``need`` bytes do not fit (a clear message before any work; the
+    writers still handle a disk that fills up while they write)."""
     free = free_bytes(path)
-    if free and free < need + (1 << 20):
+    if free and free < need:
         raise ResultsError(f"disk full: {path} needs about {need:,} bytes but only {free:,} are "
                            "free there; free some space and rerun the same command to resume")
 
@@ -119,20 +120,110 @@ def fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def write_bytes(final: str, data) -> None:
-    """Make ``data`` durable and atomically visible as ``final`` through a temporary of this
-    writer's own; on any failure the temporary is gone and ``final`` is as it was."""
+def _new_temp(final: str) -> tuple[str, int]:
+    """A temporary next to ``final`` under a name of this writer's own, created (never opened
+    through a link, never one that exists): (name, descriptor open for reading and writing)."""
     folder, base = os.path.split(final)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+        return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
     except OSError as exc:
         raise write_error(exc, final) from None
+
+
+def write_bytes(final: str, data) -> None:
+    """Make ``data`` durable and atomically visible as ``final`` through a temporary of this
+    writer's own; on any failure the temporary is gone and ``final`` is as it was."""
+    folder = os.path.dirname(final)
+    tmp, fd = _new_temp(final)
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view[:CHUNK]):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        remove(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(exc, final) from None
+        raise
+    fsync_dir(folder)
+
+
+class _QuietSink(io.RawIOBase):
+    """The file HDF5 writes a shard through. A failed write (a full disk) is kept for the caller
+    and the rest of the file goes to memory, so HDF5 never sees an I/O error: HDF5 2.0 crashes
+    (SIGSEGV) or prints 'Exception ignored' closing a file whose write failed."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd, self.pos, self.error, self.spill = fd, 0, None, None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=0):
+        if self.spill is not None:
+            return self.spill.seek(offset, whence)
+        self.pos = os.lseek(self.fd, offset, whence)
+        return self.pos
+
+    def tell(self):
+        return self.spill.tell() if self.spill is not None else self.pos
+
+    def readinto(self, buf):
+        if self.spill is not None:
+            return self.spill.readinto(buf)
+        data = os.pread(self.fd, len(buf), self.pos)
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def write(self, buf):
+        if self.spill is None:
+            try:
+                n = os.pwrite(self.fd, buf, self.pos)
+                self.pos += n
+                return n
+            except OSError as exc:
+                self.error = exc
+                self.spill = io.BytesIO(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
+                self.spill.seek(self.pos)
+        return self.spill.write(buf)
+
+    def truncate(self, size=None):
+        if self.spill is not None:
+            return self.spill.truncate(size)
+        os.ftruncate(self.fd, self.pos if size is None else size)
+        return size
+
+    def flush(self):
+        pass
+
+
+@contextlib.contextmanager
+def h5_writer(final: str):
+    """An h5py file that becomes ``final`` when the block ends (fsync'ed, renamed). On a full
+    disk, or any failure, the temporary is removed, ``final`` stays as it was, and one
+    ResultsError says so."""
+    folder = os.path.dirname(final)
+    tmp, fd = _new_temp(final)
+    sink = _QuietSink(fd)
+    try:
+        try:
+            with import_h5py().File(sink, "w", libver=LIBVER) as f:
+                yield f
+            if sink.error is not None:
+                raise sink.error
             os.fsync(fd)
         finally:
             os.close(fd)
