@@ -192,6 +192,7 @@ def assert_safe(world: World, scripts, *, key=None, value=None, name="hj", outpu
     shell words (``words``, in the job script)."""
     workdir = workdir or world.workdir
     assert len(scripts) == (2 if array else 1), scripts
+    assert key not in ("run_args", "launcher_args") or words is not None, f"{value!r} has an open quote"
     for kind, script in zip(["job", "merge"], scripts):
         subprocess.run(["bash", "-n"], input=script, text=True, check=True, timeout=10)
         want = expected(kind, name=name, output=output, workdir=str(workdir), key=key, value=value, array=array)
@@ -224,19 +225,19 @@ def assert_safe(world: World, scripts, *, key=None, value=None, name="hj", outpu
 KEYS = sorted(settings.KEYS)
 
 
-def _argument_of(key, value):
-    """What the stand-ins must receive for an accepted ``value`` of ``key``."""
+def _expect(key, value) -> dict:
+    """What assert_safe checks for an accepted ``value`` of [slurm] ``key``."""
+    expect = {"key": key, "value": value}
     if key in ("run_args", "launcher_args"):
-        return None, shlex.split(value)
-    if key == "srun_mpi":
-        return f"--mpi={value}", None  # only srun has it: see _where
-    if key == "python":
-        return value, None
-    return None, None
-
-
-def _where(key):
-    return {("job", False)} if key == "srun_mpi" else ALL_SCRIPTS
+        try:
+            expect["words"] = shlex.split(value)
+        except ValueError:
+            expect["words"] = None  # an open quote: it must be refused
+    elif key == "srun_mpi":
+        expect.update(argument=f"--mpi={value}", where={("job", False)})  # only srun has it
+    elif key == "python":
+        expect.update(argument=value, python=value)
+    return expect
 
 
 def _variants(key):
@@ -244,6 +245,20 @@ def _variants(key):
     if key in ("array", "array_tasks", "launcher"):
         return [([], False)]
     return [([], False), (["--array", "--launcher", "mpiexec"], True)]
+
+
+def refused_or_safe(world, label, *, job=None, options=(), job_file="job.toml", workdir=None,
+                    or_unknown_option=False, **expect):
+    """Submit plain and as an array: refused naming ``label``, or every script safe."""
+    key = expect.get("key")
+    python = [] if key == "python" else ["--python", str(world.bin / "python")]
+    for args, array in _variants(key):
+        res, scripts = world.submit(job or job_text(), [*python, *args, *options], job_file=job_file,
+                                    workdir=workdir)
+        if res.exit_code != 0:
+            assert_refused(res, label, or_unknown_option=or_unknown_option)
+            return
+        assert_safe(world, scripts, array=array, workdir=workdir, **expect)
 
 
 @pytest.fixture
@@ -254,82 +269,43 @@ def world(tmp_path, monkeypatch):
 @pytest.mark.parametrize("value", HOSTILE, ids=ascii)
 @pytest.mark.parametrize("key", KEYS)
 def test_hostile_slurm_key(world, key, value):
-    line = f"{key} = {toml_string(value)}"
-    if key in ("setup", "extra", "after"):
-        line = f"{key} = [{toml_string(value)}]"
-    for args, array in _variants(key):
-        python = [] if key == "python" else ["--python", str(world.bin / "python")]
-        res, scripts = world.submit(job_text(slurm=line, key=key), [*python, *args])
-        if res.exit_code != 0:
-            assert_refused(res, f"slurm.{key}")
-            return
-        argument, words = _argument_of(key, value)
-        assert_safe(world, scripts, key=key, value=value, argument=argument, words=words, array=array,
-                    python=value if key == "python" else None, where=_where(key))
+    text = toml_string(value)
+    line = f"{key} = [{text}]" if key in settings.LIST_KEYS else f"{key} = {text}"
+    refused_or_safe(world, f"slurm.{key}", job=job_text(slurm=line, key=key), **_expect(key, value))
 
 
 @pytest.mark.parametrize("value", HOSTILE, ids=ascii)
 @pytest.mark.parametrize("key", [k for k in KEYS if k not in NOT_OPTIONS])
 def test_hostile_submit_option(world, key, value):
     option = OPTION.get(key, "--" + key.replace("_", "-"))
-    for args, array in _variants(key):
-        python = [] if key == "python" else ["--python", str(world.bin / "python")]
-        res, scripts = world.submit(job_text(), [*python, *args, f"{option}={value}"])
-        if res.exit_code != 0:
-            # --array takes an optional number: click reads "-x" after it as an unknown option
-            assert_refused(res, option, or_unknown_option=key == "array")
-            return
-        argument, words = _argument_of(key, value)
-        assert_safe(world, scripts, key=key, value=value, argument=argument, words=words, array=array,
-                    python=value if key == "python" else None, where=_where(key))
+    # --array takes an optional number: click reads "-x" after it as an unknown option
+    refused_or_safe(world, option, options=[f"{option}={value}"], or_unknown_option=key == "array",
+                    **_expect(key, value))
 
 
 @pytest.mark.parametrize("value", HOSTILE, ids=ascii)
 def test_hostile_job_name(world, value):
-    for args, array in _variants(None):
-        res, scripts = world.submit(job_text(name=value, output="results/hj.h5"),
-                                    ["--python", str(world.bin / "python"), *args])
-        if res.exit_code != 0:
-            assert_refused(res, "job.name")
-            return
-        assert_safe(world, scripts, name=value, array=array)
+    refused_or_safe(world, "job.name", job=job_text(name=value), name=value)
 
 
 @pytest.mark.parametrize("value", HOSTILE, ids=ascii)
 def test_hostile_output_path(world, value):
     output = f"results/{value}.h5"
-    for args, array in _variants(None):
-        res, scripts = world.submit(job_text(output=output), ["--python", str(world.bin / "python"), *args])
-        if res.exit_code != 0:
-            assert_refused(res, "output.path")
-            return
-        # the array's tasks do not name the results file; its merge step does
-        assert_safe(world, scripts, output=output, argument=output, array=array,
+    # the array's tasks do not name the results file; its merge step does
+    refused_or_safe(world, "output.path", job=job_text(output=output), output=output, argument=output,
                     where={("job", False), ("merge", True)})
 
 
 @pytest.mark.parametrize("value", HOSTILE, ids=ascii)
 def test_hostile_job_file_name(world, value):
     job_file = f"{value}.toml"
-    for args, array in _variants(None):
-        res, scripts = world.submit(job_text(), ["--python", str(world.bin / "python"), *args],
-                                    job_file=job_file)
-        if res.exit_code != 0:
-            assert_refused(res, "job file")
-            return
-        assert_safe(world, scripts, argument=job_file, array=array, where={("job", False), ("job", True)})
+    refused_or_safe(world, "job file", job_file=job_file, argument=job_file,
+                    where={("job", False), ("job", True)})
 
 
 @pytest.mark.parametrize("value", HOSTILE, ids=ascii)
 def test_hostile_working_directory(world, value):
-    workdir = world.root / f"w {value}"
-    for args, array in _variants(None):
-        res, scripts = world.submit(job_text(), ["--python", str(world.bin / "python"), *args],
-                                    workdir=workdir)
-        if res.exit_code != 0:
-            assert_refused(res, "working directory")
-            return
-        assert_safe(world, scripts, workdir=workdir, array=array)
+    refused_or_safe(world, "working directory", workdir=world.root / f"w {value}")
 
 
 def test_the_corpus_is_refused_where_it_must_be(world):

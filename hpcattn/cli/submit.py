@@ -87,9 +87,10 @@ def submit(job_file, dry_run, wait, parsable, **options):
     after its current case.
 
     Every value that enters the script is checked (names, times, sizes: one word, no control
-    characters) or quoted, and --run-args/--launcher-args are passed on as literal words. The
-    exception is --setup ([slurm] setup): it is shell code, run as written, and --sbatch ([slurm]
-    extra), which is sbatch options as written. Errors exit 2 (job file, option, path) or 1
+    characters) or quoted; --run-args and --launcher-args are split into words, each passed on
+    literally. Two are not checked: --setup ([slurm] setup) is shell code, run in the job exactly
+    as written, and --sbatch ([slurm] extra) is sbatch options as written; give them only what
+    you would type into a batch script yourself. Errors exit 2 (job file, option, path) or 1
     (Slurm missing, refusing or not answering).
 
     \b

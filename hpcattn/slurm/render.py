@@ -94,15 +94,16 @@ def check_path(what: str, path: str, *, sbatch: bool = False) -> None:
 def check_job(job, s: dict, workdir: str) -> None:
     """The parts of ``job`` that enter a batch script and that no [slurm] check has seen: its
     file, results path and name (the default Slurm job name), and the working directory."""
+    def where(table, key):
+        line = key_line(job.text, table, key)
+        return f"{job.path}:{line}" if line else job.path
+
     check_path("job file", job.path)
-    line = key_line(job.text, "output", "path")
-    check_path(f"{job.path}:{line}: output.path" if line else f"{job.path}: output.path", job.output,
-               sbatch=True)
+    check_path(f"{where('output', 'path')}: output.path", job.output, sbatch=True)
     check_path("working directory", workdir, sbatch=True)
     if s["job_name"] is None and not WORD_RE.fullmatch(job.name):
-        line = key_line(job.text, "job", "name")
-        raise HpcattnError(f"{job.path}{f':{line}' if line else ''}: job.name = {job.name!r} is not usable as "
-                           f"a Slurm job name; expected one word of {WORD_CHARS} (or set slurm.job_name)")
+        raise HpcattnError(f"{where('job', 'name')}: job.name = {job.name!r} is not usable as a Slurm job "
+                           f"name; expected one word of {WORD_CHARS} (or set slurm.job_name)")
 
 
 def log_dir(results: str) -> str:
