@@ -2,7 +2,10 @@
 
 Under mpiexec every rank would otherwise start one BLAS thread per core, so P ranks on C cores
 oversubscribe P-fold. Before NumPy is imported we set the usual thread variables to
-``max(1, cores // local_ranks)`` unless the user set them. ``HPCATTN_NUM_THREADS`` overrides.
+``max(1, cores // local_ranks)`` unless the user set them. The ``hpcattn`` command running as a
+single process (no launcher, or one rank on the node) gets one BLAS thread: its tiles are sized
+for one core, and on a loaded machine all-core BLAS ran them 6-40x slower. A program that only
+imports hpcattn keeps its own settings. ``HPCATTN_NUM_THREADS`` overrides both.
 
 :data:`LAUNCHER_ENV` is the one table of launcher environment variables: :func:`hpcattn.launch.under_mpi`,
 :func:`local_ranks` here and :func:`hpcattn.gpu.ring.local_rank` read it. It lives in this module
@@ -41,17 +44,61 @@ def local_ranks() -> int | None:
     return None
 
 
+#: thread variables configure_threads changed in this process -> their earlier value (None: unset)
+_CHANGED: dict[str, str | None] = {}
+
+
+def runs_the_command(argv=None, orig_argv=None) -> bool:
+    """Whether this process runs the ``hpcattn`` command (its console script, or ``python -m
+    hpcattn``) rather than a program that imports the library. Read from the interpreter's own
+    command line, because it is needed while ``python -m`` is still importing the package."""
+    argv = sys.argv if argv is None else argv
+    if argv and os.path.basename(argv[0]) == "hpcattn":
+        return True
+    words = iter((getattr(sys, "orig_argv", []) if orig_argv is None else orig_argv)[1:])
+    for word in words:
+        if word == "-m":
+            return next(words, None) == "hpcattn"
+        if word.startswith("-m"):
+            return word == "-mhpcattn"
+        if word in ("-X", "-W"):
+            next(words, None)  # the option's value
+        elif word.startswith("-c") or not word.startswith("-"):
+            return False  # code or a script: the rest are its arguments
+    return False
+
+
+def threads_wanted() -> str | None:
+    """BLAS threads per process this process should use, None to leave the settings alone."""
+    want = os.environ.get("HPCATTN_NUM_THREADS")
+    if want is not None:
+        return want
+    nlocal = local_ranks()
+    if nlocal and nlocal > 1:
+        return str(max(1, (os.cpu_count() or 1) // nlocal))
+    return "1" if runs_the_command() else None
+
+
 def configure_threads() -> None:
     if "numpy" in sys.modules and "HPCATTN_NUM_THREADS" not in os.environ:
         return  # too late to matter, and the user is in charge
-    want = os.environ.get("HPCATTN_NUM_THREADS")
+    want = threads_wanted()
     if want is None:
-        nlocal = local_ranks()
-        if not nlocal or nlocal <= 1:
-            return
-        want = str(max(1, (os.cpu_count() or 1) // nlocal))
+        return
     for var in THREAD_VARS:
-        if "HPCATTN_NUM_THREADS" in os.environ:
+        if "HPCATTN_NUM_THREADS" in os.environ or var not in os.environ:
+            if os.environ.get(var) != want:
+                _CHANGED.setdefault(var, os.environ.get(var))
             os.environ[var] = want
+
+
+def inherited_environment() -> dict[str, str]:
+    """This environment as it was before :func:`configure_threads` chose thread counts for this
+    process: what processes we start (mpiexec and its ranks) inherit, so each chooses its own."""
+    env = dict(os.environ)
+    for var, before in _CHANGED.items():
+        if before is None:
+            env.pop(var, None)
         else:
-            os.environ.setdefault(var, want)
+            env[var] = before
+    return env

@@ -9,7 +9,8 @@ from ..cases import AttentionCase
 from ..devices import ALL_DTYPES, CPU_DTYPES, DEVICES, GPU_DTYPES, default_tolerance
 from ..layouts import LAYOUTS
 from ..errors import UsageError
-from ..launch import fail, relaunch, under_mpi, world
+from ..launch import fail, load_mpi, relaunch, under_mpi, world
+from . import Command
 
 
 def _strip_np(argv: list[str]) -> list[str]:
@@ -91,7 +92,7 @@ def _load(job_file, overrides):
     return load_job(job_file).with_overrides(overrides)
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.argument("job_file", required=False, metavar="[JOB.toml]")
 @click.option("--np", "np_", type=click.IntRange(min=1), default=None,
               help="Number of MPI ranks. Starts mpiexec itself when not already under MPI; "
@@ -146,7 +147,10 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
     results written to HDF5 as they complete. Rerunning skips completed cases; SIGTERM, SIGINT or
     SIGUSR1 stop after the current case with the file intact.
 
-    Exit status: 0 on success, 1 when a check fails, 2 on bad input, 128+N when stopped by signal N.
+    Exit status: 0 on success, 1 when a check fails (or MPI is missing), 2 on bad input, 128+N
+    when stopped by signal N (130: Ctrl-C). With --np, the command stands in for mpiexec: the
+    signals above are passed on to it, it exits with mpiexec's status, and mpiexec never outlives
+    it. A job file run on 1 rank without --np says so first when its [slurm] table asks for more.
 
     \b
     Examples:
@@ -166,14 +170,9 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
                                "pair; expected both, with 0 <= ARRAY_TASK < ARRAY_TASKS")
     if np_ is not None and not under_mpi():
         argv = _strip_np(sys.argv[1:] if sys.argv[1:2] != ["run"] else sys.argv[2:])
+        load_mpi(initialize=False)  # one line here, not one per rank, when MPI is missing
         if job_file is not None:
-            from ..errors import HpcattnError
-
-            try:  # a bad job file is reported before any process starts
-                _load(job_file, job_overrides(ctx, values))
-            except HpcattnError as exc:
-                click.echo(f"hpcattn: error: {exc}", err=True)
-                sys.exit(2)
+            _load(job_file, job_overrides(ctx, values))  # a bad job file: before any process starts
             if progress is None and sys.stderr.isatty():
                 argv.append("--progress")  # mpiexec gives the ranks pipes, not our terminal
         sys.exit(relaunch(np_, ["run", *argv]))
@@ -217,6 +216,8 @@ def _run_job_file(ctx, comm, job_file, values) -> int:
     job, err = comm.bcast((job, err), root=0)
     if err:
         fail(CollectiveError(err), comm)
+    if comm.rank == 0 and comm.size == 1 and values["np_"] is None and not under_mpi():
+        _say_one_rank(job, job_file)
     t0 = time.monotonic()
     try:
         summary = run_job(job, comm, output=values["output"], array_task=values["array_task"],
@@ -229,6 +230,24 @@ def _run_job_file(ctx, comm, job_file, values) -> int:
     if summary["stopped"]:
         return 128 + summary["stopped"]
     return 1 if summary["failed_checks"] else 0
+
+
+def job_ranks(job) -> int:
+    """The ranks a job file asks for: its [slurm] nodes x ntasks_per_node (1 when unset or not
+    numbers; ``hpcattn submit`` validates the table)."""
+    total = 1
+    for key in ("nodes", "ntasks_per_node"):
+        value = job.slurm.get(key, 1)
+        total *= value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+    return total
+
+
+def _say_one_rank(job, job_file) -> None:
+    ranks = job_ranks(job)
+    if ranks > 1:
+        click.echo(f"hpcattn run: {job.name} runs on 1 rank (no --np, not under mpiexec), but its "
+                   f"[slurm] table asks for {ranks}; for that: hpcattn run --np {ranks} {job_file}",
+                   err=True)
 
 
 def print_job_summary(job, s: dict, seconds: float) -> None:
