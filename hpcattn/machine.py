@@ -82,7 +82,7 @@ def mpi_library() -> dict:
     try:
         import mpi4py
         from mpi4py import MPI
-    except ImportError as exc:
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: mpi4py cannot load the MPI library
         return {"mpi4py": None, "library": f"mpi4py not importable ({exc})"}
     try:
         # Open MPI pads the string with NULs, which HDF5 strings cannot hold
