@@ -7,6 +7,9 @@ import time
 import tracemalloc
 
 FLOP_NOTE = "FLOP = 4*B*N^2*H*d (halved when causal)"
+#: FlashAttention's convention: the backward's five GEMMs against the forward's two, 2.5x
+BACKWARD_FLOP_FACTOR = 2.5
+BACKWARD_FLOP_NOTE = "backward FLOP = 2.5 x forward, forward+backward = 3.5 x (FlashAttention's convention)"
 
 
 def attention_flops(batch: int, n_q: int, heads: int, head_dim: int, *, causal: bool = False,
@@ -15,6 +18,13 @@ def attention_flops(batch: int, n_q: int, heads: int, head_dim: int, *, causal: 
     n_k = n_q if n_k is None else n_k
     f = 4.0 * batch * n_q * n_k * heads * head_dim
     return f / 2 if causal else f
+
+
+def attention_backward_flops(batch: int, n_q: int, heads: int, head_dim: int, *, causal: bool = False,
+                             n_k: int | None = None) -> float:
+    """FlashAttention's convention for the backward pass: 2.5 x the forward's
+    (``attention_flops``); forward+backward is the sum of the two."""
+    return BACKWARD_FLOP_FACTOR * attention_flops(batch, n_q, heads, head_dim, causal=causal, n_k=n_k)
 
 
 def peak_rss_bytes() -> int:

@@ -18,13 +18,26 @@ def test_quick_prints_tables_and_writes_results(tmp_path):
     assert res.exit_code == 0, res.output
     text = res.output
     for needle in ("machine", "numpy", "threads", "GEMM", "hpcattn blockwise", "vanilla NumPy MHA",
-                   "ring attention", "wall/compute", "longest sequence", "ring / vanilla"):
+                   "ring attention", "wall/compute", "longest sequence", "ring / vanilla",
+                   "forward + backward", "hpcattn forward+backward", "ring forward + backward",
+                   "2.5 x forward"):
         assert needle in text, needle
+    assert "torch SDPA forward" not in text and "skipped (--no-torch)" in text
     lines = [ln.split() for ln in text.splitlines() if ln.strip()[:2] in ("1 ", "2 ")]
     assert [ln[0] for ln in lines] == ["1", "2"]          # one ring row per rank count
+    ring_bwd = [ln.split() for ln in text.splitlines() if ln.strip().startswith("P=")]
+    assert [ln[0] for ln in ring_bwd] == ["P=1", "P=2"]   # one ring forward+backward row per rank count
     with h5py.File(out) as f:
         kinds = sorted(g.attrs["kind"] for g in f["cases"].values())
-        assert kinds == ["bench_maxn", "bench_ring", "bench_serial"]
+        assert kinds == ["bench_backward", "bench_maxn", "bench_ring", "bench_serial"]
+        bwd = f["cases/case_0003/backward"]
+        serial = bwd["serial"]
+        assert serial["hpcattn_fwd_bwd/median_s"][()] > serial["hpcattn_fwd/median_s"][()] > 0
+        assert serial["flops_bwd"][()] == 2.5 * serial["flops_fwd"][()]
+        for p in ("1", "2"):
+            ring = bwd["ring"][p]
+            assert ring["ranks"][()] == int(p) and len(ring["bwd_compute_s"][()]) == int(p)
+            assert min(ring["bwd_wall_s"][()]) > 0
         maxn = f["cases/case_0002/maxn"]
         ring = maxn["ring"]
         assert ring["n"][()] == ring["predicted_n"][()] > 0  # a real run at the predicted maximum
@@ -62,3 +75,34 @@ def test_shard_footprint_counts_qkv_out_lse_and_two_buffers():
     # q, k, v, out, and two ring buffers that each hold a K and a V block
     held = [token_rows] * 4 + [token_rows] * 2 * 2 + [lse]
     assert shard_footprint(cfg, n_local) == sum(a.nbytes for a in held) == 7920
+
+
+@pytest.mark.timeout(120)
+def test_backward_section_is_skipped_when_not_asked_and_runs_alone():
+    pytest.importorskip("mpi4py")
+    without = CliRunner().invoke(bench, ["--quick", "--no-torch", "--no-output", "--parts", "serial"])
+    assert without.exit_code == 0, without.output
+    assert "per-rank attention" in without.output and "backward" not in without.output
+    alone = CliRunner().invoke(bench, ["--quick", "--no-output", "--parts", "backward", "--ranks", "2"])
+    assert alone.exit_code == 0, alone.output
+    text = alone.output
+    assert "per-rank attention" not in text and "longest sequence" not in text
+    assert "ring attention (" not in text                  # the forward-only ring table is its own part
+    assert [ln.split()[0] for ln in text.splitlines() if ln.strip().startswith("P=")] == ["P=2"]
+    names = ("hpcattn forward", "hpcattn forward+backward", "hpcattn backward (difference)")
+    rows = {name: ln for ln in text.splitlines() for name in names if ln.strip().startswith(name + " ")}
+    assert set(rows) == set(names)
+    if pytest.importorskip("torch", reason="torch SDPA rows need PyTorch"):
+        for name in ("torch SDPA forward", "torch SDPA forward+backward", "torch SDPA backward (difference)"):
+            assert any(ln.strip().startswith(name + " ") for ln in text.splitlines()), name
+        # hpcattn's rows carry a ratio to torch's: median s, GFLOP/s range, GFLOP/s, vs torch
+        assert len(rows["hpcattn forward+backward"].split()) == len(names[1].split()) + 4
+
+
+def test_interleaved_runs_each_in_turn_after_one_warm_up_round():
+    from hpcattn.bench.backward import interleaved
+
+    calls = []
+    walls = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4                         # one untimed round, then 3 timed
+    assert {k: len(v) for k, v in walls.items()} == {"a": 3, "b": 3}

@@ -5,6 +5,10 @@ import dataclasses
 
 from ..measure import attention_flops
 
+#: the parts a run can measure (``--parts``): per-rank rates, ring scaling, the max-N
+#: comparison, and forward+backward beside torch SDPA (serial and on the ring)
+SECTIONS = ("serial", "ring", "maxn", "backward")
+
 
 @dataclasses.dataclass
 class BenchConfig:
@@ -20,7 +24,7 @@ class BenchConfig:
     budget_mb: float = 256.0         # per-rank memory budget of the max-N comparison
     gemm_n: int = 2048
     torch: bool = True
-    sections: tuple = ("serial", "ring", "maxn")
+    sections: tuple = SECTIONS
 
     @property
     def layout(self) -> str:

@@ -1,6 +1,7 @@
 """The measuring parts of ``hpcattn bench``, each run in its own child process: ``serial``
-(GEMM, blockwise, vanilla MHA, torch SDPA in one process), ``ring`` (under mpiexec) and ``maxn``
-(the longest N vanilla MHA and the ring fit in the per-rank budget)."""
+(GEMM, blockwise, vanilla MHA, torch SDPA in one process), ``ring`` (under mpiexec; with the
+ring forward+backward of ``bench.backward`` when that section is on) and ``maxn`` (the longest N
+vanilla MHA and the ring fit in the per-rank budget)."""
 from __future__ import annotations
 
 import time
@@ -19,7 +20,7 @@ def _inputs(cfg: BenchConfig, n: int, heads: int | None = None):
     return random_qkv(0, np.arange(n), cfg.batch, h, h, cfg.head_dim, cfg.dtype)
 
 
-def _summary(walls, flops) -> dict:
+def summarize(walls, flops) -> dict:
     import numpy as np
 
     med = float(np.median(walls))
@@ -36,7 +37,7 @@ def gemm_rates(cfg: BenchConfig) -> dict:
     a = rng.standard_normal((n, n)).astype(cfg.dtype)
     c = np.empty_like(a)
     rep = max(3, cfg.repeats)
-    square = _summary(timed(lambda: np.matmul(a, a, out=c), rep), 2.0 * n ** 3)
+    square = summarize(timed(lambda: np.matmul(a, a, out=c), rep), 2.0 * n ** 3)
     d, t, inner = cfg.head_dim, 512, 16
     qa = rng.standard_normal((t, d)).astype(cfg.dtype)
     ka = rng.standard_normal((t, d)).astype(cfg.dtype)
@@ -45,7 +46,7 @@ def gemm_rates(cfg: BenchConfig) -> dict:
     def shaped():
         for _ in range(inner):
             np.matmul(qa, ka.T, out=s)
-    attn = _summary(timed(shaped, rep), 2.0 * t * t * d * inner)
+    attn = summarize(timed(shaped, rep), 2.0 * t * t * d * inner)
     return {"square": square, "attention_shaped": attn}
 
 
@@ -58,11 +59,11 @@ def serial_part(cfg: BenchConfig) -> dict:
     res = {"gemm": gemm_rates(cfg)}
     q, k, v = _inputs(cfg, cfg.seq_len)
     flops = cfg.flops()
-    res["blockwise"] = _summary(timed(lambda: attention(q, k, v, causal=cfg.causal), cfg.repeats),
+    res["blockwise"] = summarize(timed(lambda: attention(q, k, v, causal=cfg.causal), cfg.repeats),
                                 flops)
     # vanilla: one head at a time keeps the N x N matrix affordable at the bench's N (same FLOPs,
     # same passes); the all-heads form is what the max-N comparison sizes
-    res["vanilla"] = _summary(timed(lambda: vanilla_mha(q, k, v, causal=cfg.causal,
+    res["vanilla"] = summarize(timed(lambda: vanilla_mha(q, k, v, causal=cfg.causal,
                                                         heads_at_once=False), cfg.repeats), flops)
     res["vanilla"]["bytes_per_n2"] = 4.0 * cfg.batch * np.dtype(cfg.dtype).itemsize
     if cfg.torch:
@@ -82,7 +83,7 @@ def torch_sdpa(cfg: BenchConfig, q, k, v, flops) -> dict | None:
     def run():
         with torch.inference_mode():
             torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=cfg.causal)
-    out = _summary(timed(run, cfg.repeats), flops)
+    out = summarize(timed(run, cfg.repeats), flops)
     out["version"] = torch.__version__
     return out
 
@@ -115,8 +116,15 @@ def _ring_case(cfg: BenchConfig, comm, n: int, repeats: int, check_rows: int = 0
 
 
 def ring_part(cfg: BenchConfig, comm, maxn: bool) -> dict:
-    """The timed ring case and (``maxn``) the ring end of the max-N comparison."""
-    out = {"ring": _ring_case(cfg, comm, cfg.seq_len, cfg.repeats)}
+    """The timed ring case (section ``ring``), the ring forward+backward (section ``backward``)
+    and (``maxn``) the ring end of the max-N comparison."""
+    out = {}
+    if "ring" in cfg.sections:
+        out["ring"] = _ring_case(cfg, comm, cfg.seq_len, cfg.repeats)
+    if "backward" in cfg.sections:
+        from .backward import ring_backward_case
+
+        out["ring_backward"] = ring_backward_case(cfg, comm, cfg.seq_len, cfg.repeats)
     if maxn:
         out["maxn_ring"] = ring_max_n(cfg, comm)
     return out

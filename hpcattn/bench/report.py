@@ -1,8 +1,9 @@
-"""The tables ``hpcattn bench`` prints: machine header, per-rank rates, ring scaling, max N."""
+"""The tables ``hpcattn bench`` prints: machine header, per-rank rates, ring scaling, max N,
+and forward+backward (serial beside torch SDPA, and on the ring)."""
 from __future__ import annotations
 
 from ..machine import THREAD_SETTINGS
-from ..measure import FLOP_NOTE
+from ..measure import BACKWARD_FLOP_NOTE, FLOP_NOTE
 from .config import BenchConfig
 
 
@@ -96,4 +97,59 @@ def maxn_table(cfg: BenchConfig, res: dict) -> str:
         lines.append(f"  ring / vanilla: {ring['n'] / max(van['all_heads'].get('n', 1), 1):.1f}x "
                      f"(all heads), {ring['n'] / max(van['per_head'].get('n', 1), 1):.1f}x (one head "
                      f"at a time); ring peak RSS/rank {_mib(ring['peak_rss_bytes'])}")
+    return "\n".join(lines)
+
+
+def backward_table(cfg: BenchConfig, res: dict) -> str:
+    """hpcattn and torch SDPA: forward, forward+backward and the backward alone (difference)."""
+    lines = [f"\nforward + backward ({_shape(cfg)}; {cfg.threads} thread(s); one process, "
+             "interleaved per repeat)",
+             f"  {'':<34s}{'median s':>10s}  {'GFLOP/s min-max':<15s}{'GFLOP/s':>9s}{'vs torch':>9s}"]
+    torch = res.get("torch_fwd") is not None
+    names = {"hpcattn": "hpcattn", "torch": "torch SDPA"}
+    for tool in ("hpcattn", "torch") if torch else ("hpcattn",):
+        for stage, what in (("fwd", "forward"), ("fwd_bwd", "forward+backward"),
+                            ("bwd", "backward (difference)")):
+            s = res[f"{tool}_{stage}"]
+            ref = res.get(f"torch_{stage}") if tool == "hpcattn" else None
+            ratio = (f"{s['gflops'] / ref['gflops']:9.2f}"
+                     if ref and s.get("gflops") and ref.get("gflops") else " " * 9)
+            rate = "-" if s.get("gflops") is None else f"{s['gflops']:.1f}"
+            span = (f"{s['gflops_min']:7.1f}-{s['gflops_max']:<7.1f}" if "gflops_min" in s
+                    else f"{'':15s}")
+            lines.append(f"  {names[tool] + ' ' + what:<34s}{s['median_s']:10.3f}  {span}{rate:>9s}{ratio}")
+    if not torch:
+        lines.append("  torch SDPA                        "
+                     + ("not installed (optional comparison)" if cfg.torch else "skipped (--no-torch)"))
+    if torch:
+        lines.append(f"  torch {res.get('torch_version', '?')}: its forward records autograd (inputs "
+                     "require grad), its backward is torch.autograd.grad")
+    lines.append(f"  {BACKWARD_FLOP_NOTE}; one untimed round first")
+    return "\n".join(lines)
+
+
+def ring_backward_table(cfg: BenchConfig, rings: dict) -> str:
+    """The ring forward then backward on each --ranks count: walls, rates, wall over compute."""
+    import numpy as np
+
+    base = None
+    lines = [f"\nring forward + backward ({_shape(cfg)}; layout {cfg.layout}; {cfg.threads} thread(s) "
+             "per rank)",
+             "  ranks  fwd+bwd wall s (min-max)   GFLOP/s  vs 1 rank  bwd wall s  bwd GFLOP/s"
+             "  wall/compute fwd+bwd  bwd  bwd compute GFLOP/s/rank"]
+    for p, r in rings.items():
+        walls = r["fwd_bwd_wall_s"]
+        flops = r["flops_fwd"] + r["flops_bwd"]
+        rate = flops / float(np.median(walls)) / 1e9
+        base = rate if p == "1" else base
+        scale = f"{rate / base:9.2f}x" if base else " " * 10
+        bwd_wall = float(np.median(r["bwd_wall_s"]))
+        comp = max(f + b for f, b in zip(r["fwd_compute_s"], r["bwd_compute_s"]))
+        bwd_comp = max(r["bwd_compute_s"])
+        per_rank = r["flops_bwd"] / int(p) / bwd_comp / 1e9 if bwd_comp else float("nan")
+        lines.append(f"  P={p:<4s} {np.median(walls):7.3f} ({min(walls):.3f}-{max(walls):.3f})"
+                     f"{rate:13.1f} {scale} {bwd_wall:10.3f}{r['flops_bwd'] / bwd_wall / 1e9:13.1f}"
+                     f"{walls[-1] / comp:14.3f}{r['bwd_wall_s'][-1] / bwd_comp:12.3f}{per_rank:14.1f}")
+    lines.append("  wall/compute: slowest rank's wall time of the last repeat over the slowest rank's "
+                 "compute time (1.00 = exchange hidden); " + BACKWARD_FLOP_NOTE)
     return "\n".join(lines)

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 from ..machine import THREAD_SETTINGS
-from .config import BenchConfig
-from .report import header, maxn_table, ring_table, serial_table
+from .config import SECTIONS, BenchConfig
+from .report import backward_table, header, maxn_table, ring_backward_table, ring_table, serial_table
 
 
 def child_env(threads: int) -> dict:
@@ -69,9 +69,10 @@ def run_bench(cfg: BenchConfig, echo=print) -> dict:
         results["serial"] = run_child("serial", cfg)
         echo(serial_table(cfg, results["serial"]))
     rings = {}
-    if "ring" in cfg.sections or "maxn" in cfg.sections:
+    scaling = "ring" in cfg.sections or "backward" in cfg.sections  # every --ranks count
+    if scaling or "maxn" in cfg.sections:
         top = max(cfg.ranks)
-        for p in (cfg.ranks if "ring" in cfg.sections else (top,)):
+        for p in (cfg.ranks if scaling else (top,)):
             rings[p] = run_child("ring", cfg, ranks=p, maxn="maxn" in cfg.sections and p == top)
         if "ring" in cfg.sections:
             results["ring"] = {str(p): r["ring"] for p, r in rings.items()}
@@ -80,6 +81,11 @@ def run_bench(cfg: BenchConfig, echo=print) -> dict:
     if "maxn" in cfg.sections:
         results["maxn"] = {"vanilla": run_child("maxn", cfg), "ring": rings[max(cfg.ranks)]["maxn_ring"]}
         echo(maxn_table(cfg, results["maxn"]))
+    if "backward" in cfg.sections:
+        results["backward"] = {"serial": run_child("backward", cfg),
+                               "ring": {str(p): r["ring_backward"] for p, r in rings.items()}}
+        echo(backward_table(cfg, results["backward"]["serial"]))
+        echo(ring_backward_table(cfg, results["backward"]["ring"]))
     results["machine"]["load_avg_after"] = list(os.getloadavg())
     return results
 
@@ -95,7 +101,7 @@ def save(results: dict, path: str) -> None:
                         "job_description": "hpcattn bench: side-by-side performance figures"},
                        provenance(), force=True)
         records = []
-        for index, part in enumerate(("serial", "ring", "maxn")):
+        for index, part in enumerate(SECTIONS):
             if part in results:
                 records.append({"index": index, "kind": f"bench_{part}",
                                 "params": results["config"],

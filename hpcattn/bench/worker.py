@@ -21,6 +21,10 @@ def main(part: str, payload: str) -> None:
         res = serial_part(cfg)
     elif part == "maxn":
         res = vanilla_max_n(cfg)
+    elif part == "backward":
+        from .backward import serial_backward_part
+
+        res = serial_backward_part(cfg)
     else:
         raise SystemExit(f"unknown bench part {part!r}")
     print(json.dumps(res, default=float), flush=True)

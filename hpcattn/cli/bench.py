@@ -5,7 +5,7 @@ import dataclasses
 
 import click
 
-SECTIONS = ("serial", "ring", "maxn")
+from ..bench.config import SECTIONS  # the parts, defined with the bench
 
 
 def _ranks(ctx, param, value):
