@@ -8,6 +8,7 @@ import pytest
 
 from hpcattn import LAYOUTS, Distribution, ring_attention, ring_attention_backward, shard
 from hpcattn.check import sampled_backward_check
+from hpcattn.inputs import random_qkv, random_rows
 from hpcattn.reference import naive_attention_backward
 
 MPI_SIZES = (2, 3)
@@ -17,12 +18,10 @@ MPI = pytest.importorskip("mpi4py.MPI")
 GRADS = ("dq", "dk", "dv")
 
 
-def global_inputs(n, b=2, h=4, hkv=2, d=8, dtype="float64", seed=0):
-    rng = np.random.default_rng([seed, n, h, hkv, d])  # same on every rank
-    return (rng.standard_normal((b, n, h, d)).astype(dtype),
-            rng.standard_normal((b, n, hkv, d)).astype(dtype),
-            rng.standard_normal((b, n, hkv, d)).astype(dtype),
-            rng.standard_normal((b, n, h, d)).astype(dtype))
+def global_inputs(n, b=2, h=4, hkv=2, d=8, dtype="float64"):
+    """q, k, v, dout: the deterministic rows of ``hpcattn.inputs`` (what ``--check`` runs on)."""
+    pos = np.arange(n)
+    return (*random_qkv(3, pos, b, h, hkv, d, dtype), random_rows(4, "q", pos, b, h, d, dtype))
 
 
 def forward_shards(n, layout, causal, dtype="float64", **shape):
