@@ -11,8 +11,9 @@ hpcattn through DLPack without copies. The forward runs ``hpcattn.ring_attention
 ``ring_attention_backward`` / ``attention_backward``: K/V and their dK/dV accumulators travel the
 ring, so a million-token sequence trains without an N x N matrix anywhere.
 
-CPU tensors (float32, float64) run the NumPy kernels. CUDA tensors run the CUDA forward; their
-backward is not wired yet and says so.
+CPU tensors (float32, float64) run the NumPy kernels; CUDA tensors (float16, bfloat16, float32;
+head_dim 64 or 128) cross to CuPy through DLPack and run the CUDA kernels, forward and backward:
+the backend is chosen from the arrays (``hpcattn.backend``), as for every hpcattn call.
 
 Needs PyTorch (``pip install 'hpcattn[torch]'``); the rest of hpcattn never imports this module.
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .backend import attention as _attention
-from .blockwise_backward import attention_backward as _attention_backward
+from .backend import attention_backward as _attention_backward
 from .errors import HpcattnError
 from .layouts import shard as _shard
 from .ring import ring_attention as _ring_attention
@@ -31,21 +32,32 @@ from .ring_backward import ring_attention_backward as _ring_attention_backward
 __all__ = ["attention", "ring_attention", "RingAttention", "shard"]
 
 
+#: tensor dtypes by device kind (the backends' ``devices.DEVICE_DTYPES``)
+_DTYPES = {False: (torch.float32, torch.float64), True: (torch.float16, torch.bfloat16, torch.float32)}
+
+
 def _to_array(t: torch.Tensor):
-    """The tensor's memory as a NumPy (CPU) array, without a copy."""
+    """The tensor's memory as a NumPy (CPU) or CuPy (CUDA) array, without a copy."""
+    allowed = _DTYPES[t.is_cuda]
+    if t.dtype not in allowed:
+        names = [str(d) for d in allowed]
+        raise HpcattnError(f"tensor on {t.device.type} has dtype {t.dtype}; expected "
+                           f"{', '.join(names[:-1])} or {names[-1]}")
     if t.is_cuda:
-        raise HpcattnError("hpcattn.torch takes CPU tensors for now (the CUDA backward is not wired "
-                           "to autograd yet); move the tensors with .cpu()")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise HpcattnError(f"tensor has dtype {t.dtype}; expected torch.float32 or torch.float64")
+        import cupy
+
+        with cupy.cuda.Device(t.device.index):
+            return cupy.from_dlpack(t.detach())
     return np.from_dlpack(t.detach())
 
 
 def _to_tensor(a) -> torch.Tensor:
-    """A tensor on the array's memory (DLPack; a read-only array is copied, torch needs to own
-    writeable memory)."""
-    a = np.ascontiguousarray(a)
-    return torch.from_dlpack(a if a.flags.writeable else a.copy())
+    """A tensor on the array's memory (DLPack; a read-only NumPy array is copied, torch needs to
+    own writeable memory)."""
+    if isinstance(a, np.ndarray) or np.isscalar(a):
+        a = np.ascontiguousarray(a)
+        a = a if a.flags.writeable else a.copy()
+    return torch.from_dlpack(a)
 
 
 class _Attention(torch.autograd.Function):
