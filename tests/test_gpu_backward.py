@@ -70,8 +70,11 @@ def test_gpu_and_cpu_emulation_agree_and_the_gpu_is_deterministic(dtype, variant
     again = on_gpu(args, **kw)
     assert all(np.array_equal(a, b) for a, b in zip(first, again)), "two runs differ (no atomics: they must not)"
     emulated = attention_backward_emulated(*args, **kw)
-    for g, e in zip(first, emulated):  # FMA contraction and -ftz on the GPU: rounding only
-        assert np.abs(g - e).max() <= 1e-5 * max(1.0, float(np.abs(e).max()))
+    # SIMT: FMA contraction, exp2 and -ftz on the GPU, float32 rounding only; tensor cores: also
+    # P and dS rounded to the input dtype, where a last-bit difference can flip one rounding step
+    step = 1e-5 if variant == "simt" else {"float16": 2e-3, "bfloat16": 1.6e-2}[dtype]
+    for g, e in zip(first, emulated):
+        assert np.abs(g - e).max() <= step * max(1.0, float(np.abs(e).max())), "GPU vs emulation differ"
 
 
 @pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
