@@ -1,5 +1,7 @@
-// Attention backward (FlashAttention-2 order), SIMT (CUDA cores), float32 accumulation,
-// deterministic (no atomics). Three kernels, launched in this order by hpcattn/gpu/backward.py:
+// Attention backward (FlashAttention-2 order), float32 accumulation, deterministic (no atomics:
+// every gradient element is written once, by one thread). Three kernels, launched in this order
+// by hpcattn/gpu/backward.py, each on CUDA cores (SIMT, this file, every dtype) or tensor cores
+// (attention_bwd_mma.cuh, *_mma_* entry points, fp16/bf16, sm_80+):
 //
 //   attention_bwd_delta_*  D[i] = rowsum(dout[i] * out[i])                       (float32)
 //   attention_bwd_dq_*     one block per (query tile, head, batch), streaming key tiles:
@@ -18,7 +20,7 @@
 // with every key in every query's future is skipped, one fully in the past is unmasked. A query
 // row with lse = -inf (it saw no key) gets P = 0: it contributes nothing and its dQ is 0.
 //
-// Thread layout of every product (THREADS = 128): tx = tid % 8 owns columns tx + 8 * j,
+// SIMT thread layout of every product (THREADS = 128): tx = tid % 8 owns columns tx + 8 * j,
 // ty = tid / 8 owns rows ty * RPT + r. The row operand is stored contraction-major
 // ([k][rows], one RPT-float vector load, broadcast across tx); the column operand is stored
 // row-major with one float of padding ([cols][D + 1]), so the scalar loads of the 8 column
