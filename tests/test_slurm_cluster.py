@@ -317,6 +317,33 @@ def test_time_limit_stops_job_and_resubmission_completes(jobs, tmp_path, case_se
     assert {c: r for c, r in final.items() if c in first} == first, "completed cases were redone"
 
 
+@pytest.mark.timeout(120)
+def test_quoted_paths_survive_real_sbatch(jobs, tmp_path):
+    """The stand-in tests (test_slurm_hostile.py) parse #SBATCH lines as a shell would; here the
+    real sbatch reads a quoted --output/--error/--comment holding $( ), quotes and #."""
+    output = "results/$(touch PWNED) 'a' #b.h5"
+    (tmp_path / "q;$(x).toml").write_text(textwrap.dedent(f"""\
+        [job]
+        name = "quoted"
+        [sweep]
+        seq_len = 128
+        heads = 1
+        [output]
+        path = "{output}"
+        [slurm]
+        ntasks_per_node = 2
+        run_args = "--check-rows '8'"
+        """))
+    (job_id,) = jobs.submit("q;$(x).toml")
+    rc, out = jobs.wait([job_id], 100)
+    assert rc == 0, out
+    assert f"results  {output} (1/1 cases complete)" in out, "the comment names the results file"
+    logs = tmp_path / "results/$(touch PWNED) 'a' #b.slurm"
+    assert "1/1 cases complete" in (logs / f"{job_id}.out").read_text()
+    assert (logs / f"{job_id}.err").exists()
+    assert not [p for p in tmp_path.rglob("PWNED")]
+
+
 @pytest.mark.timeout(60)
 def test_slurm_rejection_is_reported(slurm_cluster, tmp_path):
     job = write_job(tmp_path, "rejected", "seq_len = 128")
