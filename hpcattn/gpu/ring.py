@@ -16,6 +16,7 @@ import numpy as np
 
 from .._threads import LOCAL_RANK_VARS  # node-local rank variables of each launcher
 from ..errors import HpcattnError
+from .. import exchange
 from ..exchange import RingComm
 
 ENV_CUDA_AWARE = "HPCATTN_CUDA_AWARE"
@@ -106,7 +107,7 @@ class StagedRingComm(_SyncedRingComm):
 def make_ring_comm(comm):
     """The ring exchange for CuPy buffers on ``comm`` (the same choice on every rank)."""
     aware, _ = cuda_aware_mpi()
-    aware = comm.allreduce(int(aware), op=_mpi_min()) == 1  # all ranks must agree
+    aware = exchange.allreduce(comm, int(aware), "choosing the GPU exchange", op=_mpi_min()) == 1  # all agree
     return DeviceRingComm(comm) if aware else StagedRingComm(comm)
 
 
