@@ -8,7 +8,9 @@ arrays, kernels or backends).
   nothing completes for ``HPCATTN_STALL_TIMEOUT`` seconds (default 600) it ends the job with one
   line naming the rank that did not answer (``MPI_Abort``): a stopped rank cannot hang a job.
 * ``barrier``, ``allgather``, ``bcast``, ``allreduce``, ``gather``: collectives behind the same
-  watchdog, for the places hpcattn waits on every rank (between cases, before a ring).
+  watchdog, for the places hpcattn waits on every rank (between cases, before a ring). They wait
+  a grace period (max(1 s, 10 %)) beyond the timeout, so that a rank stuck in a ring step on the
+  stalled rank speaks first and names it.
 """
 from __future__ import annotations
 

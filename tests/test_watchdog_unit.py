@@ -200,3 +200,15 @@ def test_ring_comm_reads_the_timeout_when_made(monkeypatch):
 @pytest.mark.parametrize("value, text", [(0.05, "0.1"), (3.0, "3"), (3.04, "3"), (4.5, "4.5"), (600.2, "600")])
 def test_seconds_are_short(value, text):
     assert exchange.seconds(value) == text
+
+
+def test_a_collective_on_two_ranks_names_the_other_and_on_more_says_some_rank():
+    two = exchange._collective_stalled(FakeComm(0, 2), "after case 3", 3.0)([0], 3.2)
+    assert two.startswith("no answer from rank 1 for 3.2 s (after case 3); expected every rank there "
+                          "within 3 s (stopped, or far slower?); set HPCATTN_STALL_TIMEOUT")
+    assert exchange._collective_stalled(FakeComm(2, 4), "x", 3.0)([0], 3.0).startswith("no answer from some rank")
+
+
+def test_the_barrier_root_names_every_rank_that_did_not_arrive():
+    msg = exchange._missing([1, 3], 4.0, "before case 2", 4.0)
+    assert msg.startswith("no answer from ranks 1, 3 for 4 s (before case 2);")
