@@ -54,7 +54,7 @@ def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True, 
         if check_finite:
             check_finite_array("out", out, xp)
             check_finite_array("dout", dout, xp)
-            if lse.size and not bool((xp.isfinite(lse) | xp.isneginf(lse)).all()):
+            if lse.size and not bool((xp.isfinite(lse) | (lse == -xp.inf)).all()):
                 raise HpcattnError("lse contains NaN or +Inf; expected finite values or -inf "
                                    "(rows that see no key)")
     except HpcattnError as exc:
