@@ -174,7 +174,7 @@ def job_text(*, name="hj", output="results/hj.h5", slurm="", key=None):
 def assert_refused(res, label: str, *, or_unknown_option=False):
     assert res.exit_code == 2, f"exit {res.exit_code}, expected 2 (refused) or a safe script:\n{res.output}"
     last = res.stderr.rstrip("\n").split("\n")[-1]
-    named = label in last or (or_unknown_option and last.startswith("Error: No such option"))
+    named = label in last or (or_unknown_option and "No such option" in last)
     assert named and last.isprintable(), f"the error does not name {label} on one line: {res.stderr!r}"
     if res.stderr.startswith("hpcattn: error: "):
         assert res.stderr.count("\n") == 1, res.stderr

@@ -251,7 +251,7 @@ def test_sbatch_rejection_shows_slurms_message(job_file, tmp_path, monkeypatch):
     fake_tools(tmp_path, monkeypatch, sbatch="""\
         echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2; exit 1
         """)
-    res = CliRunner().invoke(submit, [job_file(), "-p", "nosuch"])
+    res = CliRunner().invoke(submit, [job_file(), "--partition", "nosuch"])
     assert res.exit_code == 1
     assert res.output.strip() == ("hpcattn: error: sbatch rejected the script: sbatch: error: Batch job "
                                   "submission failed: Invalid partition name specified")

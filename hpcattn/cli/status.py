@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from . import Command
+
 
 def _rel(path: str) -> str:
     """``path`` relative to the working directory when it lies below it."""
@@ -102,7 +104,7 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@click.command(cls=Command)  # errors: one line, exit 2 for a bad id, 1 when Slurm fails
 @click.argument("job_ids", nargs=-1, metavar="[JOBID...]")
 @click.option("--wait", is_flag=True, help="Wait until the jobs ended, then report; exit 1 unless all COMPLETED.")
 def status(job_ids, wait):
@@ -117,18 +119,13 @@ def status(job_ids, wait):
       hpcattn status
       hpcattn status 1234 1235
     """
-    from ..errors import HpcattnError
     from ..slurm import client
-    from .submit import fail
 
     bad = [j for j in job_ids if not client.JOB_ID_RE.fullmatch(j)]
     if bad:
         raise click.BadParameter(f"{bad[0]!r} is not a job id; expected a number such as 1234 (or 1234_5)",
                                  param_hint="JOBID")
-    try:
-        records = client.wait_for(job_ids) if wait and job_ids else client.show_jobs(job_ids)
-    except HpcattnError as exc:
-        fail(exc)
+    records = client.wait_for(job_ids) if wait and job_ids else client.show_jobs(job_ids)
     if not job_ids:
         records = client.mine(records)
     if not records:

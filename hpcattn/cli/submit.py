@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from . import Command
+
 # option name -> [slurm] key; options left out (None) keep the job file's value
 SLURM_OPTIONS = ("nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node", "gpus_per_task",
                  "gpu_bind", "mem", "time", "partition", "account", "qos", "constraint", "job_name",
@@ -18,15 +20,6 @@ def _gpus(value):
     return int(value) if value is not None and value.isdigit() else value
 
 
-def fail(exc) -> None:
-    """One line on stderr, ``hpcattn: error: ...``; exit 1 when Slurm failed (missing, refused,
-    no answer), 2 for a bad job file, option or path (the convention of the whole command line)."""
-    from ..slurm import SlurmError
-
-    click.echo(f"hpcattn: error: {exc}", err=True)
-    sys.exit(1 if isinstance(exc, SlurmError) else 2)
-
-
 def _save(folder: str, name: str, text: str) -> str:
     path = os.path.join(folder, name)
     with open(path, "w") as fh:
@@ -34,10 +27,12 @@ def _save(folder: str, name: str, text: str) -> str:
     return path
 
 
-@click.command(context_settings={"show_default": True})
+# errors follow the command line's conventions (hpcattn.cli.Command): one line "hpcattn: error:",
+# exit 2 for a bad job file, option or path, 1 when Slurm is missing, refuses or does not answer
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.argument("job_file", metavar="JOB.toml")
 @click.option("--dry-run", is_flag=True, help="Print the script(s) and submit nothing.")
-@click.option("--nodes", "-N", type=int, default=None, help="Nodes (default: [slurm] nodes, else 1).")
+@click.option("--nodes", type=int, default=None, help="Nodes (default: [slurm] nodes, else 1).")
 @click.option("--ntasks-per-node", type=int, default=None, help="MPI ranks per node.")
 @click.option("--cpus-per-task", "-c", type=int, default=None,
               help="Cores per rank; the job sets HPCATTN_NUM_THREADS to it.")
@@ -45,7 +40,7 @@ def _save(folder: str, name: str, text: str) -> str:
 @click.option("--gpus-per-task", default=None, help="GPUs per rank: a count or TYPE:COUNT.")
 @click.option("--gpu-bind", default=None, help="GPU binding passed to Slurm, e.g. closest.")
 @click.option("--time", "-t", default=None, help="Time limit: minutes or HH:MM:SS (default 00:30:00).")
-@click.option("--partition", "-p", default=None, help="Partition.")
+@click.option("--partition", default=None, help="Partition.")
 @click.option("--account", "-A", default=None, help="Account to charge.")
 @click.option("--qos", "-q", default=None, help="Quality of service.")
 @click.option("--constraint", "-C", default=None, help="Node features, e.g. a100.")
@@ -101,7 +96,6 @@ def submit(job_file, dry_run, wait, parsable, **options):
       hpcattn submit jobs/ring-scaling.toml --array 2 --partition debug
       hpcattn submit jobs/ring-scaling.toml --after 1234
     """
-    from ..errors import HpcattnError
     from ..jobs import load_job
     from ..slurm import client, render, settings as slurm_settings
 
@@ -110,28 +104,25 @@ def submit(job_file, dry_run, wait, parsable, **options):
                      setup=list(options["setup"]), extra=list(options["extra"]), after=list(options["after"]))
     if options["array"] is not None:
         overrides["array"] = options["array"] or True
-    try:
-        render.check_path("job file", job_file)  # before any message quotes the name
-        job = load_job(job_file)
-        settings = slurm_settings.resolve(job.slurm, overrides, path=job.path, text=job.text)
-        rendered = render.render_job(job, settings)
-        if dry_run:
-            click.echo(rendered.script, nl=False)
-            if rendered.array_tasks:
-                click.echo("\n# --- then, queued behind the array (its id in place of ARRAY_JOB_ID): ---")
-                click.echo(render.render_merge(job, settings, rendered, "ARRAY_JOB_ID"), nl=False)
-            return
-        os.makedirs(rendered.logs, exist_ok=True)  # Slurm opens the logs there, maybe at once
-        job_id = client.sbatch(rendered.script)
-        saved = _save(rendered.logs, f"{job_id}.sbatch", rendered.script)
-        ids = [job_id]
+    render.check_path("job file", job_file)  # before any message quotes the name
+    job = load_job(job_file)
+    settings = slurm_settings.resolve(job.slurm, overrides, path=job.path, text=job.text)
+    rendered = render.render_job(job, settings)
+    if dry_run:
+        click.echo(rendered.script, nl=False)
         if rendered.array_tasks:
-            merge_script = render.render_merge(job, settings, rendered, job_id)
-            merge_id = client.sbatch(merge_script)
-            _save(rendered.logs, f"{merge_id}.merge.sbatch", merge_script)
-            ids.append(merge_id)
-    except HpcattnError as exc:
-        fail(exc)
+            click.echo("\n# --- then, queued behind the array (its id in place of ARRAY_JOB_ID): ---")
+            click.echo(render.render_merge(job, settings, rendered, "ARRAY_JOB_ID"), nl=False)
+        return
+    os.makedirs(rendered.logs, exist_ok=True)  # Slurm opens the logs there, maybe at once
+    job_id = client.sbatch(rendered.script)
+    saved = _save(rendered.logs, f"{job_id}.sbatch", rendered.script)
+    ids = [job_id]
+    if rendered.array_tasks:
+        merge_script = render.render_merge(job, settings, rendered, job_id)
+        merge_id = client.sbatch(merge_script)
+        _save(rendered.logs, f"{merge_id}.merge.sbatch", merge_script)
+        ids.append(merge_id)
     if parsable:
         click.echo("\n".join(ids))
     else:
@@ -145,10 +136,7 @@ def submit(job_file, dry_run, wait, parsable, **options):
     if wait:
         from .status import report
 
-        try:
-            records = client.wait_for(ids)
-        except HpcattnError as exc:
-            fail(exc)
+        records = client.wait_for(ids)
         click.echo(report(records), err=parsable)
         if not client.all_completed(records):
             sys.exit(1)

@@ -15,4 +15,7 @@ from ..errors import HpcattnError
 
 
 class SlurmError(HpcattnError):
-    """Slurm is missing, refused something, or answered in a way we cannot read."""
+    """Slurm is missing, refused something, or answered in a way we cannot read: a runtime
+    failure, so the command line exits with status 1 (bad input is status 2)."""
+
+    exit_status = 1
