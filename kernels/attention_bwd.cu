@@ -6,10 +6,10 @@
 //   attention_bwd_delta_*  D[i] = rowsum(dout[i] * out[i])                       (float32)
 //   attention_bwd_dq_*     one block per (query tile, head, batch), streaming key tiles:
 //                          dQ = scale * sum_j dS[:, j] K[j]
-//   attention_bwd_dkdv_*   one block per (key tile, kv head, batch), streaming the query tiles
-//                          of every query head of its GQA group (so the group's sum is formed in
-//                          registers, in a fixed order): dV = sum_i P[i]^T dO[i],
-//                          dK = scale * sum_i dS[i]^T Q[i]
+//   attention_bwd_dkdv_*   one block per (key tile, kv head and share of its GQA group,
+//                          batch), streaming the query tiles of the share's query heads (the
+//                          sum is formed in registers, in a fixed order; shares are added in
+//                          order by the caller): dV = sum_i P[i]^T dO[i], dK = scale * sum_i dS[i]^T Q[i]
 // with P = exp(scale * Q K^T - lse) recomputed from the forward's lse and
 // dS = P * (dO V^T - D). Scores are kept in log2 units (exp2f): s * scale_log2 - lse * log2(e).
 // Gradients are written in float32 whatever the input dtype (partial gradients of a ring are
@@ -41,10 +41,10 @@
         float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv,                  \
         const long long* __restrict__ q_pos, const long long* __restrict__ k_pos,                \
         const long long* __restrict__ q_bounds, const long long* __restrict__ k_bounds, int n_q, \
-        int n_k, int heads, int kv_heads, float scale_log2, float scale, int causal
+        int n_k, int heads, int kv_heads, float scale_log2, float scale, int causal, int head_splits
 #define HPCATTN_BACKWARD_ARGS                                                                     \
     q, k, v, dout, lse, delta, dq, dk, dv, q_pos, k_pos, q_bounds, k_bounds, n_q, n_k, heads,   \
-        kv_heads, scale_log2, scale, causal
+        kv_heads, scale_log2, scale, causal, head_splits
 
 namespace hpcattn {
 namespace bwd {
@@ -172,16 +172,32 @@ __device__ __forceinline__ void stage_row_stats(float* Ls, float* Ds, const floa
     for (int i = threadIdx.x; i < ROWS; i += THREADS) query_row_stats(lse, delta, row_at, q0 + i, n_q, Ls[i], Ds[i]);
 }
 
-// The query tiles a dK/dV block visits: every tile of every query head of kv head hk's group,
-// in a fixed order (so the group's sum is deterministic), less the skipped ones. Calls
-// visit(q rows, dout rows, row_at, q0, masked) after a __syncthreads(), so the previous tile's
-// shared memory is free again; row_at + row indexes (batch, head, row) of lse and delta.
+// A dK/dV block's kv head hk and its share [h0, h1) of the group's query heads: blockIdx.y =
+// split * kv_heads + hk, and split s of head_splits sums its heads into slab s of the float32
+// (head_splits, batch, n_k, kv_heads, D) output (hpcattn/gpu/backward.py adds the slabs, in
+// order). More than one split keeps the GPU busy when few kv heads own many query heads.
+struct KvBlock {
+    int hk, h0, h1;
+    long long slab;  // element offset of this split's slab
+};
+
+__device__ __forceinline__ KvBlock kv_block(int heads, int kv_heads, int head_splits, int n_k, int D) {
+    const int group = heads / kv_heads, per = (group + head_splits - 1) / head_splits;
+    const int hk = blockIdx.y % kv_heads, split = blockIdx.y / kv_heads, h0 = hk * group + split * per;
+    return {hk, h0, h0 + per < (hk + 1) * group ? h0 + per : (hk + 1) * group,
+            (long long)split * gridDim.z * n_k * kv_heads * D};
+}
+
+// The query tiles a dK/dV block visits: every tile of query heads [h0, h1), in a fixed order
+// (so the sum is deterministic), less the skipped ones. Calls visit(q rows, dout rows, row_at,
+// q0, masked) after a __syncthreads(), so the previous tile's shared memory is free again;
+// row_at + row indexes (batch, head, row) of lse and delta.
 template <int D, int BQ, typename T, typename Visit>
-__device__ __forceinline__ void for_each_query_tile(const T* q, const T* dout, int b, int hk, int n_q, int heads,
-                                                    int kv_heads, int causal, bool ragged, const long long* q_bounds,
+__device__ __forceinline__ void for_each_query_tile(const T* q, const T* dout, int b, int h0, int h1, int n_q,
+                                                    int heads, int causal, bool ragged, const long long* q_bounds,
                                                     const long long* k_bounds, int k_tile, Visit&& visit) {
-    const int group = heads / kv_heads, n_tiles = (n_q + BQ - 1) / BQ;
-    for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const int n_tiles = (n_q + BQ - 1) / BQ;
+    for (int h = h0; h < h1; ++h) {
         const long long at = head_offset(b, n_q, heads, h, D);
         for (int qt = 0; qt < n_tiles; ++qt) {
             const TilePair pair = tile_pair(causal, ragged, q_bounds, qt, k_bounds, k_tile);
@@ -295,7 +311,8 @@ __device__ __forceinline__ void attention_bwd_dq(HPCATTN_BACKWARD_PARAMS(T), flo
     store_grad<RPT, DPT>(dq + head_offset(b, n_q, heads, h, D), acc, q0 + ty * RPT, n_q, q_stride, scale);
 }
 
-// dK, dV for BKV key rows of one (batch, kv head), summed over the group's query heads.
+// dK, dV for BKV key rows of one (batch, kv head), summed over its share of the group's query
+// heads (kv_block).
 // Shared memory (floats): Kt[D][BKV], Vt[D][BKV], Qs[BQ][D+1], dOs[BQ][D+1], Ps[BQ][BKV+4],
 // dSs[BQ][BKV+4], Ls[BQ] (lse, log2 units), Ds[BQ].
 template <typename T, int D, int BKV, int BQ>
@@ -312,7 +329,9 @@ __device__ __forceinline__ void attention_bwd_dkdv(HPCATTN_BACKWARD_PARAMS(T), f
     float* Ds = Ls + BQ;
 
     const int tid = threadIdx.x, tx = tid % LANES, ty = tid / LANES;
-    const int tile = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int tile = blockIdx.x, b = blockIdx.z;
+    const KvBlock kvb = kv_block(heads, kv_heads, head_splits, n_k, D);
+    const int hk = kvb.hk;
     const long long k0 = (long long)tile * BKV;
     const long long q_stride = (long long)heads * D, kv_stride = (long long)kv_heads * D;
     stage_transposed<T, D, BKV>(Kt, k + head_offset(b, n_k, kv_heads, hk, D), kv_stride, k0, n_k);
@@ -329,7 +348,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(HPCATTN_BACKWARD_PARAMS(T), f
     zero<RPT, DPT>(dk_acc);
     zero<RPT, DPT>(dv_acc);
 
-    for_each_query_tile<D, BQ>(q, dout, b, hk, n_q, heads, kv_heads, causal, ragged, q_bounds, k_bounds, tile,
+    for_each_query_tile<D, BQ>(q, dout, b, kvb.h0, kvb.h1, n_q, heads, causal, ragged, q_bounds, k_bounds, tile,
                                [&](const T* qb, const T* gb, long long row_at, long long q0, bool masked) {
         stage_rows<T, D, BQ>(Qs, LDQ, qb, q_stride, q0, n_q);
         stage_rows<T, D, BQ>(dOs, LDQ, gb, q_stride, q0, n_q);
@@ -361,7 +380,7 @@ __device__ __forceinline__ void attention_bwd_dkdv(HPCATTN_BACKWARD_PARAMS(T), f
         tile_product<RPT, DPT, BQ>(dv_acc, Ps + ty * RPT, LDP, dOs + tx, LDQ, 1);
         tile_product<RPT, DPT, BQ>(dk_acc, dSs + ty * RPT, LDP, Qs + tx, LDQ, 1);
     });
-    const long long grad_at = head_offset(b, n_k, kv_heads, hk, D);
+    const long long grad_at = kvb.slab + head_offset(b, n_k, kv_heads, hk, D);
     store_grad<RPT, DPT>(dk + grad_at, dk_acc, k0 + ty * RPT, n_k, kv_stride, scale);
     store_grad<RPT, DPT>(dv + grad_at, dv_acc, k0 + ty * RPT, n_k, kv_stride, 1.f);
 }

@@ -197,7 +197,9 @@ __device__ __forceinline__ void attention_bwd_dkdv_mma(HPCATTN_BACKWARD_PARAMS(T
     float* Ds = Ls + BQ;
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    const int tile = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+    const int tile = blockIdx.x, b = blockIdx.z;
+    const KvBlock kvb = kv_block(heads, kv_heads, head_splits, n_k, D);
+    const int hk = kvb.hk;
     const long long k0 = (long long)tile * BKV;
     const long long q_stride = (long long)heads * D, kv_stride = (long long)kv_heads * D;
     stage_tile<T, D, BKV>(Ks, LD, nullptr, 0, k + head_offset(b, n_k, kv_heads, hk, D), kv_stride, k0, n_k);
@@ -216,7 +218,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_mma(HPCATTN_BACKWARD_PARAMS(T
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk_acc[dt][e] = dv_acc[dt][e] = 0.f;
 
-    for_each_query_tile<D, BQ>(q, dout, b, hk, n_q, heads, kv_heads, causal, ragged, q_bounds, k_bounds, tile,
+    for_each_query_tile<D, BQ>(q, dout, b, kvb.h0, kvb.h1, n_q, heads, causal, ragged, q_bounds, k_bounds, tile,
                                [&](const T* qb, const T* gb, long long row_at, long long q0, bool masked) {
         stage_tile<T, D, BQ>(Qs, LD, Qt, LDT, qb, q_stride, q0, n_q);
         stage_tile<T, D, BQ>(dOs, LD, dOt, LDT, gb, q_stride, q0, n_q);
@@ -243,7 +245,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_mma(HPCATTN_BACKWARD_PARAMS(T
         accumulate_from_c<T, D, NT>(dv_acc, s, dOt, LDT);
         accumulate_from_c<T, D, NT>(dk_acc, dp, Qt, LDT);
     });
-    const long long grad_at = head_offset(b, n_k, kv_heads, hk, D);
+    const long long grad_at = kvb.slab + head_offset(b, n_k, kv_heads, hk, D);
     store_c<D>(dk + grad_at, dk_acc, k0 + warp * 16, n_k, kv_stride, scale);
     store_c<D>(dv + grad_at, dv_acc, k0 + warp * 16, n_k, kv_stride, 1.f);
 }

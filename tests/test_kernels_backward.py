@@ -12,8 +12,7 @@ from hpcattn.emulation.backward import attention_backward_emulated
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import backward, kernels
 from hpcattn.gpu.backward_accuracy import judge_backward, lowprec_attention_backward, scaled_error
-from hpcattn.reference import naive_attention
-from hpcattn.reference import naive_attention_backward
+from hpcattn.reference import naive_attention, naive_attention_backward
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -184,6 +183,26 @@ def test_lowprec_reference_is_the_float64_one_for_float32_inputs():
     low = lowprec_attention_backward(*args, causal=True, q_pos=q_pos, k_pos=k_pos)
     ref = naive_attention_backward(args[0], args[1], args[2], args[5], causal=True, q_pos=q_pos, k_pos=k_pos)
     assert all(scaled_error(g, r) < 1e-5 for g, r in zip(low, ref))
+
+
+@pytest.mark.parametrize("dtype, variant", [("float32", "simt"), ("bfloat16", "mma")])
+def test_every_split_of_a_gqa_group_gives_the_same_gradients(dtype, variant):
+    """The dK/dV kernel may split a group's 6 query heads over 1, 2, 3 or 6 blocks per kv head
+    (float32 slabs added in order): the same gradients up to float32 summation order."""
+    rng = np.random.default_rng(9)
+    q_pos, k_pos = zigzag(70), zigzag(70)
+    args = problem(rng, 1, 70, 70, 6, 1, 64, dtype, True, q_pos, k_pos)
+    kw = dict(causal=True, q_pos=q_pos, k_pos=k_pos, variant=variant, grad_dtype="float32")
+    whole = attention_backward_emulated(*args, splits=1, **kw)
+    for splits in (2, 3, 6):
+        split = attention_backward_emulated(*args, splits=splits, **kw)
+        assert np.array_equal(split[0], whole[0])  # dq does not depend on the split
+        for g, w in zip(split[1:], whole[1:]):
+            assert np.abs(g - w).max() <= 1e-6 * np.abs(w).max()
+    verdict = judge_backward(*args, whole, causal=True, q_pos=q_pos, k_pos=k_pos)
+    assert verdict.ok, verdict
+    with pytest.raises(HpcattnError, match="splits 7; expected 1 to 6"):
+        attention_backward_emulated(*args, splits=7, **kw)
 
 
 def test_tensor_core_variant_needs_16_bit_inputs():

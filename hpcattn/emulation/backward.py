@@ -21,9 +21,9 @@ def library():
 
 
 def attention_backward_emulated(q, k, v, out, lse, dout, *, causal=False, scale=None, q_pos=None, k_pos=None,
-                                grad_dtype=None, variant=None):
+                                grad_dtype=None, variant=None, splits=None):
     """``hpcattn.gpu.backward.attention_backward_gpu`` for NumPy arrays, computed on the CPU
-    (``variant`` "simt" or "mma" as in ``hpcattn.gpu.backward.plan_attention_backward``).
+    (``variant`` and ``splits`` as in ``hpcattn.gpu.backward.plan_attention_backward``).
 
     The float32 outputs (and D) are poisoned (NaN) before the launches, so an element a kernel
     forgets stays NaN.
@@ -33,8 +33,8 @@ def attention_backward_emulated(q, k, v, out, lse, dout, *, causal=False, scale=
     if causal:
         q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1])
     plan = backward.plan_attention_backward(q, k, v, out, np.asarray(lse), dout, causal=causal, scale=scale,
-                                            q_pos=q_pos, k_pos=k_pos, xp=np, variant=variant)
-    for x in (plan.dq, plan.dk, plan.dv, plan.delta):
+                                            q_pos=q_pos, k_pos=k_pos, xp=np, variant=variant, splits=splits)
+    for x in (plan.dq, plan.dk_slabs, plan.dv_slabs, plan.delta):
         x[...] = np.nan
     lib = library()
     for step in plan.launches:

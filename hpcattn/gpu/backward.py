@@ -46,7 +46,11 @@ BACKWARD_ARGS = (
     Arg("q_pos", "ptr"), Arg("k_pos", "ptr"), Arg("q_bounds", "ptr"), Arg("k_bounds", "ptr"),
     Arg("n_q", "int32"), Arg("n_k", "int32"), Arg("heads", "int32"), Arg("kv_heads", "int32"),
     Arg("scale_log2", "float32"), Arg("scale", "float32"), Arg("causal", "int32"),
+    Arg("head_splits", "int32"),
 )
+#: the dK/dV kernel splits a GQA group's query heads over this many blocks per kv head while the
+#: grid has fewer blocks than this (each split writes a float32 slab; the slabs are added in order)
+MIN_DKDV_BLOCKS = 256
 
 
 def kernel_name(stage: str, dtype: str, head_dim: int, variant: str = "simt") -> str:
@@ -95,23 +99,34 @@ def kernel_source() -> str:
     return kernels.kernel_source(BACKWARD_SOURCE)
 
 
+def head_splits(group: int, dkdv_blocks: int) -> int:
+    """Blocks per kv head of the dK/dV kernel: enough to reach ``MIN_DKDV_BLOCKS`` blocks, at most
+    one per query head of the group, each the same number of heads (ceil(group / splits))."""
+    wanted = min(group, max(1, -(-MIN_DKDV_BLOCKS // max(1, dkdv_blocks))))
+    per = -(-group // wanted)
+    return -(-group // per)
+
+
 @dataclass
 class BackwardPlan:
-    """The three launches of one backward call and the float32 arrays they fill."""
+    """The three launches of one backward call and the float32 arrays they fill (dk/dv as
+    (head_splits, *k.shape) slabs, one per share of the GQA group)."""
 
     launches: tuple[Launch, ...]   # delta, dq, dkdv
     dq: object
-    dk: object
-    dv: object
+    dk_slabs: object
+    dv_slabs: object
     delta: object
 
     def gradients(self, dtype, grad_dtype=None):
-        """(dq, dk, dv) in ``dtype`` (the inputs'), or as computed when ``grad_dtype`` is float32."""
+        """(dq, dk, dv) in ``dtype`` (the inputs'), or float32 when ``grad_dtype`` is float32."""
         if grad_dtype is not None and np.dtype(grad_dtype) != np.float32:
             raise HpcattnError(f"grad_dtype {grad_dtype!r}; expected None (the input dtype) or 'float32'")
+        # slab 0 + slab 1 + ...: a fixed order, so the result does not depend on the run
+        dk, dv = (x[0] if x.shape[0] == 1 else x.sum(axis=0) for x in (self.dk_slabs, self.dv_slabs))
         if grad_dtype is not None:
-            return self.dq, self.dk, self.dv
-        return tuple(g.astype(dtype) for g in (self.dq, self.dk, self.dv))
+            return self.dq, dk, dv
+        return tuple(g.astype(dtype) for g in (self.dq, dk, dv))
 
 
 def _check_operands(q, k, v, out, lse, dout) -> None:
@@ -134,12 +149,13 @@ def _check_operands(q, k, v, out, lse, dout) -> None:
 
 
 def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: float, q_pos, k_pos,
-                            xp, variant=None) -> BackwardPlan:
+                            xp, variant=None, splits=None) -> BackwardPlan:
     """float32 outputs allocated with ``xp`` and the three kernel calls that fill them.
 
     Layouts as ``plan_attention``: q/out/dout (b, n_q, heads, d), k/v (b, n_k, kv_heads, d),
     lse (b, heads, n_q) from the forward; q_pos/k_pos int64 global positions (causal only);
-    ``variant`` "simt" or "mma" (default ``kernels.default_variant``, as the forward).
+    ``variant`` "simt" or "mma" (default ``kernels.default_variant``, as the forward);
+    ``splits`` the dK/dV kernel's blocks per kv head (default ``head_splits``).
     """
     b, n_q, heads, d = q.shape
     dtype = str(q.dtype)
@@ -157,14 +173,20 @@ def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: flo
         raise HpcattnError(f"shape q {q.shape} k {k.shape} exceeds the kernel's limits; "
                            "expected sequence < 2**31 rows, batch and heads <= 65535")
     lse = xp.ascontiguousarray(lse, dtype=xp.float32)
+    bq, bk = TILES["dq", variant][d]
+    bkv, bq2 = TILES["dkdv", variant][d]
+    group = heads // kv_heads
+    splits = head_splits(group, -(-n_k // bkv) * kv_heads * b) if splits is None else int(splits)
+    if not 1 <= splits <= group:
+        raise HpcattnError(f"splits {splits}; expected 1 to {group} (the query heads per kv head)")
     dq = xp.empty(q.shape, dtype=xp.float32)
-    dk = xp.empty(k.shape, dtype=xp.float32)
-    dv = xp.empty(k.shape, dtype=xp.float32)
+    dk = xp.empty((splits, *k.shape), dtype=xp.float32)
+    dv = xp.empty((splits, *k.shape), dtype=xp.float32)
     delta = xp.empty((b, heads, n_q), dtype=xp.float32)
     common = dict(q=q, k=k, v=v, dout=dout, lse=lse, delta=delta, dq=None, dk=None, dv=None,
                   q_pos=None, k_pos=None, q_bounds=None, k_bounds=None, n_q=n_q, n_k=n_k, heads=heads,
                   kv_heads=kv_heads, scale_log2=float(scale) * float(np.log2(np.e)), scale=float(scale),
-                  causal=0)
+                  causal=0, head_splits=splits)
     causal = bool(causal and n_q and n_k)  # with no rows or no keys there is nothing to mask
     if causal:
         q_pos = xp.ascontiguousarray(q_pos, dtype=xp.int64)
@@ -178,14 +200,12 @@ def plan_attention_backward(q, k, v, out, lse, dout, *, causal: bool, scale: flo
                     k_bounds=kernels.tile_bounds(k_pos, k_block, xp))
 
     block = (THREADS, 1, 1)
-    bq, bk = TILES["dq", variant][d]
-    bkv, bq2 = TILES["dkdv", variant][d]
     launches = (
         Launch(kernel_name("delta", dtype, d), (-(-n_q // DELTA_ROWS), heads, b), block, 0,
                dict(out=out, dout=dout, delta=delta, n_q=n_q, heads=heads), None, None),
         Launch(kernel_name("dq", dtype, d, variant), (-(-n_q // bq), heads, b), block,
                smem_bytes("dq", d, variant), {**common, "dq": dq, **bounds(bq, bk)}, None, None),
-        Launch(kernel_name("dkdv", dtype, d, variant), (-(-n_k // bkv), kv_heads, b), block,
+        Launch(kernel_name("dkdv", dtype, d, variant), (-(-n_k // bkv), kv_heads * splits, b), block,
                smem_bytes("dkdv", d, variant), {**common, "dk": dk, "dv": dv, **bounds(bq2, bkv)}, None, None),
     )
     return BackwardPlan(launches, dq, dk, dv, delta)
@@ -224,12 +244,13 @@ def launch(plan: Launch) -> None:
 
 
 def attention_backward_gpu(q, k, v, out, lse, dout, *, causal: bool = False, scale: float | None = None,
-                           q_pos=None, k_pos=None, grad_dtype=None, variant: str | None = None):
+                           q_pos=None, k_pos=None, grad_dtype=None, variant: str | None = None, splits=None):
     """Gradients ``(dq, dk, dv)`` of ``hpcattn.attention`` for CuPy arrays, from the forward's
     ``out`` and ``lse`` and the output gradient ``dout``; dk/dv have the kv-head shape (the GQA
     group's query heads summed). float32/float16/bfloat16, head_dim 64 or 128. Returned in q's
     dtype, or float32 with ``grad_dtype="float32"``. ``variant`` as ``attention_gpu``'s: "mma"
-    (tensor cores; default for fp16/bf16 on sm_80+) or "simt"."""
+    (tensor cores; default for fp16/bf16 on sm_80+) or "simt"; ``splits`` as in
+    ``plan_attention_backward`` (default: enough dK/dV blocks to fill the GPU)."""
     import cupy
 
     q, k, v, out, dout = (_prepare(x) for x in (q, k, v, out, dout))
@@ -239,7 +260,7 @@ def attention_backward_gpu(q, k, v, out, lse, dout, *, causal: bool = False, sca
     if variant is None and int(cupy.cuda.Device().compute_capability) < 80:
         variant = "simt"  # mma.sync m16n8k16 needs sm_80
     plan = plan_attention_backward(q, k, v, out, cupy.asarray(lse), dout, causal=causal, scale=scale,
-                                   q_pos=q_pos, k_pos=k_pos, xp=cupy, variant=variant)
+                                   q_pos=q_pos, k_pos=k_pos, xp=cupy, variant=variant, splits=splits)
     for step in plan.launches:
         launch(step)
     return plan.gradients(q.dtype, grad_dtype)

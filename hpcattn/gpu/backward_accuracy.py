@@ -1,6 +1,6 @@
 """The pass criterion for backward-kernel gradients, shared by the emulation and GPU tests.
 
-Each of dq, dk, dv is compared with the float64 reference (``hpcattn.reference_backward``) by
+Each of dq, dk, dv is compared with the float64 reference (``hpcattn.reference.naive_attention_backward``) by
 its *scaled error* ``max|g - ref| / max(1, max|ref|)`` (relative to the gradient's size, and
 absolute where the gradient is below 1, e.g. dq of a row with one key, exactly 0): float32
 within 1e-5; float16/bfloat16 within twice the scaled error of a NumPy backward computed in that
