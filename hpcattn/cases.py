@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from . import backend
 from .check import sampled_check
 from .devices import DEVICES, default_tolerance, np_dtype
 from .errors import CollectiveError
+from . import footprint
 from .footprint import MAX_REPEATS
 from .inputs import random_qkv
 from .layouts import Distribution, check_layout
@@ -119,13 +121,14 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
     size, rank = comm.size, comm.rank
     case.validate(size)
     dist = Distribution(case.seq_len, size, case.layout)
+    be = _backend(case, comm)
+    check_memory(case, comm, dist, be)   # before the first position or row exists
     pos = dist.positions(rank)
     kvh = case.heads if case.kv_heads is None else case.kv_heads
     # host copies (what the check and the activations see) and the arrays the ring computes on
     q, k, v = random_qkv(case.seed, pos, case.batch, case.heads, kvh, case.head_dim,
                          "float64" if case.dtype == "float64" else "float32")
     q, k, v = (x.astype(np_dtype(case.dtype), copy=False) for x in (q, k, v))
-    be = _backend(case, comm)
     xq, xk, xv = (be.to_device(x) for x in (q, k, v))
     blocks = {key: val for key, val in (("block_q", case.block_q), ("block_k", case.block_k)) if val}
     walls, stats = [], {}
@@ -164,6 +167,60 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         q, k, v, out = (x.astype(np.float32) if case.dtype == "bfloat16" else x for x in (q, k, v, out))
         result["local"] = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "positions": pos}
     return result
+
+
+def case_memory(case: AttentionCase, dist: Distribution, rank: int):
+    """(host, device) :class:`~hpcattn.footprint.RankMemory` of ``rank`` running ``case``."""
+    kvh = case.heads if case.kv_heads is None else case.kv_heads
+    return footprint.rank_memory(dist.count(rank), batch=case.batch, heads=case.heads, kv_heads=kvh,
+                                 head_dim=case.head_dim, dtype=case.dtype, n_max=max(dist.counts),
+                                 ranks=dist.size, device=case.device, check_rows=case.check_rows)
+
+
+def check_memory(case: AttentionCase, comm, dist: Distribution, be) -> None:
+    """Collective: CollectiveError (the same on every rank) when the estimated memory of the
+    ranks sharing a host (or a GPU) exceeds what is available there; nothing is allocated."""
+    problem = _shortfall(case, dist, _available(comm, be if case.device == "gpu" else None))
+    if problem:
+        raise CollectiveError(problem)
+
+
+def preflight(cases_params, comm) -> None:
+    """Collective, before the first case of a job runs: CollectiveError naming the first
+    attention case (index, parameters) whose estimated memory cannot fit on the ranks of
+    ``comm``. One exchange of what is available; each rank's estimate is computed everywhere."""
+    cases = [attention_case(p)[0] for p in cases_params]
+    gpu = next((c for c in cases if c.device == "gpu"), None)
+    available = _available(comm, _backend(gpu, comm) if gpu else None)
+    for i, case in enumerate(cases):
+        problem = _shortfall(case, Distribution(case.seq_len, comm.size, case.layout), available)
+        if problem:
+            raise CollectiveError(f"case {i}: {problem}; no case was run")
+
+
+def _available(comm, be=None) -> list[tuple]:
+    """Per rank: (host name, host bytes available, source, GPU name, GPU bytes, source)."""
+    node = socket.gethostname()
+    gpu = (None, None, "")
+    if be is not None:
+        gpu = (f"GPU {getattr(be.xp.cuda.Device(), 'id', 0)} of {node}", *footprint.device_available(be))
+    return comm.allgather((f"host {node}", *footprint.host_available(), *gpu))
+
+
+def _shortfall(case: AttentionCase, dist: Distribution, available) -> str | None:
+    """The refusal of ``case`` given every rank's ``available`` memory, or None."""
+    memory: dict = {}   # ranks of equal count have equal needs (a case has two or three counts)
+    reports = []
+    for rank, (node, host_free, host_src, gpu, gpu_free, gpu_src) in enumerate(available):
+        count = dist.count(rank)
+        if count not in memory:
+            memory[count] = case_memory(case, dist, rank)
+        host, device = memory[count]
+        reports.append((node, "host", host, host_free, host_src))
+        if case.device == "gpu" and gpu is not None:
+            reports.append((gpu, "GPU", device, gpu_free, gpu_src))
+    ranks = f"{dist.size} rank{'s' if dist.size > 1 else ''}"
+    return footprint.shortfall(reports, f"seq_len={case.seq_len} on {ranks}")
 
 
 def _backend(case: AttentionCase, comm):

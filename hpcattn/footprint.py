@@ -1,7 +1,183 @@
 """What one rank of an attention case holds, estimated before anything is allocated, and the
 other up-front limits of a run (timed repeats), so a case that cannot finish is refused at once.
+
+The model follows what a ring rank really allocates (``hpcattn.cases``, ``hpcattn.ring``,
+``blockwise.PartialAttention``, ``gpu.MergedAttention``), in bytes:
+
+* ``inputs``: q, k, v of its ``n`` positions (host; on GPU also the float32 rows they are drawn as);
+* ``outputs``: out and lse;
+* ``ring``: the K/V data of the two ring buffers, sized for the largest rank's block (one buffer
+  on a single rank);
+* ``packing``: the CPU layout's extra column of ones per key and value row (``[k, 1]``, ``[v, 1]``);
+* ``state``: the running state: on CPU the scaled query copy ``[scale*q, -m]``, the accumulator
+  ``[acc, l]`` and ``m``; on GPU each block's kernel output and the log-sum-exp merge's temporaries;
+* ``result``: what finishing allocates while the state is still alive (CPU: the output before
+  its transpose, lse in float64);
+* ``scratch``: fixed per rank: score tiles, one chunk of random rows;
+* ``check``: the sampled float64 check (after the ring: its peak is not added to the ring's).
+
+``held`` (inputs, outputs, ring) is what a rank cannot do without (``hpcattn bench`` reports it
+as the shard footprint); ``total`` is the estimate a case is refused by. On GPU ``device`` is
+what lives in GPU memory and ``host`` what stays in host memory.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+
+import numpy as np
+
 # a timed repeat is a whole case: a huge count is a typo or a run that never ends
 MAX_REPEATS = 1000
+
+GEN_CHUNK = 1024          # rows per random stream (hpcattn.inputs.CHUNK)
+TILE_ROWS = 512           # CPU score tile rows and columns (blockwise.DEFAULT_BLOCK_*)
+CHECK_KEY_CHUNK = 8192    # keys per step of the sampled check (hpcattn.check.KEY_CHUNK)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankMemory:
+    inputs: int = 0
+    outputs: int = 0
+    ring: int = 0
+    packing: int = 0
+    state: int = 0
+    result: int = 0
+    scratch: int = 0
+    check: int = 0
+
+    @property
+    def held(self) -> int:
+        return self.inputs + self.outputs + self.ring
+
+    @property
+    def total(self) -> int:
+        """The peak: the sampled check runs after the ring has freed its buffers and state."""
+        ring_phase = self.ring + self.packing + self.state + self.result
+        return self.inputs + self.outputs + self.scratch + max(ring_phase, self.check)
+
+    def parts(self) -> str:
+        """'inputs 1.0 GiB, ring 2.0 GiB, ...' (the non-zero parts)."""
+        return ", ".join(f"{f.name} {fmt_bytes(getattr(self, f.name))}"
+                         for f in dataclasses.fields(self) if getattr(self, f.name))
+
+
+def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
+                n_max: int | None = None, ranks: int = 2, device: str = "cpu",
+                check_rows: int = 0) -> tuple[RankMemory, RankMemory]:
+    """(host, device) bytes of a rank holding ``n`` of the positions (``n_max``: the largest
+    rank's count, which sizes the ring buffers). On CPU ``device`` is empty."""
+    item = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
+    n_max = n if n_max is None else n_max
+    b, h, hkv, d = batch, heads, kv_heads, head_dim
+    q_row, kv_row, lse_row = b * h * d, b * hkv * d, b * h       # elements per position
+    buffers = 2 if ranks > 1 else 1
+    kv_data = buffers * 2 * n_max * kv_row * item
+    rows = min(check_rows, n * ranks)
+    keys = min(CHECK_KEY_CHUNK, n)
+    # scores, their mask and about four more score-sized float64 temporaries (measured), per chunk
+    check = 0 if not rows else (rows * b * h * keys * (5 * 8 + 1)
+                                + 2 * b * keys * hkv * d * 8 + 6 * rows * q_row * 8)
+    qkv = n * (q_row + 2 * kv_row)
+    if device == "cpu":
+        gen = b * GEN_CHUNK * h * d * item                          # one chunk of random rows
+        tile = TILE_ROWS * TILE_ROWS * item + TILE_ROWS * (d + 1) * item
+        host = RankMemory(
+            inputs=qkv * item, outputs=n * (q_row + lse_row) * item, ring=kv_data,
+            packing=buffers * 2 * n_max * b * hkv * item,
+            state=n * (2 * b * h * (d + 1) + lse_row) * item,
+            # one rank frees its single buffer before finishing; a ring rank still holds both
+            result=max(0, n * (q_row * item + lse_row * (3 * 8 + item))
+                       - (0 if ranks > 1 else kv_data + buffers * 2 * n_max * b * hkv * item)),
+            scratch=gen + tile, check=check)
+        return host, RankMemory()
+    gen_item = 4                                                    # drawn as float32, then cast
+    host = RankMemory(inputs=qkv * (gen_item + item), outputs=n * (q_row * item + lse_row * 4),
+                      ring=kv_data,                                 # pinned staging (no CUDA-aware MPI)
+                      scratch=b * GEN_CHUNK * h * d * gen_item, check=check)
+    device_mem = RankMemory(inputs=qkv * item, outputs=n * (q_row * item + lse_row * 4),
+                            ring=kv_data, state=n * (2 * q_row * item + 6 * lse_row * 4))
+    return host, device_mem
+
+
+def shortfall(reports, what: str) -> str | None:
+    """The one-line refusal, or None when every rank's estimate fits. ``reports`` has one
+    ``(where, memory, need: RankMemory, available, source)`` per rank and kind of memory
+    (every rank passes the same gathered list, so every rank says the same). Ranks reporting the
+    same ``where`` (a host, or a GPU of a host) share its memory: their needs add up."""
+    groups: dict = {}
+    for where, memory, need, avail, source in reports:
+        g = groups.setdefault((where, memory), {"need": 0, "ranks": 0, "avail": None, "source": source,
+                                                "largest": need})
+        g["need"] += need.total
+        g["ranks"] += 1
+        if need.total > g["largest"].total:
+            g["largest"] = need
+        if avail is not None and (g["avail"] is None or avail < g["avail"]):
+            g["avail"], g["source"] = avail, source
+    for (where, memory), g in groups.items():
+        if g["avail"] is not None and g["need"] > g["avail"]:
+            big = g["largest"]
+            shared = f", {fmt_bytes(g['need'])} for the {g['ranks']} ranks there" if g["ranks"] > 1 else ""
+            return (f"{what} needs about {fmt_bytes(big.total)} of {memory} memory per rank "
+                    f"({big.parts()}){shared}, but {where} has {fmt_bytes(g['avail'])} available "
+                    f"({g['source']}); expected fewer positions per rank: more ranks, a shorter "
+                    "seq_len, or fewer heads or batch")
+    return None
+
+
+# --- what is available ---------------------------------------------------------------------------
+
+def host_available() -> tuple[int | None, str]:
+    """(bytes this process may still allocate on this host, where the number comes from):
+    MemAvailable of /proc/meminfo, or less where a cgroup (a container, a Slurm job) caps memory.
+    (None, reason) where neither can be read."""
+    found: list[tuple[int, str]] = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append((int(line.split()[1]) * 1024, "MemAvailable"))
+    except (OSError, ValueError, IndexError):
+        pass
+    cgroup = _cgroup_headroom()
+    if cgroup is not None:
+        found.append((cgroup, "cgroup memory.max"))
+    if not found:
+        return None, "no /proc/meminfo"
+    return min(found)
+
+
+def _cgroup_headroom() -> int | None:
+    """memory.max - memory.current of this process's cgroup (v2), None when unlimited."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            rel = next((ln.split(":", 2)[2].strip() for ln in fh if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as fh:
+            limit = fh.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as fh:
+            return max(0, int(limit) - int(fh.read().strip()))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def device_available(be) -> tuple[int | None, str]:
+    """(free bytes of the current GPU, counting what CuPy's pool holds unused, source)."""
+    try:
+        free, _total = be.xp.cuda.Device().mem_info
+        return int(free) + int(be.xp.get_default_memory_pool().free_bytes()), "GPU free memory"
+    except Exception as exc:  # noqa: BLE001 - no number is not a reason to refuse
+        return None, f"GPU free memory unknown ({type(exc).__name__})"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"

@@ -134,3 +134,166 @@ def test_command_line_overrides_are_checked_like_the_file(tmp_path):
                             ("seq_len", "16", "has type string; expected an integer")):
         with pytest.raises(JobFileError, match=f"{key} = {val!r} {words}"):
             job.with_overrides({key: val})
+
+
+# --- memory per rank, before anything is allocated -------------------------------------------
+
+class ThreadWorld:
+    """``size`` ranks as threads of this process: allgather/bcast/Barrier through a barrier
+    (enough for what a case does before its first allocation)."""
+
+    def __init__(self, size):
+        import threading
+
+        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size, timeout=30)
+
+    def comm(self, rank_of):
+        world = self
+
+        class Comm:
+            size, rank_ = world.size, rank_of
+
+            @property
+            def rank(self):
+                return self.rank_
+
+            def allgather(self, x):
+                world.barrier.wait()
+                world.slots[rank_of] = x
+                world.barrier.wait()
+                out = list(world.slots)
+                world.barrier.wait()
+                return out
+
+            def Barrier(self):
+                world.barrier.wait()
+        return Comm()
+
+    def run(self, fn):
+        """fn(comm) on every rank; returns each rank's result or exception."""
+        import threading
+
+        out = [None] * self.size
+
+        def body(r):
+            try:
+                out[r] = fn(self.comm(r))
+            except BaseException as exc:  # noqa: BLE001 - returned for the test to look at
+                out[r] = exc
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return out
+
+
+def _no_allocation(monkeypatch):
+    import hpcattn.cases as cases_mod
+    from hpcattn.layouts import Distribution
+
+    def boom(*a, **k):
+        raise AssertionError("a rank started allocating")
+    monkeypatch.setattr(cases_mod, "random_qkv", boom)
+    monkeypatch.setattr(Distribution, "positions", boom)
+
+
+def test_two_to_the_31_tokens_on_two_ranks_is_refused_before_any_allocation(monkeypatch):
+    _no_allocation(monkeypatch)
+    # the ranks see different MemAvailable (read at different moments): still one message
+    free = iter([20 * 2 ** 30, 19 * 2 ** 30])
+    seen = {}
+
+    def available():
+        import threading
+
+        me = threading.current_thread().name
+        seen.setdefault(me, next(free))
+        return seen[me], "MemAvailable"
+    monkeypatch.setattr(footprint, "host_available", available)
+    case = AttentionCase(seq_len=2 ** 31, heads=8, head_dim=64)
+    errs = ThreadWorld(2).run(lambda comm: run_attention_case(case, comm))
+    assert all(isinstance(e, CollectiveError) for e in errs), errs
+    msg = str(errs[0])
+    assert str(errs[1]) == msg and "\n" not in msg
+    assert msg.startswith("seq_len=2147483648 on 2 ranks needs about ")
+    assert "TiB of host memory per rank (inputs 6.0 TiB" in msg, msg
+    assert "for the 2 ranks there, but host " in msg and "19.0 GiB available (MemAvailable)" in msg
+
+
+def test_estimate_is_close_to_the_measured_peak():
+    from mpi4py import MPI
+
+    from hpcattn.cases import case_memory
+    from hpcattn.layouts import Distribution
+
+    case = AttentionCase(seq_len=4096, heads=4, kv_heads=2, head_dim=16, dtype="float64", check_rows=16)
+    host, device = case_memory(case, Distribution(4096, 1, "contiguous"), 0)
+    tracemalloc.start()
+    try:
+        run_attention_case(case, MPI.COMM_SELF)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert device.total == 0
+    assert peak <= host.total <= 1.3 * peak, (host.total, peak, host.parts())
+
+
+def test_ranks_on_one_host_add_up_and_ranks_on_two_hosts_do_not():
+    need = footprint.RankMemory(inputs=6 * 2 ** 30)
+    both = [("host a", "host", need, 10 * 2 ** 30, "MemAvailable")] * 2
+    msg = footprint.shortfall(both, "seq_len=8 on 2 ranks")
+    assert "needs about 6.0 GiB of host memory per rank (inputs 6.0 GiB), 12.0 GiB for the 2 ranks " \
+           "there, but host a has 10.0 GiB available (MemAvailable)" in msg
+    apart = [("host a", "host", need, 10 * 2 ** 30, "x"), ("host b", "host", need, 10 * 2 ** 30, "x")]
+    assert footprint.shortfall(apart, "") is None
+    assert footprint.shortfall([("host a", "host", need, None, "unknown")], "") is None
+
+
+def test_gpu_memory_is_checked_per_device(monkeypatch):
+    host = footprint.RankMemory(inputs=2 ** 20)
+    dev = footprint.RankMemory(inputs=3 * 2 ** 30)
+    reports = [("host a", "host", host, 2 ** 40, "MemAvailable"), ("GPU 0 of a", "GPU", dev, 2 ** 30, "GPU free memory")]
+    assert "of GPU memory per rank" in footprint.shortfall(reports, "x")
+    _, device = footprint.rank_memory(1024, batch=1, heads=8, kv_heads=8, head_dim=64, dtype="float16",
+                                      ranks=2, device="gpu")
+    assert device.inputs == 3 * 1024 * 8 * 64 * 2 and device.ring == 2 * 2 * 1024 * 8 * 64 * 2
+
+
+def test_available_memory_is_read_from_this_machine():
+    free, source = footprint.host_available()
+    assert free is None or (free > 0 and source in ("MemAvailable", "cgroup memory.max"))
+
+
+def test_a_job_whose_last_case_cannot_fit_is_refused_before_the_first_runs(monkeypatch):
+    from hpcattn.cases import preflight
+
+    _no_allocation(monkeypatch)
+    monkeypatch.setattr(footprint, "host_available", lambda: (2 ** 30, "MemAvailable"))
+    params = [{"seq_len": n, "heads": 8, "head_dim": 64} for n in (1024, 4096, 2 ** 24)]
+    errs = ThreadWorld(2).run(lambda comm: preflight(params, comm))
+    assert all(isinstance(e, CollectiveError) for e in errs), errs
+    assert str(errs[0]) == str(errs[1])
+    assert str(errs[0]).startswith("case 2: seq_len=16777216 on 2 ranks needs about ")
+    assert str(errs[0]).endswith("; no case was run")
+    assert ThreadWorld(2).run(lambda comm: preflight(params[:2], comm)) == [None, None]
+
+
+def test_bench_reports_the_same_model():
+    from hpcattn.bench import BenchConfig, shard_footprint
+
+    cfg = BenchConfig(batch=3, heads=2, head_dim=4, dtype="float32")
+    host, _ = footprint.rank_memory(10, batch=3, heads=2, kv_heads=2, head_dim=4, dtype="float32")
+    assert shard_footprint(cfg, 10) == host.held == 7920
+
+
+def test_command_line_refuses_two_to_the_31_tokens_in_one_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hpcattn", "run", "--np", "2", "-N", str(2 ** 31),
+                           "-H", "8", "-d", "64"], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("hpcattn: error: seq_len=2147483648 on 2 ranks needs about "), lines
+    assert "available (" in lines[0] and "Traceback" not in proc.stdout + proc.stderr

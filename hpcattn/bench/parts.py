@@ -91,11 +91,11 @@ def torch_sdpa(cfg: BenchConfig, q, k, v, flops) -> dict | None:
 
 def shard_footprint(cfg: BenchConfig, n_local: int, heads: int | None = None) -> int:
     """Bytes a rank cannot do without: its q, k, v, out, lse and the two K/V ring buffers."""
-    import numpy as np
+    from ..footprint import rank_memory
 
-    item = np.dtype(cfg.dtype).itemsize
-    row = cfg.batch * (heads or cfg.heads) * cfg.head_dim * item
-    return n_local * (4 * row + 4 * row + cfg.batch * (heads or cfg.heads) * item)
+    h = heads or cfg.heads
+    return rank_memory(n_local, batch=cfg.batch, heads=h, kv_heads=h, head_dim=cfg.head_dim,
+                       dtype=cfg.dtype)[0].held
 
 
 def _ring_case(cfg: BenchConfig, comm, n: int, repeats: int, check_rows: int = 0,
