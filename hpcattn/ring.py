@@ -78,18 +78,27 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist = check_ring_inputs(q, k, v, comm, layout, be)
+    return ring_over(q, k, v, comm, dist, be, causal=causal, scale=scale, stats=stats, **block_kw)
+
+
+def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, **block_kw):
+    """The ring loop on validated shards. ``dist`` says which rows rank r of ``comm`` holds:
+    ``counts``, ``count(r)``, ``positions(r)`` (a ``layouts.Distribution``, or any value with
+    those, e.g. the groups of ranks of the hybrid strategy; positions need not be sorted)."""
     size, rank = comm.size, comm.rank
     t_compute = t_wait = 0.0
     skipped = 0
     clock = be.clock()
     if size == 1:
+        pos = dist.positions(0) if causal else None
         clock.start()
-        out, lse = be.attention(q, k, v, causal=causal, scale=scale, **block_kw)
+        out, lse = be.attention(q, k, v, causal=causal, scale=scale, q_pos=pos, k_pos=pos, **block_kw)
         clock.computed()
         t_compute, _ = clock.stop()
     else:
         ring = be.ring_comm(comm)
         q_pos = dist.positions(rank)
+        q_last = int(q_pos.max()) if len(q_pos) else -1
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
         # per head), and every block is folded into one running state: no per-step output
         part = be.partial(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos, **block_kw)
@@ -105,7 +114,7 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
                 ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)], step=step)
             k_pos = dist.positions(src)
             clock.start()
-            if causal and q_pos[-1] < k_pos[0]:
+            if causal and q_last < int(k_pos.min()):
                 skipped += 1                     # every key is in every query's future
             else:
                 part.add_packed(cur[: part.packed_size(n_src)], n_src, k_pos, progress=ring.progress)

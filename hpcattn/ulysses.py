@@ -69,9 +69,9 @@ class _Relayout:
     """The two all-to-alls of one Ulysses call: rows of this rank (all heads) <-> the whole
     sequence for this rank's heads, for (b, n, heads, d) tensors and (b, heads, n) lse."""
 
-    def __init__(self, comm, dist, plan, be):
-        self.comm, self.dist, self.plan, self.be = comm, dist, plan, be
-        self.counts = dist.counts
+    def __init__(self, comm, counts, plan, be):
+        self.comm, self.plan, self.be = comm, plan, be
+        self.counts = tuple(counts)  # rows each rank of ``comm`` holds, in rank order
         self.mine = plan[comm.rank]
 
     def to_heads(self, x, which: int):
@@ -134,25 +134,38 @@ def ulysses_attention(q, k, v, comm=None, *, causal: bool = False, layout: str =
     dist = check_ring_inputs(q, k, v, comm, layout, be)
     b, _, h, d = q.shape
     plan = head_plan(h, k.shape[2], comm.size)
-    move = _Relayout(comm, dist, plan, be)
-    qf, kf, vf = move.to_heads(q, 0), move.to_heads(k, 1), move.to_heads(v, 1)
+    move = _Relayout(comm, dist.counts, plan, be)
     pos = dist.global_order  # the received rows are in rank order; positions say where they sit
-    t0 = time.perf_counter()
-    if len(move.mine[0]):
-        o, l = be.attention(be.to_device(qf), be.to_device(kf), be.to_device(vf), causal=causal,
+
+    def attend(qf, kf, vf):
+        return be.attention(be.to_device(qf), be.to_device(kf), be.to_device(vf), causal=causal,
                             scale=scale, q_pos=pos if causal else None, k_pos=pos if causal else None,
                             **block_kw)
+
+    t0 = time.perf_counter()
+    out, lse, sent = over_heads(q, k, v, move, attend)
+    if stats is not None:
+        stats.update(compute_s=time.perf_counter() - t0, bytes_sent=sent, steps=2, skipped=0)
+    return out, lse
+
+
+def over_heads(q, k, v, move: _Relayout, attend):
+    """Re-shard q/k/v to heads with ``move``, ``attend(q, k, v) -> (out, lse)`` on the rows of
+    every rank of ``move.comm`` for this rank's heads, shard back. Returns ``(out, lse, bytes
+    this rank sent)`` (including the share it keeps)."""
+    be = move.be
+    b, _, h, d = q.shape
+    qf, kf, vf = move.to_heads(q, 0), move.to_heads(k, 1), move.to_heads(v, 1)
+    n_all = sum(move.counts)
+    if len(move.mine[0]):
+        o, l = attend(qf, kf, vf)
         o, l = be.to_host(o), be.to_host(l)
-    else:
-        o = np.zeros((b, dist.n, 0, d), qf.dtype)
-        l = np.zeros((b, 0, dist.n), np.float64 if qf.dtype == np.float64 else np.float32)
-    compute = time.perf_counter() - t0
+    else:  # more ranks than heads: this one only relays
+        o = np.zeros((b, n_all, 0, d), qf.dtype)
+        l = np.zeros((b, 0, n_all), np.float64 if qf.dtype == np.float64 else np.float32)
     out = move.to_rows(o, 0, h)
     lse = move.lse_to_rows(l, h)
-    if stats is not None:
-        item = q.dtype.itemsize
-        n_local = dist.count(comm.rank)
-        sent = n_local * b * d * item * (h + 2 * sum(len(p[1]) for p in plan)) \
-            + dist.n * b * len(move.mine[0]) * (d * item + l.dtype.itemsize)
-        stats.update(compute_s=compute, bytes_sent=int(sent), steps=2, skipped=0)
-    return be.to_device(out), be.to_device(lse)
+    item = q.dtype.itemsize
+    sent = q.shape[1] * b * d * item * (h + 2 * sum(len(p[1]) for p in move.plan)) \
+        + n_all * b * len(move.mine[0]) * (d * item + l.dtype.itemsize)
+    return be.to_device(out), be.to_device(lse), int(sent)
