@@ -210,6 +210,9 @@ def assert_safe(world: World, scripts, *, key=None, value=None, name="hj", outpu
         argvs = world.run(script, workdir)
         pwned = [p for p in world.root.rglob("*") if p.name == "PWNED"]
         assert not pwned, f"{value!r} ran a command: {pwned}\n{script}"
+        # one launch: the job script starts srun (mpiexec for the array), the merge step python
+        program = {"job": "mpiexec" if array else "srun", "merge": python or "python"}[kind]
+        assert len(argvs) == 1 and os.path.basename(argvs[0][0]) == program, argvs
         flat = [a for argv in argvs for a in argv]
         if argument is not None and (kind, array) in where:
             # a program found on PATH sees its own full path as $0
