@@ -169,3 +169,44 @@ def over_heads(q, k, v, move: _Relayout, attend):
     sent = q.shape[1] * b * d * item * (h + 2 * sum(len(p[1]) for p in move.plan)) \
         + n_all * b * len(move.mine[0]) * (d * item + l.dtype.itemsize)
     return be.to_device(out), be.to_device(lse), int(sent)
+
+
+def ulysses_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool = False,
+                               layout: str = "contiguous", scale: float | None = None,
+                               stats: dict | None = None, **block_kw):
+    """``(dq, dk, dv)`` of this rank's shard by all-to-all over heads: q, k, v, out, dout and lse
+    go to the head-sharded layout, every rank runs the per-rank backward over the whole sequence
+    for its heads, and the gradients come back (kv heads replicated for ``kv_heads < P`` have
+    their copies' gradients summed). Same contract as ``hpcattn.ring_attention_backward``."""
+    import time
+
+    from .ring_backward import check_backward_inputs
+
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    be = backend.select(q)
+    dist = check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be)
+    b, _, h, d = q.shape
+    hkv = k.shape[2]
+    plan = head_plan(h, hkv, comm.size)
+    move = _Relayout(comm, dist.counts, plan, be)
+    full = [move.to_heads(x, which) for x, which in ((q, 0), (k, 1), (v, 1), (out, 0), (dout, 0))]
+    lse_full = move.lse_to_heads(lse)
+    pos = dist.global_order if causal else None
+    t0 = time.perf_counter()
+    if len(move.mine[0]):
+        dev = [be.to_device(x) for x in (*full[:4], lse_full, full[4])]
+        grads = [be.to_host(g) for g in be.attention_backward(*dev, causal=causal, scale=scale,
+                                                               q_pos=pos, k_pos=pos, **block_kw)]
+    else:
+        grads = [np.zeros_like(full[0]), np.zeros_like(full[1]), np.zeros_like(full[2])]
+    compute = time.perf_counter() - t0
+    replicated = hkv < comm.size
+    dq = move.to_rows(grads[0], 0, h)
+    dk = move.to_rows(grads[1], 1, hkv, add=replicated)
+    dv = move.to_rows(grads[2], 1, hkv, add=replicated)
+    if stats is not None:
+        stats.update(compute_s=compute, steps=2, skipped=0)
+    return be.to_device(dq), be.to_device(dk), be.to_device(dv)
