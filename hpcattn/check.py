@@ -75,11 +75,11 @@ def _grouped(x, hkv):
     return np.asarray(x, dtype=np.float64).transpose(0, 2, 1, 3).reshape(b, hkv, h // hkv, n, c)
 
 
-def _probs_and_dscores(qh, doh, lse, delta, kh, vh, q_pos, k_pos, causal, scale):
-    """float64 P and dS (b, hkv, g, n_q, n_k) of grouped queries against keys kh/vh (b, hkv, 1,
-    n_k, d); ``lse``/``delta`` (b, hkv, g, n_q). Rows with lse = -inf (no visible key) get P = 0."""
+def _probs_and_dscores(qh, doh, lse, delta, kh, vh, q_pos, k_pos, causal):
+    """float64 P and dS (b, hkv, g, n_q, n_k) of grouped, pre-scaled queries ``qh`` against keys
+    kh/vh (b, hkv, 1, n_k, d); ``lse``/``delta`` (b, hkv, g, n_q). Rows with lse = -inf (no
+    visible key) get P = 0."""
     s = np.matmul(qh, kh.swapaxes(-1, -2))
-    s *= scale
     seen = np.isfinite(lse)
     s -= np.where(seen, lse, 0.0)[..., None]
     p = np.exp(s, out=s)
@@ -98,24 +98,84 @@ def _rows(x, li):
     return np.asarray(np.take(x, li, axis=1), dtype=np.float64)
 
 
-def _assemble(pieces, shape, axis):
-    """Rows gathered from every rank ``[(sample indices, rows), ...]`` put in sample order."""
-    full = np.empty(shape)
-    for idx, rows in pieces:
-        np.moveaxis(full, axis, 0)[idx] = np.moveaxis(rows, axis, 0)
-    return full
-
-
-def _sampled(n, rows, seed, stream, dist, rank):
+def _sampled_rows(arrays, comm, dist, rows, seed, stream):
+    """Sorted sampled global positions and, for each of ``arrays`` (this rank's shards), the
+    sampled rows in sample order as float64, on every rank."""
+    n = dist.n
     sample = np.sort(np.random.default_rng([seed, stream]).choice(n, size=min(rows, n), replace=False))
     own, local = dist.owner(sample)
-    mine = own == rank
-    return sample, np.nonzero(mine)[0], local[mine]
+    mine = own == comm.rank
+    li = local[mine]
+    pieces = exchange.allgather(comm, (np.nonzero(mine)[0], *(_rows(x, li) for x in arrays)),
+                                "sampling rows for the gradient check")
+    full = [np.empty((x.shape[0], len(sample), *x.shape[2:])) for x in arrays]
+    for idx, *parts in pieces:
+        for f, part in zip(full, parts):
+            f[:, idx] = part
+    return sample, full
 
 
 def _errors(name, got, ref) -> dict:
     err = float(np.abs(got - ref).max(initial=0.0))
-    return {f"max_{name}_err": err, f"max_{name}_rel_err": err / max(float(np.abs(ref).max(initial=0.0)), 1e-300)}
+    return {f"max_{name}_err": err,
+            f"max_{name}_rel_err": err / max(float(np.abs(ref).max(initial=0.0)), 1e-300)}
+
+
+def _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed):
+    """Rank 0: (the ring's dq, float64 dq) on sampled query rows; None elsewhere."""
+    rank = comm.rank
+    b, n_local, h, d = q.shape
+    hkv = k.shape[2]
+    pos = dist.positions(rank)
+    sample, (qs, dos, dq_s) = _sampled_rows((q, dout, dq), comm, dist, rows, seed, 4242)
+    S = len(sample)
+    # lse and out of the sampled rows in float64, as the forward check computes them
+    parts = exchange.gather(comm, _reference_rows(qs, sample, k, v, pos, causal, scale),
+                            "the gradient check's reference rows")
+    if rank == 0:
+        for o, l in parts[1:]:
+            merge_lse(*parts[0], o, l, np)
+        parts = parts[0]
+    ref_out, ref_lse = exchange.bcast(comm, parts, "the gradient check's reference rows")
+    qh, doh = _grouped(qs, hkv) * scale, _grouped(dos, hkv)
+    lse_s = ref_lse.reshape(b, hkv, h // hkv, S)
+    delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(ref_out, hkv))
+    kh, vh = _grouped(k, hkv), _grouped(v, hkv)
+    share = np.zeros((b, hkv, h // hkv, S, d))
+    for c in range(0, n_local, KEY_CHUNK):
+        sl = slice(c, c + KEY_CHUNK)
+        _, ds = _probs_and_dscores(qh, doh, lse_s, delta, kh[..., sl, :], vh[..., sl, :], sample,
+                                   pos[sl], causal)
+        share += np.matmul(ds, kh[..., sl, :])
+    shares = exchange.gather(comm, share, "the gradient check's dq rows")
+    if rank != 0:
+        return None
+    ref = (scale * sum(shares)).reshape(b, h, S, d).transpose(0, 2, 1, 3)
+    return dq_s, ref
+
+
+def _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, causal, scale, rows, seed):
+    """Rank 0: (the ring's dk, dv, float64 dk, dv) on sampled key rows; None elsewhere."""
+    b, n_local, h, d = q.shape
+    hkv = k.shape[2]
+    pos = dist.positions(comm.rank)
+    sample, (ks, vs, dks, dvs) = _sampled_rows((k, v, dk, dv), comm, dist, rows, seed, 4243)
+    S = len(sample)
+    ksh, vsh = _grouped(ks, hkv), _grouped(vs, hkv)
+    dk_share, dv_share = np.zeros((b, hkv, S, d)), np.zeros((b, hkv, S, d))
+    for c in range(0, n_local, KEY_CHUNK):   # this rank's queries, a chunk at a time
+        sl = slice(c, c + KEY_CHUNK)
+        qh, doh = _grouped(q[:, sl], hkv) * scale, _grouped(dout[:, sl], hkv)
+        lse_l = np.asarray(lse[:, :, sl], dtype=np.float64).reshape(b, hkv, h // hkv, -1)
+        delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(out[:, sl], hkv))
+        p, ds = _probs_and_dscores(qh, doh, lse_l, delta, ksh, vsh, pos[sl], sample, causal)
+        dv_share += np.matmul(p.swapaxes(-1, -2), doh).sum(axis=2)
+        dk_share += np.matmul(ds.swapaxes(-1, -2), qh).sum(axis=2)
+    shares = exchange.gather(comm, (dk_share, dv_share), "the gradient check's dk/dv rows")
+    if comm.rank != 0:
+        return None
+    ref_dk, ref_dv = (sum(s[j] for s in shares).transpose(0, 2, 1, 3) for j in (0, 1))
+    return dks, dvs, ref_dk, ref_dv
 
 
 def sampled_backward_check(q, k, v, out, lse, dout, dq, dk, dv, comm, *, dist: Distribution, causal,
@@ -128,66 +188,12 @@ def sampled_backward_check(q, k, v, out, lse, dout, dq, dk, dv, comm, *, dist: D
     inputs ``q``, ``k``, ``v`` and outputs ``out``, ``lse``, the output gradient ``dout`` and the
     gradients the ring produced. The query rows are the forward check's (same ``seed``).
     """
-    rank = comm.rank
-    b, n_local, h, d = q.shape
-    hkv = k.shape[2]
-    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    pos = dist.positions(rank)
-    kh, vh = _grouped(k, hkv)[:, :, :1], _grouped(v, hkv)[:, :, :1]
-
-    # --- query rows: float64 lse and out recomputed, every rank's keys' share of dq summed ----
-    sample, idx, li = _sampled(dist.n, rows, seed, 4242, dist, rank)
-    S = len(sample)
-    pieces = exchange.allgather(comm, (idx, _rows(q, li), _rows(dout, li), _rows(dq, li)),
-                                "sampling rows for the gradient check")
-    qs = _assemble([(i, a) for i, a, _, _ in pieces], (b, S, h, d), 1)
-    dos = _assemble([(i, a) for i, _, a, _ in pieces], (b, S, h, d), 1)
-    ref_parts = exchange.gather(comm, _reference_rows(qs, sample, k, v, pos, causal, scale),
-                                "the gradient check's reference rows")
-    if rank == 0:
-        ref_out, ref_lse = ref_parts[0]
-        for o, l in ref_parts[1:]:
-            merge_lse(ref_out, ref_lse, o, l, np)
-        ref_parts = (ref_out, ref_lse)
-    ref_out, ref_lse = exchange.bcast(comm, ref_parts, "the gradient check's reference rows")
-    qh, doh = _grouped(qs, hkv) * scale, _grouped(dos, hkv)
-    lse_s = ref_lse.reshape(b, hkv, h // hkv, S)
-    delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(ref_out, hkv))
-    dq_part = np.zeros((b, hkv, h // hkv, S, d))
-    for c in range(0, n_local, KEY_CHUNK):
-        sl = slice(c, c + KEY_CHUNK)
-        _, ds = _probs_and_dscores(qh, doh, lse_s, delta, kh[..., sl, :], vh[..., sl, :], sample,
-                                   pos[sl], causal, 1.0)
-        dq_part += np.matmul(ds, kh[..., sl, :])
-    dq_parts = exchange.gather(comm, dq_part, "the gradient check's dq rows")
-
-    # --- key rows: every rank's queries' share, with the forward's lse and out ------------------
-    k_sample, k_idx, k_li = _sampled(dist.n, rows, seed, 4243, dist, rank)
-    Sk = len(k_sample)
-    k_pieces = exchange.allgather(comm, (k_idx, *(_rows(x, k_li) for x in (k, v, dk, dv))),
-                                  "sampling key rows for the gradient check")
-    ks, vs, dks, dvs = (_assemble([(p[0], p[j]) for p in k_pieces], (b, Sk, hkv, d), 1)
-                        for j in (1, 2, 3, 4))
-    ksh, vsh = _grouped(ks, hkv), _grouped(vs, hkv)
-    dk_part = np.zeros((b, hkv, Sk, d))
-    dv_part = np.zeros((b, hkv, Sk, d))
-    for c in range(0, n_local, KEY_CHUNK):
-        sl = slice(c, c + KEY_CHUNK)
-        qh = _grouped(q[:, sl], hkv) * scale
-        doh = _grouped(dout[:, sl], hkv)
-        lse_l = np.asarray(lse[:, :, sl], dtype=np.float64).reshape(b, hkv, h // hkv, -1)
-        delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(out[:, sl], hkv))
-        p, ds = _probs_and_dscores(qh, doh, lse_l, delta, ksh, vsh, pos[sl], k_sample, causal, 1.0)
-        dv_part += np.matmul(p.swapaxes(-1, -2), doh).sum(axis=2)
-        dk_part += np.matmul(ds.swapaxes(-1, -2), qh).sum(axis=2)
-    kv_parts = exchange.gather(comm, (dk_part, dv_part), "the gradient check's dk/dv rows")
-
+    scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else float(scale)
+    queries = _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed)
+    keys = _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, causal, scale, rows, seed)
     result = None
-    if rank == 0:
-        dq_s = _assemble([(i, a) for i, _, _, a in pieces], (b, S, h, d), 1)
-        ref_dq = scale * sum(dq_parts)
-        ref_dq = ref_dq.reshape(b, h, S, d).transpose(0, 2, 1, 3)
-        ref_dk, ref_dv = (sum(part[j] for part in kv_parts).transpose(0, 2, 1, 3) for j in (0, 1))
-        result = {"rows": S, **_errors("dq", dq_s, ref_dq), **_errors("dk", dks, ref_dk),
+    if comm.rank == 0:
+        dks, dvs, ref_dk, ref_dv = keys
+        result = {"rows": min(rows, dist.n), **_errors("dq", *queries), **_errors("dk", dks, ref_dk),
                   **_errors("dv", dvs, ref_dv)}
     return exchange.bcast(comm, result, "the gradient check's result")
