@@ -62,7 +62,7 @@ def load_mpi(*, initialize: bool = True):
     try:
         import mpi4py
 
-        if not initialize:
+        if not initialize and hasattr(mpi4py, "rc"):
             mpi4py.rc.initialize = False
         from mpi4py import MPI
     except (ImportError, RuntimeError) as exc:

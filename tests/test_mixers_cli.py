@@ -20,7 +20,7 @@ def test_list_shows_every_mixer_with_complexity():
 
 
 def test_show_prints_a_banded_matrix():
-    res = run("show", "local", "-n", "32", "-p", "window=2", "--causal")
+    res = run("show", "local", "-N", "32", "-p", "window=2", "--causal")
     assert res.exit_code == 0, res.output
     assert "causal=true N=32" in res.output
     rows = res.output.splitlines()[1:]
@@ -31,7 +31,7 @@ def test_show_prints_a_banded_matrix():
 def test_show_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "p.png"
-    res = run("show", "retnet", "-n", "24", "--png", str(out))
+    res = run("show", "retnet", "-N", "24", "--png", str(out))
     assert res.exit_code == 0, res.output
     assert out.read_bytes()[:4] == b"\x89PNG"
 
@@ -48,7 +48,7 @@ def test_show_errors_are_usage_errors(args, match):
 
 
 def test_recall_table():
-    res = run("recall", "-m", "exact_blockwise", "-m", "local", "-n", "128", "-d", "4", "-d", "100",
+    res = run("recall", "--mixer", "exact_blockwise", "--mixer", "local", "-N", "128", "--distance", "4", "--distance", "100",
               "-p", "local.window=8", "--batch", "2")
     assert res.exit_code == 0, res.output
     lines = {ln.split()[0]: ln.split() for ln in res.output.splitlines()[1:]}

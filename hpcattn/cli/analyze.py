@@ -5,8 +5,10 @@ import json
 
 import click
 
+from . import Command, figure_path
 
-@click.command()
+
+@click.command(cls=Command)
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--group-by", "-g", multiple=True, metavar="KEY",
               help="Print one block per value of KEY (repeatable), e.g. --group-by layout.")
@@ -40,6 +42,7 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metri
     mixer, and whatever the sweep varied), time per case (median over repeats, slowest rank),
     GFLOP/s, peak memory per rank (arrays; RSS), the check's max abs error and whether it passed,
     and any other scalar result. Several files are compared in one table (column 'file').
+    Errors are one line; exit status 2 for a missing, unreadable or unusable file or option.
 
     \b
     Examples:
@@ -53,31 +56,31 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metri
     from .. import analysis as an
     from ..errors import HpcattnError
 
-    try:
-        rows = an.load_rows(list(files))
-        rows = _filter(rows, where)
-        if not rows:
-            raise HpcattnError(f"no completed cases in {', '.join(files)}"
-                               + (" match " + " ".join(where) if where else ""))
-        if metrics and not plot_path:
-            raise click.UsageError("--metric chooses what --plot draws; expected --plot FILE too")
-        an.check_metrics(rows, metrics)   # before the table: a typo costs nothing
-        rows = an.sort_rows(rows, list(group_by) + list(sort_by))
-        cols = an.columns(rows)
-        if as_json:
-            click.echo(json.dumps(an.public(rows), indent=1, default=str))
-        else:
-            click.echo(an.table(rows, cols, group_by=group_by))
-        if csv_path:
-            text = an.to_csv(rows, an.all_columns(rows))
-            with click.open_file(csv_path, "w") as fh:
-                fh.write(text)
-        if plot_path:
-            drawn = an.plot(rows, plot_path, x=x_key, series=series or None, metrics=metrics,
-                            title=", ".join(sorted({r["file"] for r in rows})))
-            click.echo(f"figure: {plot_path} ({_panels(drawn)})", err=True)
-    except HpcattnError as exc:
-        raise click.ClickException(str(exc)) from None
+    # an HpcattnError below is one line, exit 2 (cli.Command)
+    if plot_path:
+        plot_path = figure_path(plot_path, "--plot")  # what matplotlib writes: out -> out.png
+    if metrics and not plot_path:
+        raise click.UsageError("--metric chooses what --plot draws; expected --plot FILE too")
+    rows = an.load_rows(list(files))
+    rows = _filter(rows, where)
+    if not rows:
+        raise HpcattnError(f"no completed cases in {', '.join(files)}"
+                           + (" match " + " ".join(where) if where else ""))
+    an.check_metrics(rows, metrics)   # before the table: a typo costs nothing
+    rows = an.sort_rows(rows, list(group_by) + list(sort_by))
+    cols = an.columns(rows)
+    if as_json:
+        click.echo(json.dumps(an.public(rows), indent=1, default=str))
+    else:
+        click.echo(an.table(rows, cols, group_by=group_by))
+    if csv_path:
+        text = an.to_csv(rows, an.all_columns(rows))
+        with click.open_file(csv_path, "w") as fh:
+            fh.write(text)
+    if plot_path:
+        drawn = an.plot(rows, plot_path, x=x_key, series=series or None, metrics=metrics,
+                        title=", ".join(sorted({r["file"] for r in rows})))
+        click.echo(f"figure: {plot_path} ({_panels(drawn)})", err=True)
 
 
 def _panels(drawn) -> str:

@@ -5,6 +5,8 @@ import dataclasses
 
 import click
 
+from . import Command
+
 from ..bench.config import SECTIONS  # the parts, defined with the bench
 
 
@@ -28,7 +30,7 @@ def _sections(ctx, param, value):
     return parts
 
 
-@click.command(context_settings={"show_default": True})
+@click.command(cls=Command, context_settings={"show_default": True})
 @click.option("--quick", is_flag=True,
               help="Tiny shapes (N=1024, H=2, d=32, one repeat, 8 MiB budget): proves the command "
                    "works in seconds; explicit options still override.")

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from . import Command
+
 
 def collect() -> dict:
     from ..gpu.environment import cache_report, cupy_report, mpi_report
@@ -15,7 +17,7 @@ def collect() -> dict:
     return {**describe(), "mpi": mpi_report(), "gpu": cupy_report(), "kernels": cache_report()}
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def info(as_json):
     """Show the machine, versions, the MPI library (CUDA-aware or not), the GPUs seen and the
@@ -30,7 +32,12 @@ def info(as_json):
     threads = ", ".join(f"{k}={val}" for k, val in data["thread_vars"].items() if val) or "none set"
     click.echo(f"Machine: {', '.join(data['hosts'])}, {data['cpu']} ({data['cores']} cores), {data['platform']}")
     click.echo(f"  BLAS {data['blas']}; thread variables: {threads}")
-    click.echo(f"MPI: {mpi['library']}" + (f" (MPI {mpi['standard']})" if mpi.get("standard") else ""))
+    if mpi.get("mpi4py") is None:  # the rest of the report stands; say what would make MPI work
+        from ..launch import INSTALL_MPI
+
+        click.echo(f"MPI: not usable: {mpi['library']}; {INSTALL_MPI}")
+    else:
+        click.echo(f"MPI: {mpi['library']}" + (f" (MPI {mpi['standard']})" if mpi.get("standard") else ""))
     if mpi.get("mpi4py"):
         click.echo(f"  CUDA-aware: {'yes' if mpi['cuda_aware'] else 'no'} ({mpi['cuda_aware_reason']}); "
                    "override with HPCATTN_CUDA_AWARE=0|1")

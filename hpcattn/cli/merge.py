@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
+from . import Command
 
-@click.command()
+
+@click.command(cls=Command)
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("parts", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def merge(out, parts):
@@ -15,19 +17,15 @@ def merge(out, parts):
     links where possible), so OUT stands alone and can be resumed with
     'hpcattn run JOB.toml --output OUT'. An existing OUT counts as one more part, so merging again
     after more tasks finished is safe. Exit status 2 when a part is missing, corrupt, or belongs to
-    another job; 0 otherwise (missing cases are listed).
+    another job (one line, 'hpcattn: error: ...'); 0 otherwise (missing cases are listed).
 
     \b
     Example:
       hpcattn merge results/ring-scaling.h5 results/ring-scaling.task*.h5
     """
-    from ..errors import HpcattnError
     from ..results import merge as merge_files
 
-    try:
-        s = merge_files(out, list(parts))
-    except HpcattnError as exc:
-        raise click.ClickException(str(exc)) from None
+    s = merge_files(out, list(parts))  # an HpcattnError is shown in one line, exit 2 (cli.Command)
     total = s["n_cases"]
     line = f"hpcattn merge: {s['cases']}" + (f"/{total}" if total is not None else "") + \
         f" cases from {s['parts']} files -> {out}"

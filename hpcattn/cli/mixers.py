@@ -6,6 +6,8 @@ import json
 import click
 import numpy as np
 
+from . import Group, figure_path
+
 SHADES = " .:-=+*#%@"
 
 
@@ -33,7 +35,7 @@ def _parse_params(values) -> dict:
     return out
 
 
-@click.group()
+@click.group(cls=Group)
 def mixers():
     """The token-mixer zoo: every mixer is y_i = sum_j P_ij v_j with its own P.
 
@@ -42,7 +44,7 @@ def mixers():
       hpcattn mixers list
       hpcattn mixers show local --seq-len 64 -p window=8 --causal
       hpcattn mixers show performer --seq-len 128 --png performer.png
-      hpcattn mixers recall --seq-len 256 --seq-len 1024 --distance 1 --distance 64
+      hpcattn mixers recall -N 256 -N 1024 --distance 1 --distance 64 --mixer local
     """
 
 
@@ -70,16 +72,17 @@ def list_mixers(as_json):
 
 @mixers.command()
 @click.argument("name")
-@click.option("--seq-len", "-n", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--seq-len", "-N", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--causal/--no-causal", default=None, help="Default: causal when the mixer supports it.")
 @click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="Mixer parameter (repeatable).")
-@click.option("--head-dim", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--head-dim", "-d", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random q/k.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Write a heat map of |P| (needs matplotlib).")
 def show(name, seq_len, causal, params, head_dim, seed, png):
     """Build the mixing matrix P of NAME for random inputs and show it (text or --png)."""
     from ..inputs import random_qkv
 
+    png = figure_path(png, "--png") if png else None  # matplotlib adds .png to a bare name
     mixer = _mixer_or_fail(name, _parse_params(params))
     causal = max(mixer.causal_modes) if causal is None else causal
     if causal not in mixer.causal_modes:
@@ -131,9 +134,10 @@ def _heatmap(p, path, title):
 
 
 @mixers.command()
-@click.option("--mixer", "-m", "names", multiple=True, help="Mixers (default: all).")
-@click.option("--seq-len", "-n", "lengths", multiple=True, type=click.IntRange(2), default=(256, 1024), show_default=True)
-@click.option("--distance", "-d", "distances", multiple=True, type=click.IntRange(1),
+@click.option("--mixer", "names", multiple=True, help="Mixers (repeatable; default: all).")
+@click.option("--seq-len", "-N", "lengths", multiple=True, type=click.IntRange(2), default=(256, 1024),
+              show_default=True, help="Context lengths (repeatable).")
+@click.option("--distance", "distances", multiple=True, type=click.IntRange(1), help="Key-query distances (repeatable).",
               default=(1, 16, 64, 200, 1000), show_default=True)
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(1), help="Sequences per cell.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
