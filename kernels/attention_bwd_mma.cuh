@@ -12,6 +12,7 @@
 //                 dV += P^T dO (B: dOt = dO^T), dK += dS^T Q (B: Qt = Q^T)
 #pragma once
 
+#include "attention_bwd_common.cuh"
 #include "attention_fwd_mma.cuh"
 
 namespace hpcattn {
