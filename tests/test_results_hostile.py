@@ -285,10 +285,12 @@ def test_damaged_master_is_refused_and_never_written(tmp_path, kind):
     listing = sorted(os.listdir(tmp_path))
     with pytest.raises(ResultsError) as info:
         Master(str(out)).prepare({"job_name": "t"}, results.provenance())
-    msg = one_line_error(info, str(out), MASTER_DAMAGE[kind])
-    assert "\x1b" not in msg
+    msg = one_line_error(info, str(out))
+    # bytes overwritten in the middle: HDF5 may or may not notice; the checksum always does
+    wants = [MASTER_DAMAGE[kind]] + (["is not a readable HDF5 file"] if kind == "middle" else [])
+    assert any(w in msg for w in wants) and "\x1b" not in msg, msg
     res = CliRunner().invoke(run_cmd, [job.path])
-    assert res.exit_code == 2 and MASTER_DAMAGE[kind] in res.output, res.output
+    assert res.exit_code == 2 and any(w in res.output for w in wants), res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
     assert sorted(os.listdir(tmp_path)) == listing
     with pytest.raises(ResultsError):
@@ -296,8 +298,11 @@ def test_damaged_master_is_refused_and_never_written(tmp_path, kind):
     if kind != "middle":     # readers refuse it too (the checksum is the writer's check)
         with pytest.raises(ResultsError):
             results.open_results(out)
-    else:
-        assert results.verify(out)[0][0] is None
+    else:                    # verify names the master, or cannot read it at all
+        try:
+            assert results.verify(out)[0][0] is None
+        except ResultsError as exc:
+            assert "\n" not in str(exc)
     assert open(out, "rb").read() == before
 
 
@@ -409,3 +414,81 @@ def test_disk_full_on_a_real_file_system(tmp_path):
                 results.completed(mnt / "r.h5")
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+# --- constant per-case cost ----------------------------------------------------------------------
+
+def tiny_record(i):
+    return {"index": i, "kind": "attention", "params": {"seq_len": 16, "seed": i},
+            "results": {"wall_s": [0.001, 0.002], "gflops": 1.0, "counts": [16]}, "elapsed_s": 0.01}
+
+
+def test_master_rewrites_are_amortised_and_readers_see_every_case(tmp_path, monkeypatch):
+    """Today every case rewrote the whole master (bytes written grow with n^2); now each case
+    writes one small record and the master is rewritten a bounded share of the time, while
+    readers see every completed case at any moment."""
+    import hpcattn.results.master as master_mod
+
+    monkeypatch.setattr(master_mod, "PUBLISH_PAUSE", float("inf"))   # only the count rule
+    path = str(tmp_path / "m.h5")
+    written = []
+    real_write = master_mod.files.write_bytes
+
+    def counting(final, data):
+        if final == path:
+            written.append(len(data))
+        return real_write(final, data)
+
+    monkeypatch.setattr(master_mod.files, "write_bytes", counting)
+    m = Master(path)
+    m.lock()
+    m.prepare({"job_name": "t", "n_cases": 200}, results.provenance())
+    n = 200
+    for i in range(n):
+        m.add_cases([tiny_record(i)])
+        if i % 37 == 0 or i == n - 1:
+            assert sorted(results.completed(path)) == list(range(i + 1))
+            with h5py.File(path) as f:               # the snapshot: a prefix of the cases
+                assert sorted(f["cases"]) == [results.case_name(c) for c in range(len(f["cases"]))]
+    m.unlock()
+    with h5py.File(path) as f:
+        assert len(f["cases"]) == n
+    final = os.path.getsize(path)
+    assert len(written) < 16 + 16 * np.log(n / 16) + 3, len(written)
+    assert sum(written) < 30 * final, (sum(written), final)       # was ~n/2 * final
+    assert not [x for x in os.listdir(f"{path}.d") if x.startswith("case_")]   # records taken in
+
+
+def test_records_of_a_killed_writer_are_seen_and_taken_in(tmp_path, monkeypatch):
+    import hpcattn.results.master as master_mod
+
+    monkeypatch.setattr(master_mod, "PUBLISH_PAUSE", float("inf"))
+    path = str(tmp_path / "m.h5")
+    m = Master(path)
+    m.lock()
+    m.prepare({"job_name": "t", "n_cases": 40}, results.provenance())
+    for i in range(40):
+        m.add_cases([tiny_record(i)])
+    m._release()                                      # as a SIGKILL would: no final rewrite
+    with h5py.File(path) as f:
+        in_snapshot = len(f["cases"])
+    assert in_snapshot < 40
+    assert sorted(results.completed(path)) == list(range(40))
+    with results.open_results(path) as f:
+        assert f["cases/case_0039/wall_s"][()].tolist() == [0.001, 0.002]
+    # a damaged record is not a completed case
+    rec = [x for x in os.listdir(f"{path}.d") if x.startswith("case_0039-")][0]
+    data = bytearray(open(f"{path}.d/{rec}", "rb").read())
+    data[-10:] = bytes(10)
+    open(f"{path}.d/{rec}", "wb").write(bytes(data))
+    assert sorted(results.completed(path)) == list(range(39))
+    m2 = Master(path)
+    m2.lock()
+    done = m2.prepare({"job_name": "t", "n_cases": 40}, results.provenance())
+    m2.unlock()
+    assert sorted(done) == list(range(39))
+    assert m2.rerun == [(39, f"record {os.path.basename(path)}.d/{rec} does not match the checksum "
+                              "in its name (damaged)")]
+    with h5py.File(path) as f:
+        assert len(f["cases"]) == 39
+    assert not [x for x in os.listdir(f"{path}.d") if x.startswith("case_")]

@@ -374,3 +374,18 @@ def clean_sidecar(path: str, keep=()) -> None:
         elif known(name) or name == DIGEST_NAME:
             if not os.path.isdir(full) or os.path.islink(full):
                 remove(full)
+
+
+def clean_temps(sidecar_dir: str, folder: str, base: str) -> None:
+    """Remove temporaries a killed writer of master ``folder/base`` left: in its ``.d`` and next
+    to it (only this master's; the caller holds its lock)."""
+    mine = re.compile(re.escape(f"{TMP_PREFIX}{base}.") + r"\d+\.[0-9a-f]+\.tmp")
+    for d, match in ((folder, mine.fullmatch), (sidecar_dir, TEMP.fullmatch)):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            full = os.path.join(d, name)
+            if match(name) and (os.path.islink(full) or not os.path.isdir(full)):
+                remove(full)

@@ -64,20 +64,37 @@ def format_attrs() -> dict:
 def open_results(path, mode: str = "r"):
     """Open an hpcattn results file (a symlink opens its target, so activation sources resolve
     next to it); a one-line :class:`ResultsError` for anything else: missing, not HDF5,
-    truncated, foreign, damaged attributes, links to other files."""
+    truncated, foreign, damaged attributes, links to other files.
+
+    Read-only, it shows every completed case: the master plus the case records a running (or
+    killed) writer has not yet taken into it (:mod:`hpcattn.results.records`), then in memory."""
+    from . import records
+
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ResultsError(f"results file {path} does not exist")
-    try:
-        f = import_h5py().File(os.path.realpath(path), mode)
-    except OSError as exc:
-        raise ResultsError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {h5_reason(exc)}") from None
-    try:
-        check_results(f, path)
-    except BaseException:
+    for _ in range(10):
+        if not os.path.exists(path):
+            raise ResultsError(f"results file {path} does not exist")
+        real = os.path.realpath(path)
+        found = records.scan(sidecar(real)) if mode == "r" else {}   # before the master opens
+        try:
+            f = import_h5py().File(real, mode)
+        except OSError as exc:
+            raise ResultsError(f"{path} is not a readable HDF5 file (truncated or corrupt?): "
+                               f"{h5_reason(exc)}") from None
+        try:
+            check_results(f, path)
+            todo = records.unpublished(f, found) if found else {}
+        except BaseException:
+            f.close()
+            raise
+        if not todo:
+            return f
         f.close()
-        raise
-    return f
+        try:
+            return records.stitched(path, real, todo)
+        except FileNotFoundError:
+            continue   # the writer took a record in meanwhile: the master has it now
+    raise ResultsError(f"{path} changed while it was being read, ten times; try again")
 
 
 def h5_reason(exc: BaseException) -> str:

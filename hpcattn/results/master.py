@@ -15,15 +15,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 
-from . import files
-from .activations import add_virtual, shard_checksums
+from . import files, records
+from .activations import shard_checksums
 from .format import (ResultsError, case_name, check_results, format_attrs, h5_reason, image_bytes,
-                     new_image, now, open_image, params_json, set_attrs, sidecar, text_attr)
-from .tree import write_tree
+                     new_image, now, open_image, set_attrs, sidecar, text_attr)
 from .verify import case_problem
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+PUBLISH_SHARE = 16    # take records in once 1/16 of the master's cases wait ...
+PUBLISH_PAUSE = 20    # ... or once 20 times the last rewrite's duration has passed
 
 
 class Master:
@@ -37,6 +39,9 @@ class Master:
         self._lock = None
         self._image = None        # bytes of the master as hpcattn last wrote (or will write) it
         self._disk_sum = None     # checksum of the master on disk, when known
+        self._pending: dict[int, tuple[str, dict]] = {}   # records not yet in the master
+        self._cases = 0           # cases in the master
+        self._published_at, self._publish_s = 0.0, 0.0
 
     @property
     def dir(self) -> str:
@@ -80,6 +85,13 @@ class Master:
         self._lock = fd
 
     def unlock(self) -> None:
+        """Take waiting records into the master, then let go of the lock."""
+        try:
+            self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -113,22 +125,29 @@ class Master:
                 if old is not None and old != meta["job_name"]:
                     raise ResultsError(f"{self.path} holds results of job {old!r}, not "
                                        f"{meta['job_name']!r}; choose another --output or use --force")
-                for g in f["cases"].values():   # a case is done only with its data intact
-                    why = case_problem(self.path, g)
-                    if why:
-                        self.rerun.append((int(g.attrs["index"]), why))
-                    else:
-                        done[int(g.attrs["index"])] = text_attr(g.attrs, "params_json")
+        found = records.scan(self.dir)
 
         def record(f):
-            for index, _ in self.rerun:
-                del f["cases"][case_name(index)]
+            # take in the records a killed run left, then keep only cases with their data intact
+            bad = records.stitch(f, self.dir, records.unpublished(f, found), self.prefix, real)
+            for g in list(f["cases"].values()):
+                index = int(g.attrs["index"])
+                why = case_problem(self.path, g)
+                if why:
+                    self.rerun.append((index, why))
+                    del f["cases"][case_name(index)]
+                else:
+                    done[index] = text_attr(g.attrs, "params_json")
+            self.rerun += [(i, why) for i, why in bad.items() if i not in done]
+            self.rerun.sort()
             runs = f.require_group("runs")
             self.run_index = len(runs)
             set_attrs(runs.create_group(f"run_{self.run_index:04d}"), prov)
             set_attrs(f, meta)
             set_attrs(f, prov)
         self._update(record)
+        self._forget(n for names in found.values() for n in names)
+        files.clean_temps(self.dir, os.path.dirname(real), os.path.basename(real))
         return done
 
     def _load(self) -> bytes:
@@ -143,13 +162,14 @@ class Master:
             raise ResultsError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?): "
                                f"{h5_reason(exc)}") from None
         with f:
+            sums = self._sums()
+            self._disk_sum = files.checksum_bytes(data)
+            if sums and self._disk_sum not in sums:
+                raise ResultsError(f"{self.path} is not the file hpcattn last wrote there (size or "
+                                   f"checksum differs from {files.DIGEST_NAME}: changed or "
+                                   "corrupted); nothing was written; restore it, or start over "
+                                   "with --force")
             check_results(f, self.path)
-        sums = self._sums()
-        self._disk_sum = files.checksum_bytes(data)
-        if sums and self._disk_sum not in sums:
-            raise ResultsError(f"{self.path} is not the file hpcattn last wrote there (size or "
-                               f"checksum differs from {files.DIGEST_NAME}: changed or corrupted); "
-                               "nothing was written; restore it, or start over with --force")
         return data
 
     def check_loadable(self) -> None:
@@ -211,30 +231,53 @@ class Master:
                                "results files hpcattn wrote (move it away or choose another --output)")
 
     # --- adding cases --------------------------------------------------------------------------
-    def add_cases(self, records: list[dict]) -> None:
-        """Append completed cases: each record has index, kind, params, results, and optionally
-        ``activations`` (a spec from :func:`~hpcattn.results.write_activations`) and ``elapsed_s``."""
-        for rec in records:
+    def add_cases(self, recs: list[dict]) -> None:
+        """Record completed cases: each has index, kind, params, results, and optionally
+        ``activations`` (a spec from :func:`~hpcattn.results.write_activations`) and
+        ``elapsed_s``. Each case is durable (a record file) when this returns; the master takes
+        it in at once while that is cheap, else soon (:meth:`flush`; readers see it either way)."""
+        for rec in recs:
+            rec = dict(rec, completed_at=now())
             if rec.get("activations"):
                 shard_checksums(self.dir, rec["activations"])
+            name = records.write_record(self.dir, rec, self.run_index)
+            old = self._pending.pop(rec["index"], None)
+            self._pending[rec["index"]] = (name, rec)
+            if old:
+                self._forget([old[0]])
+        if self._due():
+            self.flush()
 
-        def add(f):
-            cases = f["cases"]
-            for rec in records:
-                name = case_name(rec["index"])
-                if name in cases:
-                    del cases[name]
-                g = cases.create_group(name)
-                params = rec["params"]
-                set_attrs(g, {"index": rec["index"], "kind": rec["kind"], "run": self.run_index,
-                              "completed_at": now(), "params_json": params_json(params)})
-                set_attrs(g, {f"param_{k}": v for k, v in params.items()})
-                write_tree(g, rec["results"])
-                if rec.get("elapsed_s") is not None:
-                    g.create_dataset("elapsed_s", data=rec["elapsed_s"])
-                if rec.get("activations"):
-                    add_virtual(g, rec["activations"], self.prefix)
-        self._update(add)
+    def _due(self) -> bool:
+        """Take records in when at least 1/16 of the master's cases wait (so rewriting the master
+        costs a constant per case), or when the last rewrite took under 1/20 of the time since."""
+        waiting = len(self._pending)
+        if not waiting:
+            return False
+        if waiting * PUBLISH_SHARE >= self._cases:
+            return True
+        return time.monotonic() - self._published_at >= PUBLISH_PAUSE * self._publish_s
+
+    def flush(self) -> None:
+        """Take every waiting record into the master (then delete those records)."""
+        if not self._pending:
+            return
+        pending = dict(self._pending)
+
+        def take_in(f):   # copying a record's group costs far less than building it again
+            bad = records.stitch(f, self.dir, {i: name for i, (name, _) in pending.items()},
+                                 self.prefix, self.real)
+            for index, why in bad.items():
+                raise ResultsError(f"{self.path}: {case_name(index)}: {why}")
+        self._update(take_in)
+        self._pending.clear()
+        self._forget(name for name, _ in pending.values())
+
+    def _forget(self, names) -> None:
+        """Delete records the master has taken in (a kill before this only leaves duplicates,
+        which the master already names)."""
+        for name in names:
+            files.remove(os.path.join(self.dir, name))
 
     def _update(self, change) -> None:
         """Change a copy of the master in memory and publish it: the master on disk is always
@@ -242,10 +285,14 @@ class Master:
         if self._image is None:
             self._resolve()
             self._image = self._load()
+        t0 = time.monotonic()
         with open_image(self._image, self.real, write=True) as f:
             change(f)
+            self._cases = len(f["cases"])
             data = image_bytes(f)
         self._publish(data)
+        self._published_at = time.monotonic()
+        self._publish_s = self._published_at - t0
 
     def _publish(self, data: bytes) -> None:
         files.own_dir(self.dir)
