@@ -19,6 +19,8 @@ Needs PyTorch (``pip install 'hpcattn[torch]'``); the rest of hpcattn never impo
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -46,9 +48,22 @@ def _to_array(t: torch.Tensor):
     if t.is_cuda:
         import cupy
 
-        with cupy.cuda.Device(t.device.index):
-            return cupy.from_dlpack(t.detach())
+        return cupy.from_dlpack(t.detach())
     return np.from_dlpack(t.detach())
+
+
+@contextlib.contextmanager
+def _device_of(t: torch.Tensor):
+    """For a CUDA tensor: CuPy's current device and stream made the tensor's device and torch's
+    current stream there, so the kernels run where, and in the order, torch expects."""
+    if not t.is_cuda:
+        yield
+        return
+    import cupy
+
+    stream = torch.cuda.current_stream(t.device)
+    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
+        yield
 
 
 def _to_tensor(a) -> torch.Tensor:
@@ -65,19 +80,21 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
-        qa, ka, va = (_to_array(t) for t in (q, k, v))
-        out, lse = _attention(qa, ka, va, causal=causal, scale=scale)
-        out_t, lse_t = _to_tensor(out), _to_tensor(lse)
+        with _device_of(q):
+            qa, ka, va = (_to_array(t) for t in (q, k, v))
+            out, lse = _attention(qa, ka, va, causal=causal, scale=scale)
+            out_t, lse_t = _to_tensor(out), _to_tensor(lse)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
         ctx.causal, ctx.scale = causal, scale
         return out_t
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
-        dq, dk, dv = _attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
-                                         causal=ctx.causal, scale=ctx.scale)
-        return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None
+        with _device_of(dout):
+            q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
+            dq, dk, dv = _attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
+                                             causal=ctx.causal, scale=ctx.scale)
+            return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -85,19 +102,21 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, comm, causal, layout, scale):
-        qa, ka, va = (_to_array(t) for t in (q, k, v))
-        out, lse = _ring_attention(qa, ka, va, comm, causal=causal, layout=layout, scale=scale)
-        out_t, lse_t = _to_tensor(out), _to_tensor(lse)
+        with _device_of(q):
+            qa, ka, va = (_to_array(t) for t in (q, k, v))
+            out, lse = _ring_attention(qa, ka, va, comm, causal=causal, layout=layout, scale=scale)
+            out_t, lse_t = _to_tensor(out), _to_tensor(lse)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
         ctx.comm, ctx.causal, ctx.layout, ctx.scale = comm, causal, layout, scale
         return out_t
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
-        dq, dk, dv = _ring_attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
-                                              ctx.comm, causal=ctx.causal, layout=ctx.layout,
-                                              scale=ctx.scale)
+        with _device_of(dout):
+            q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
+            dq, dk, dv = _ring_attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
+                                                  ctx.comm, causal=ctx.causal, layout=ctx.layout,
+                                                  scale=ctx.scale)
         return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None, None, None
 
 
