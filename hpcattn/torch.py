@@ -61,9 +61,9 @@ def _device_of(t: torch.Tensor):
         return
     import cupy
 
-    stream = torch.cuda.current_stream(t.device)
-    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(stream.cuda_stream, t.device.index):
-        yield
+    with cupy.cuda.Device(t.device.index):
+        with cupy.cuda.Stream.from_external(torch.cuda.current_stream(t.device)):  # CUDA stream protocol
+            yield
 
 
 def _to_tensor(a) -> torch.Tensor:
