@@ -2,7 +2,8 @@
 
 Three launches per call, in this order: ``delta`` (D = rowsum(dout * out)), ``dq`` (one block
 per query tile) and ``dkdv`` (one block per key tile and kv head, summing its GQA group in
-registers). The kernels write float32 gradients; ``attention_backward_gpu`` returns them in the
+registers, or per share of the group when the grid would be small: ``head_splits``); SIMT for
+every dtype or tensor cores for fp16/bf16 (``variant``). The kernels write float32 gradients; ``attention_backward_gpu`` returns them in the
 input dtype unless asked for ``grad_dtype="float32"`` (what a ring summing partial dK/dV over
 steps needs). ``plan_attention_backward`` builds the launches for any array module, so CuPy and
 the CPU emulation (``hpcattn.emulation.backward``) run the very same kernels with the very same
