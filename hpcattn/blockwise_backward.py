@@ -48,7 +48,8 @@ def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True, 
             if x.dtype != q.dtype:
                 raise HpcattnError(f"{name} has dtype {x.dtype}; expected q's dtype {q.dtype}")
             if type(x).__module__.partition(".")[0] != type(q).__module__.partition(".")[0]:
-                raise HpcattnError(f"{name} is a {type(x).__module__} array but q is not; expected one backend")
+                raise HpcattnError(f"{name} is a {type(x).__module__} array but q is not; "
+                                   "expected one backend")
         if str(lse.dtype) not in ("float32", "float64"):
             raise HpcattnError(f"lse has dtype {lse.dtype}; expected float32 or float64")
         if check_finite:

@@ -1,5 +1,6 @@
 """The NumPy backend: the blockwise kernels of ``hpcattn.blockwise`` (forward) and
-``hpcattn.blockwise_backward`` (backward), the plain MPI exchange and the host clock (NumPy computes on the calling thread, so wall time is compute time)."""
+``hpcattn.blockwise_backward`` (backward), the plain MPI exchange and the host clock (NumPy
+computes on the calling thread, so wall time is compute time)."""
 from __future__ import annotations
 
 import time
