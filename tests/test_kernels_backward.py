@@ -81,6 +81,23 @@ def test_emulated_backward_matches_float64_reference(shape, dtype, variant):
 
 
 @pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
+def test_backward_of_the_forward_kernels_own_out_and_lse(dtype, variant):
+    """What training does: the forward kernel's out and lse (float32, natural log) feed the
+    backward kernels directly."""
+    from hpcattn.emulation import attention_emulated
+
+    rng = np.random.default_rng(10)
+    q_pos, k_pos = zigzag(100), zigzag(100)
+    q, k, v, dout = inputs(rng, 1, 100, 100, 4, 2, 64, dtype)
+    out, lse = attention_emulated(q, k, v, causal=True, q_pos=q_pos, k_pos=k_pos, variant=variant)
+    grads = attention_backward_emulated(q, k, v, out, lse, dout, causal=True, q_pos=q_pos, k_pos=k_pos,
+                                        variant=variant)
+    verdict = judge_backward(q, k, v, out, lse, dout, grads, causal=True, q_pos=q_pos, k_pos=k_pos)
+    print(verdict)
+    assert verdict.ok, verdict
+
+
+@pytest.mark.parametrize("dtype, variant", KERNEL_CASES)
 def test_float32_gradients_and_a_scale_that_is_not_the_default(dtype, variant):
     """grad_dtype="float32" hands back the kernels' accumulators (what a ring sums over steps);
     the default is exactly them rounded to the input dtype."""
