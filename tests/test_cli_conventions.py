@@ -69,6 +69,12 @@ def test_merge_help_documents_the_status_it_returns(tmp_path):
     assert invoke("merge", tmp_path / "o.h5", tmp_path / "absent.h5").exit_code == 2
 
 
+@pytest.mark.parametrize("args", [[], ["mixers"]])
+def test_a_group_without_a_subcommand_shows_its_help(args):
+    res = invoke(*args)
+    assert "Usage: hpcattn" in res.output and "Commands:" in res.output and PREFIX not in res.output
+
+
 def test_ctrl_c_is_130_without_aborted(monkeypatch):
     import hpcattn.cli.info as info
 
@@ -149,13 +155,13 @@ def test_short_options_mean_one_thing_everywhere(path, cmd):
 
 @pytest.fixture
 def mixer_results(tmp_path):
-    path = tmp_path / "m.h5"
-    m = store.Master(str(path))
-    m.prepare({"job_name": "m"}, store.provenance())
-    m.add_cases([{"index": i, "kind": "mixer", "params": {"mixer": mx, "seq_len": n},
-                  "results": {"wall_s": [n * 1e-3], "rel_err": 0.1, "peak_alloc_bytes": [n * 100]}}
-                 for i, (mx, n) in enumerate([(a, b) for a in ("fnet", "local") for b in (64, 128)])])
-    return path
+    """Two mixer cases (local at N=64 and 128): enough for a figure."""
+    master = store.Master(str(tmp_path / "m.h5"))
+    master.prepare({"job_name": "m"}, store.provenance())
+    cases = [{"index": i, "kind": "mixer", "params": {"mixer": "local", "seq_len": 64 << i},
+              "results": {"wall_s": [0.01 * (i + 1)], "rel_err": 0.2}} for i in range(2)]
+    master.add_cases(cases)
+    return tmp_path / "m.h5"
 
 
 def test_plot_without_suffix_prints_the_file_it_wrote(mixer_results, tmp_path):

@@ -48,6 +48,8 @@ SHORT_OPTIONS = {
 }
 
 ERROR_PREFIX = "hpcattn: error: "
+#: click's way of showing the help of a group called without a subcommand (click >= 8.2)
+PASSED_ON = tuple(filter(None, [getattr(click.exceptions, "NoArgsIsHelpError", None)]))
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command ended by Ctrl-C
 
 
@@ -93,7 +95,7 @@ def _conventions(run, where=lambda: None):
     except KeyboardInterrupt:
         click.echo(err=True)  # ends the terminal's ^C line
         raise click.exceptions.Exit(INTERRUPTED) from None
-    except (click.exceptions.Exit, click.Abort):
+    except (click.exceptions.Exit, click.Abort, *PASSED_ON):
         raise
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs by one_line
         err = one_line(exc, where())
