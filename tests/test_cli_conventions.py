@@ -59,6 +59,11 @@ def test_errors_are_one_line_with_one_prefix_and_status(args, status, words, tmp
     assert_one_line_error(invoke(*args), status, words)
 
 
+def test_a_file_the_system_refuses_is_a_runtime_failure(mixer_results, tmp_path):
+    res = invoke("analyze", mixer_results, "--csv", tmp_path / "no" / "such" / "dir.csv")
+    assert_one_line_error(res, 1, "No such file or directory")
+
+
 def test_missing_job_file_is_status_2_as_a_user_runs_it():
     res = hpcattn("run", "/nonexistent/job.toml")
     assert_one_line_error(res, 2, "job file /nonexistent/job.toml does not exist")

@@ -8,9 +8,9 @@ subcommand gets them by being one (or by being listed in :data:`COMMANDS`):
 * errors are one line, ``hpcattn: error: <what>``, never a traceback for something a user can
   cause; exit status 2 for a usage or input error (a bad option, value, job file or results
   file: click's usage errors and :class:`~hpcattn.errors.HpcattnError`), 1 for a runtime failure
-  (a missing piece of the installation, Slurm refusing, a failed check), 130 for Ctrl-C, 128+N
-  when a job stopped on signal N (``hpcattn run``); an exception may name its own status in
-  ``exit_status``;
+  (a missing piece of the installation, Slurm refusing, a failed check, the system refusing a
+  file operation: OSError), 130 for Ctrl-C, 128+N when a job stopped on signal N (``hpcattn
+  run``); an exception may name its own status in ``exit_status``;
 * an option that takes one value may be given once: a repeat is refused instead of the last one
   silently winning (options documented as repeatable are ``multiple``);
 * a short option means one thing everywhere (:data:`SHORT_OPTIONS`).
@@ -84,6 +84,8 @@ def one_line(exc: BaseException, ctx=None) -> OneLineError | None:
         return OneLineError(_with_help(str(exc), ctx), 2)
     if isinstance(exc, HpcattnError) or hasattr(exc, "exit_status"):
         return OneLineError(str(exc), getattr(exc, "exit_status", 2))
+    if isinstance(exc, OSError):  # the system refused: no space, no permission, no such folder
+        return OneLineError(str(exc), 1)
     return None
 
 
