@@ -14,7 +14,8 @@ import shutil
 import numpy as np
 
 from ..errors import HpcattnError
-from . import files
+from . import cleaning, files
+from .sink import h5_writer
 from .format import LIBVER, ResultsError, case_name, have_mpio, import_h5py, sidecar
 
 ACTIVATIONS = ("q", "k", "v", "out", "lse")
@@ -38,7 +39,7 @@ def write_activations(path: str, index: int, local: dict, *, n: int, layout: str
     if rank == 0:
         try:   # only names hpcattn writes are removed; a link is never followed
             files.own_dir(os.path.dirname(case_dir))
-            files.clean_case_dir(case_dir)
+            cleaning.clean_case_dir(case_dir)
             files.own_dir(case_dir)
         except HpcattnError as exc:
             error = str(exc)
@@ -125,7 +126,7 @@ def _global_shape(arr, axis: int, n: int) -> list[int]:
 
 def _write_shard(final: str, local: dict, names, compression: str) -> None:
     opts = {} if compression == "none" else {"compression": compression}
-    with files.h5_writer(final) as f:
+    with h5_writer(final) as f:
         for a in names:
             arr = np.ascontiguousarray(_host(local[a]))
             f.create_dataset(a, data=arr, chunks=True if arr.size else None, **opts)

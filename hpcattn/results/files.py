@@ -6,15 +6,14 @@ a temporary name, delete only names hpcattn writes, and turn a full disk into on
   0700) where nobody else can plant anything; they are fsync'ed and renamed over the target
   (a rename replaces a link at the target, it never writes through it).
 * The lock file is opened with ``O_NOFOLLOW`` and never truncated.
-* Cleaning a folder removes only the names hpcattn itself writes there (:data:`KNOWN`); a file
-  anyone else put there stays.
+* Cleaning a folder removes only the names hpcattn itself writes there (:data:`KNOWN`, see
+  :mod:`.cleaning`); a file anyone else put there stays. HDF5 writes shards through :mod:`.sink`.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
-import io
 import os
 import re
 import secrets
@@ -22,7 +21,7 @@ import shutil
 import stat
 import tempfile
 
-from .format import LIBVER, ResultsError, import_h5py
+from .format import ResultsError
 
 TMP_PREFIX = ".hpcattn-"
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -120,7 +119,7 @@ def fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def _new_temp(final: str) -> tuple[str, int]:
+def new_temp(final: str) -> tuple[str, int]:
     """A temporary next to ``final`` under a name of this writer's own, created (never opened
     through a link, never one that exists): (name, descriptor open for reading and writing)."""
     folder, base = os.path.split(final)
@@ -135,95 +134,12 @@ def write_bytes(final: str, data) -> None:
     """Make ``data`` durable and atomically visible as ``final`` through a temporary of this
     writer's own; on any failure the temporary is gone and ``final`` is as it was."""
     folder = os.path.dirname(final)
-    tmp, fd = _new_temp(final)
+    tmp, fd = new_temp(final)
     try:
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view[:CHUNK]):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException as exc:
-        remove(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(exc, final) from None
-        raise
-    fsync_dir(folder)
-
-
-class _QuietSink(io.RawIOBase):
-    """The file HDF5 writes a shard through. A failed write (a full disk) is kept for the caller
-    and the rest of the file goes to memory, so HDF5 never sees an I/O error: HDF5 2.0 crashes
-    (SIGSEGV) or prints 'Exception ignored' closing a file whose write failed."""
-
-    def __init__(self, fd: int):
-        super().__init__()
-        self.fd, self.pos, self.error, self.spill = fd, 0, None, None
-
-    def readable(self):
-        return True
-
-    def writable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def seek(self, offset, whence=0):
-        if self.spill is not None:
-            return self.spill.seek(offset, whence)
-        self.pos = os.lseek(self.fd, offset, whence)
-        return self.pos
-
-    def tell(self):
-        return self.spill.tell() if self.spill is not None else self.pos
-
-    def readinto(self, buf):
-        if self.spill is not None:
-            return self.spill.readinto(buf)
-        data = os.pread(self.fd, len(buf), self.pos)
-        buf[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-    def write(self, buf):
-        if self.spill is None:
-            try:
-                n = os.pwrite(self.fd, buf, self.pos)
-                self.pos += n
-                return n
-            except OSError as exc:
-                self.error = exc
-                self.spill = io.BytesIO(os.pread(self.fd, os.fstat(self.fd).st_size, 0))
-                self.spill.seek(self.pos)
-        return self.spill.write(buf)
-
-    def truncate(self, size=None):
-        if self.spill is not None:
-            return self.spill.truncate(size)
-        os.ftruncate(self.fd, self.pos if size is None else size)
-        return size
-
-    def flush(self):
-        pass
-
-
-@contextlib.contextmanager
-def h5_writer(final: str):
-    """An h5py file that becomes ``final`` when the block ends (fsync'ed, renamed). On a full
-    disk, or any failure, the temporary is removed, ``final`` stays as it was, and one
-    ResultsError says so."""
-    folder = os.path.dirname(final)
-    tmp, fd = _new_temp(final)
-    sink = _QuietSink(fd)
-    try:
-        try:
-            with import_h5py().File(sink, "w", libver=LIBVER) as f:
-                yield f
-            if sink.error is not None:
-                raise sink.error
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -326,66 +242,11 @@ def mismatch(path: str, want: dict) -> str | None:
     return None
 
 
-# --- removing -----------------------------------------------------------------------------------
-
 def remove(path: str) -> None:
-    """Unlink ``path`` (a file or a link; unlinking never touches a link's target); absent is fine."""
+    """Unlink ``path`` (a file or a link: unlinking never touches a link's target); absent is fine."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
 def known(name: str) -> bool:
     return any(p.fullmatch(name) for p in KNOWN)
-
-
-def clean_case_dir(path: str) -> None:
-    """Empty case folder ``path`` of what hpcattn wrote there (shards, temporaries); a link at
-    ``path`` is removed as a link, a foreign file stays (and so does the folder)."""
-    if os.path.islink(path) or os.path.isfile(path):
-        remove(path)
-        return
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if TEMP.fullmatch(name) and os.path.isdir(full) and not os.path.islink(full):
-            clean_case_dir(full)
-            with contextlib.suppress(OSError):
-                os.rmdir(full)
-        elif SHARD.fullmatch(name) or TEMP.fullmatch(name):
-            if not os.path.isdir(full) or os.path.islink(full):
-                remove(full)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-
-
-def clean_sidecar(path: str, keep=()) -> None:
-    """Remove what hpcattn wrote in ``<master>.d`` (case folders' shards, records, temporaries,
-    the checksum file), except the names in ``keep`` (the lock this run holds). Anything else
-    stays, and so does the folder."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        return
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if name in keep:
-            continue
-        if CASE_DIR.fullmatch(name) or (TEMP.fullmatch(name) and os.path.isdir(full)):
-            clean_case_dir(full)
-        elif known(name) or name == DIGEST_NAME:
-            if not os.path.isdir(full) or os.path.islink(full):
-                remove(full)
-
-
-def clean_temps(sidecar_dir: str, folder: str, base: str) -> None:
-    """Remove temporaries a killed writer of master ``folder/base`` left: in its ``.d`` and next
-    to it (only this master's; the caller holds its lock)."""
-    mine = re.compile(re.escape(f"{TMP_PREFIX}{base}.") + r"\d+\.[0-9a-f]+\.tmp")
-    for d, match in ((folder, mine.fullmatch), (sidecar_dir, TEMP.fullmatch)):
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        for name in names:
-            full = os.path.join(d, name)
-            if match(name) and (os.path.islink(full) or not os.path.isdir(full)):
-                remove(full)

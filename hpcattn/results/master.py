@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-from . import files, records
+from . import cleaning, files, records
 from .activations import shard_checksums
 from .format import (ResultsError, case_name, check_results, format_attrs, h5_reason, image_bytes,
                      new_image, now, open_image, set_attrs, sidecar, text_attr)
@@ -112,7 +112,7 @@ class Master:
         if force or not os.path.lexists(real):
             if force:
                 self._check_replaceable(meta)
-            files.clean_sidecar(self.dir, keep={files.LOCK_NAME})
+            cleaning.clean_sidecar(self.dir, keep={files.LOCK_NAME})
             with new_image(real, track_order=True) as f:
                 set_attrs(f, format_attrs())
                 f.create_group("cases", track_order=True)
@@ -147,7 +147,7 @@ class Master:
             set_attrs(f, prov)
         self._update(record)
         self._forget(n for names in found.values() for n in names)
-        files.clean_temps(self.dir, os.path.dirname(real), os.path.basename(real))
+        cleaning.clean_temps(self.dir, os.path.dirname(real), os.path.basename(real))
         return done
 
     def _load(self) -> bytes:

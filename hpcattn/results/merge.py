@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from . import files
+from . import cleaning, files
 from .activations import add_virtual
 from .format import (ResultsError, case_name, format_attrs, image_bytes, new_image, one_line,
                      open_results, set_attrs, sidecar, text_attr)
@@ -156,7 +156,7 @@ def _link_case(src_base: str, out_base: str, name: str, wanted: dict) -> None:
     """Hard-link (or copy) case ``name``'s activation files into ``out_base``; only the files the
     case refers to, only into folders hpcattn made."""
     dst = os.path.join(files.own_dir(out_base), name)
-    files.clean_case_dir(dst)
+    cleaning.clean_case_dir(dst)
     files.own_dir(dst)
     for rel in wanted:
         src, target = os.path.join(src_base, rel), os.path.join(out_base, rel)
