@@ -154,8 +154,8 @@ def test_metric_plots_any_result_and_per_repeat_arrays(files, tmp_path):
 ])
 def test_metric_errors_are_one_line(files, tmp_path, key, message):
     res = invoke(files["recall"], "--plot", tmp_path / "x.png", "--metric", key)
-    assert res.exit_code == 1
-    assert res.output.count("\n") == 1 and f"Error: {message}" in res.output
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and f"hpcattn: error: {message}" in res.output
     assert "recall_accuracy" in res.output and not (tmp_path / "x.png").exists()
 
 

@@ -51,7 +51,7 @@ def test_group_sort_and_filter(results):
     res = invoke(results / "a.h5", "--where", "layout=zigzag", "--where", "seq_len=32", "--json")
     (row,) = json.loads(res.output)
     assert (row["layout"], row["seq_len"], row["causal"], row["check_passed"]) == ("zigzag", 32, True, True)
-    assert invoke(results / "a.h5", "--where", "causal=false").exit_code == 1
+    assert invoke(results / "a.h5", "--where", "causal=false").exit_code == 2
 
 
 def test_csv_and_json_hold_every_case(results, tmp_path):
@@ -86,7 +86,7 @@ def test_plot_draws_every_panel(results, tmp_path):
 def test_plot_without_matplotlib_is_a_clear_error(results, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     res = invoke(results / "a.h5", "--plot", tmp_path / "x.png")
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "--plot needs matplotlib, which is not installed; expected pip install 'hpcattn[plot]'" in res.output
 
 
@@ -108,11 +108,11 @@ def test_mixer_rows_plot_one_line_per_mixer(tmp_path):
 def test_unusable_file_is_one_line_error(tmp_path, results, kind):
     bad = corrupt_files(tmp_path)[kind]
     res = invoke(results / "a.h5", bad)
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert res.output.count("\n") == 1 and CORRUPT_MESSAGES[kind] in res.output
-    assert res.output.startswith("Error: ")
+    assert res.output.startswith("hpcattn: error: ")
 
 
 def test_missing_file(tmp_path):
     res = invoke(tmp_path / "absent.h5")
-    assert res.exit_code == 1 and "does not exist" in res.output
+    assert res.exit_code == 2 and "does not exist" in res.output

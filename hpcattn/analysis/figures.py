@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import HpcattnError
-from .rows import check_metrics, error_of, is_number, metric_value, param_names, varying
+from .rows import check_metrics, error_of, is_number, metric_value, param_names, printable, varying
 from .tables import fmt, sort_key
 
 AGGREGATED = ("seed", "repeats", "check_rows", "tolerance")
@@ -113,7 +113,7 @@ def facet_title(key, val) -> str:
         return "causal" if val else "non-causal"
     if key == "seq_len":
         return f"N = {fmt(val)}"
-    return f"{key} = {fmt(val)}"
+    return f"{printable(key)} = {fmt(val)}"
 
 
 def _ncols(rows, facets) -> int:

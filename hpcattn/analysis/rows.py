@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..results import open_results
+from ..results import ResultsError, open_results
 from ..errors import HpcattnError
 
 MIB = 2.0 ** 20
@@ -25,18 +25,26 @@ REDUCE = {"wall_s": ("wall_s", np.median), "peak_alloc_bytes": ("mem_mib", lambd
           "peak_rss_bytes": ("rss_mib", lambda a: np.max(a) / MIB)}
 HIDDEN = {"compute_s", "wait_s", "counts", "skipped_blocks", "elapsed_s", "rows", "tolerance",
           "max_lse_err", "max_rel_err", "ranks"}
-BOOKKEEPING = {"index", "kind", "run", "completed_at", "params_json"}
+BOOKKEEPING = {"index", "kind", "run", "completed_at", "params_json", "record"}
 ERROR_KEYS = ("max_abs_err", "rel_err", "error", "max_err")
+# columns a row sets itself: a parameter of that name would overwrite them
+RESERVED = ("file", "case", "kind", "ranks")
+# Bounded reads: a result is per repeat or per rank (kilobytes). A dataset's size is its shape
+# times its item size, known before reading; an 8 GiB fill-value dataset stores nothing on disk.
+MAX_RESULT_BYTES = 16 * 2 ** 20
+MAX_FILE_RESULT_BYTES = 256 * 2 ** 20
 
 
 def load_rows(paths) -> list[dict]:
-    """Rows of every completed case in ``paths`` (ResultsError for an unusable file)."""
+    """Rows of every completed case in ``paths`` (ResultsError, one line naming the file and
+    what is wrong, for an unusable file; results are read only up to the bounds above)."""
     rows = []
     labels = _labels(paths)
     for path, label in zip(paths, labels):
         with open_results(path) as f:
-            for g in f["cases"].values():
-                rows.append(_row(g, label))
+            budget = [MAX_FILE_RESULT_BYTES]
+            for name, g in f["cases"].items():
+                rows.append(_row(g, label, f"{printable(path)}: /cases/{printable(name)}", budget))
     return rows
 
 
@@ -45,26 +53,84 @@ def _labels(paths) -> list[str]:
     return stems if len(set(stems)) == len(stems) else [os.fspath(p) for p in paths]
 
 
-def _row(group, label: str) -> dict:
+def printable(text) -> str:
+    """``text`` with control characters (ESC, CR, BEL, C1 controls...) written as Python escapes,
+    so what reaches a terminal cannot move its cursor, retitle or clear it."""
+    text = str(text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _text(val) -> str | None:
+    if isinstance(val, bytes):
+        return val.decode("utf-8", "replace")
+    return val if isinstance(val, str) else None
+
+
+def _params(attrs, where: str) -> dict:
+    try:
+        params = json.loads(_text(attrs.get("params_json")) or "")
+    except (ValueError, RecursionError):
+        params = None
+    if not isinstance(params, dict):
+        raise ResultsError(f"{where}: attribute params_json is not a JSON object; expected the "
+                           "case's parameters as written by 'hpcattn run'")
+    for key, val in params.items():
+        if key in RESERVED or key.startswith("_"):
+            raise ResultsError(f"{where}: parameter {printable(repr(key))} clashes with a column "
+                               f"analyze sets itself ({', '.join(RESERVED)}, or a leading '_')")
+        if isinstance(val, (list, dict)):    # hpcattn writes plain values; keep others as text
+            params[key] = json.dumps(val, sort_keys=True)
+    return params
+
+
+def _dataset(obj, key: str, where: str, budget: list):
+    """``obj[()]`` after checking that reading it is what it claims: stored in this file (not
+    virtual, not external raw data) and within the bounds."""
+    if obj.is_virtual or obj.external:
+        kind = "a virtual dataset" if obj.is_virtual else "stored in external files"
+        raise ResultsError(f"{where}/{printable(key)} is {kind}; hpcattn results are stored in "
+                           "the file itself (only activations are virtual)")
+    nbytes = int(obj.size or 0) * obj.dtype.itemsize
+    if nbytes > MAX_RESULT_BYTES or nbytes > budget[0]:
+        raise ResultsError(f"{where}/{printable(key)} holds {obj.shape} {obj.dtype} "
+                           f"({nbytes / MIB:,.0f} MiB); results are at most "
+                           f"{MAX_RESULT_BYTES / MIB:.0f} MiB each and "
+                           f"{MAX_FILE_RESULT_BYTES / MIB:.0f} MiB per file; not read")
+    budget[0] -= nbytes
+    return obj[()]
+
+
+def _row(group, label: str, where: str, budget: list) -> dict:
     attrs = group.attrs
-    row = {"file": label, "case": int(attrs["index"]), "kind": str(attrs.get("kind", ""))}
-    params = json.loads(attrs["params_json"])
+    index = attrs.get("index")
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise ResultsError(f"{where}: attribute index is not an integer")
+    row = {"file": label, "case": int(index), "kind": _text(attrs.get("kind")) or ""}
+    params = _params(attrs, where)
     row.update(params)
     row["_params"] = tuple(params)
     row["_data"] = {}
-    row["ranks"] = int(group["ranks"][()]) if "ranks" in group else 1
-    for key, obj in group.items():
+    row["ranks"] = 1
+    for key in group:
+        link = group.get(key, getlink=True)
+        if type(link).__name__ != "HardLink":
+            raise ResultsError(f"{where}/{printable(key)} is a {type(link).__name__}; an hpcattn "
+                               "results file has no links")
+        obj = group[key]
         if key == "activations" or not hasattr(obj, "shape"):
             continue
-        val = obj[()]
+        val = _dataset(obj, key, where, budget)
         name = _result_name(row, key)
         if isinstance(val, (bytes, str)):
-            row[name] = val.decode() if isinstance(val, bytes) else val
+            row[name] = _text(val)
             continue
         arr = np.asarray(val)
+        if key == "ranks" and arr.dtype.kind in "iu" and arr.size == 1:
+            row["ranks"] = int(arr.reshape(-1)[0])
+            continue
         if arr.dtype.kind in "iuf" and arr.size:
             row["_data"][name] = arr
-        if key in REDUCE:
+        if key in REDUCE and arr.dtype.kind in "iuf" and arr.size:
             col, fn = REDUCE[key]
             row[col] = float(fn(arr))
         elif key in HIDDEN:
@@ -74,8 +140,9 @@ def _row(group, label: str) -> dict:
         elif arr.dtype.kind in "iuf" and arr.size:
             row[name] = _num(arr.max() if arr.ndim else arr)
     for key, val in attrs.items():   # string results (a mixer's status, reason, complexity)
-        if key not in BOOKKEEPING and not key.startswith("param_") and isinstance(val, str):
-            row[_result_name(row, key)] = val
+        text = _text(val)
+        if key not in BOOKKEEPING and not key.startswith("param_") and text is not None:
+            row[_result_name(row, key)] = text
     return row
 
 
@@ -131,7 +198,7 @@ def check_metrics(rows, metrics) -> None:
             continue
         seen = next((r[m] for r in rows if m in r), None)
         what = "is not recorded in these cases" if seen is None else f"is not numeric (e.g. {seen!r})"
-        raise HpcattnError(f"--metric {m!r} {what}; expected one of {', '.join(known)}")
+        raise HpcattnError(printable(f"--metric {m!r} {what}; expected one of {', '.join(known)}"))
 
 
 def metric_value(row: dict, key: str):

@@ -5,7 +5,7 @@ import csv
 import io
 import math
 
-from .rows import all_columns, param_names, varying
+from .rows import all_columns, param_names, printable, varying
 
 # in CSV/JSON but too wide or too internal for the terminal table
 TABLE_HIDDEN = {"budget_bytes", "input_bytes", "predicted_bytes", "mixer_params",
@@ -46,6 +46,7 @@ def sort_key(v):
 
 
 def fmt(v) -> str:
+    """A value as the terminal table shows it (control characters escaped: see ``printable``)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -54,7 +55,7 @@ def fmt(v) -> str:
         if v == 0 or math.isnan(v):
             return f"{v:g}"
         return f"{v:.3e}" if abs(v) < 1e-3 or abs(v) >= 1e6 else f"{v:.4g}"
-    return str(v)
+    return printable(v)
 
 
 
@@ -68,7 +69,7 @@ def table(rows, cols, group_by=()) -> str:
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in group_by), []).append(r)
     cols = [c for c in cols if c not in group_by]
-    heads = [HEADERS.get(c, c) for c in cols]
+    heads = [printable(HEADERS.get(c, c)) for c in cols]
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     width = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(heads)]
     right = [all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) for c in cols]
@@ -81,17 +82,25 @@ def table(rows, cols, group_by=()) -> str:
         if group_by:
             if out:
                 out.append("")
-            out.append(" ".join(f"{k}={fmt(v)}" for k, v in zip(group_by, gkey)))
+            out.append(" ".join(f"{printable(k)}={fmt(v)}" for k, v in zip(group_by, gkey)))
         out.append(line(heads))
         out.extend(line([fmt(r.get(c)) for c in cols]) for r in grows)
     return "\n".join(out)
 
 
 def to_csv(rows, cols) -> str:
+    """Every column as CSV. The data is kept as it is, control characters included (a CSV file
+    is data, not terminal output; escaping them is for whoever shows it on a terminal); a field
+    holding a carriage return is quoted, so the file reads back the same."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    # the csv module quotes only the line terminator's characters; "\r" would split a record
+    quoted = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n",
+                            quoting=csv.QUOTE_ALL)
+    (quoted if any("\r" in str(c) for c in cols) else writer).writeheader()
     for r in rows:
-        writer.writerow({c: r.get(c) for c in cols})
+        record = {c: r.get(c) for c in cols}
+        cr = any(isinstance(v, str) and "\r" in v for v in record.values())
+        (quoted if cr else writer).writerow(record)
     return buf.getvalue()
 
