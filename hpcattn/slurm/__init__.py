@@ -7,6 +7,10 @@
 * :mod:`.client` runs sbatch/scancel/scontrol and reads job records: states, array task ranges,
   the results files a job writes, whether it is complete.
 
+Every value that reaches a script is either checked by :mod:`.settings` (a full match over ASCII
+classes, so no newline or other control character gets through) or quoted by :mod:`.render`;
+only ``setup`` (shell lines) and ``extra`` (sbatch options) are the user's own text, as written.
+
 Submission computes nothing and never imports the numeric code, the runner or the command line.
 """
 from __future__ import annotations
