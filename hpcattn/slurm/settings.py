@@ -118,7 +118,7 @@ def _args(v):
                             "as one literal argument)")
 
 
-def _command(v):
+def _program(v):
     ok = isinstance(v, str) and v.strip() and not has_control(v)
     return None if ok else "a path or command name on one line"
 
@@ -176,7 +176,7 @@ KEYS: dict[str, Key] = {
     "launcher_args": Key(_args, "extra arguments for srun/mpiexec (words, each passed on literally)", ""),
     "run_args": Key(_args, "extra options for `hpcattn run` in the job, e.g. \"--device gpu\" (they "
                            "override the job's sweep values; words, each passed on literally)", ""),
-    "python": Key(_command, "Python that runs hpcattn in the job; default the one running submit"),
+    "python": Key(_program, "Python that runs hpcattn in the job; default the one running submit"),
     "setup": Key(_shell_lines, "shell lines run before the launch (module load ..., source venv/bin/activate); "
                          "shell code, run as written"),
     "extra": Key(_sbatch_options, "extra #SBATCH options, e.g. \"--exclusive\" or \"--mail-type=END\""),
