@@ -215,3 +215,27 @@ def test_merge_never_prints_control_characters_raw(base, tmp_path):
     part = crafted(base, tmp_path, "esc\x1b[2J.h5", _escapes)
     status, out, err, _ = run_cli("merge", tmp_path / "merged.h5", part)
     assert "Traceback" not in err and not {c for c in out + err if c in CONTROL}, (status, out, err)
+
+
+# --- activation files that went missing or changed after the case completed ------------------
+
+def test_damaged_activation_files_are_reported_per_case(tmp_path):
+    from hpcattn import analysis as an
+
+    job = write_job(tmp_path / "d.toml", name="d", sweep={"seq_len": [16, 32, 64], **TINY},
+                    output=tmp_path / "d.h5", activations=True)
+    runner.run_job(load_job(job), MPI.COMM_SELF)
+    shards = tmp_path / "d.h5.d"
+    os.remove(shards / "case_0001" / "r0.h5")
+    with open(shards / "case_0002" / "r0.h5", "r+b") as fh:
+        fh.seek(-64, os.SEEK_END)
+        fh.write(b"\0" * 64)
+    rows = an.load_rows([tmp_path / "d.h5"])
+    assert [bool(r.get("damaged")) for r in rows] == [False, True, True]
+    assert "case_0001/r0.h5 is missing" in rows[1]["damaged"]
+    report = an.damage_report(rows)
+    assert len(report) == 2 and report[0].startswith("d: case_0001: activation file ")
+    status, out, err, _ = run_cli("analyze", tmp_path / "d.h5")
+    assert "Traceback" not in err
+    header, *lines = out.strip().splitlines()
+    assert header.split()[-1] == "damaged" and "is missing" in lines[1] and "is missing" not in lines[0]

@@ -5,10 +5,10 @@ Imports point one way: ``draw`` -> ``figures`` -> ``tables`` -> ``rows`` -> ``hp
 """
 from .draw import plot
 from .figures import series_keys
-from .rows import (all_columns, check_metrics, error_of, load_rows, metric_names, metric_value,
-                   param_names, public, varying)
+from .rows import (all_columns, check_metrics, damage_report, error_of, load_rows, metric_names,
+                   metric_value, param_names, printable, public, varying)
 from .tables import columns, fmt, sort_rows, table, to_csv
 
-__all__ = ["load_rows", "error_of", "param_names", "varying", "all_columns", "public",
-           "metric_names", "check_metrics", "metric_value", "columns", "sort_rows", "fmt", "table",
+__all__ = ["load_rows", "damage_report", "printable", "error_of", "param_names", "varying",
+           "all_columns", "public", "metric_names", "check_metrics", "metric_value", "columns", "sort_rows", "fmt", "table",
            "to_csv", "series_keys", "plot"]

@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from ..results import ResultsError, open_results
+from ..results import ResultsError, case_name, open_results
+from ..results import verify as verify_results
 from ..errors import HpcattnError
 
 MIB = 2.0 ** 20
@@ -35,17 +36,34 @@ MAX_RESULT_BYTES = 16 * 2 ** 20
 MAX_FILE_RESULT_BYTES = 256 * 2 ** 20
 
 
-def load_rows(paths) -> list[dict]:
+def load_rows(paths, *, verify: bool = True) -> list[dict]:
     """Rows of every completed case in ``paths`` (ResultsError, one line naming the file and
-    what is wrong, for an unusable file; results are read only up to the bounds above)."""
+    what is wrong, for an unusable file; results are read only up to the bounds above).
+
+    With ``verify`` (``hpcattn.results.verify``: activation files present and matching their
+    recorded checksums) a case whose data is not intact gets a ``damaged`` column saying why;
+    :func:`damage_report` lists them one line per case."""
     rows = []
     labels = _labels(paths)
     for path, label in zip(paths, labels):
+        mine = []
         with open_results(path) as f:
             budget = [MAX_FILE_RESULT_BYTES]
             for name, g in f["cases"].items():
-                rows.append(_row(g, label, f"{printable(path)}: /cases/{printable(name)}", budget))
+                mine.append(_row(g, label, f"{printable(path)}: /cases/{printable(name)}", budget))
+        problems = dict(verify_results(path)) if verify else {}
+        for row in mine:
+            why = problems.get(row["case"]) or problems.get(None)
+            if why:
+                row["damaged"] = why
+        rows += mine
     return rows
+
+
+def damage_report(rows) -> list[str]:
+    """'FILE: case_0003: activation file ... is missing', one line per damaged case."""
+    return [printable(f"{r['file']}: {case_name(r['case'])}: {r['damaged']}") for r in rows
+            if r.get("damaged")]
 
 
 def _labels(paths) -> list[str]:

@@ -10,7 +10,7 @@ from .rows import all_columns, param_names, printable, varying
 # in CSV/JSON but too wide or too internal for the terminal table
 TABLE_HIDDEN = {"budget_bytes", "input_bytes", "predicted_bytes", "mixer_params",
                 "time_complexity", "memory_complexity"}
-STATUS_COLUMNS = ("status", "reason")
+STATUS_COLUMNS = ("status", "reason", "damaged")   # damaged: data not intact (verify)
 
 
 def columns(rows) -> list[str]:
