@@ -132,7 +132,7 @@ def signal_mid_run(job, out, send, prefix=()):
         procs = descendants(proc)  # the run's processes when the signal comes
         seen.update((p.pid, p) for p in procs)
         names = [name_of(p) for p in procs]
-        assert [n for n in names if n.startswith(MPIEXEC)] and len([n for n in names if "hpcattn run" in n]) == 3, names
+        assert [n for n in names if n.startswith(MPIEXEC)] and len([n for n in names if "hpcattn run" in n]) >= 3, names
         send(proc, procs)
         _, err = finish(proc)
         return proc.returncode, err, procs
@@ -181,43 +181,17 @@ def test_sigkill_of_the_wrapper_leaves_nothing_running(job, tmp_path):
 def test_timeout_leaves_nothing_running(job, tmp_path, mode):
     """``timeout N hpcattn run --np 2 ...`` ends on time with timeout's 124, and the ranks with it.
     timeout signals its whole process group, or with --foreground (as from scripts that keep
-    the terminal) only the wrapper, which then alone can pass it on."""
+    the terminal) only the wrapper, which then alone can pass it on. The limit expires mid-run
+    whatever the machine's load: SIGALRM is timeout's own clock running out."""
     timeout = shutil.which("timeout")
     if timeout is None:
         pytest.skip("no timeout command")
     out = str(tmp_path / "r.h5")
-    # time to the first case, measured, so the limit falls mid-run on a slow or loaded machine
-    probe = hpcattn_run_np(job, str(tmp_path / "probe.h5"))
-    t0 = time.monotonic()
-    try:
-        wait_for_first_case(probe, str(tmp_path / "probe.h5"), {})
-        first = time.monotonic() - t0
-    finally:
-        kill_all(probe, descendants(probe))
-    proc = hpcattn_run_np(job, out, prefix=(timeout, *mode, f"{first + 1.0:.1f}"))
-    seen: dict = {}
-    try:
-        t0 = time.monotonic()
-        names: dict = {}
-        while proc.poll() is None and time.monotonic() - t0 < RUN_TIMEOUT:
-            for p in descendants(proc):
-                seen[p.pid] = p
-                names.setdefault(p.pid, name_of(p))
-            time.sleep(0.05)
-        _, err = finish(proc)
-        procs = list(seen.values())
-        assert [n for n in names.values() if n.startswith(MPIEXEC)], names
-        assert proc.returncode == 124, err
-        if completed(out):
-            assert "stopped by SIGTERM" in err
-        left = still_running(procs)
-        assert not left, f"left behind: {[(p.pid, name_of(p)) for p in left]}"
-    finally:
-        kill_all(proc, seen.values())
-    resumed = subprocess.run([sys.executable, "-m", "hpcattn", "run", "--np", "2", job, "--output", out],
-                             capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert resumed.returncode == 0, resumed.stderr
-    assert completed(out) == set(range(CASES))
+    expire = lambda proc, _: os.kill(proc.pid, signal.SIGALRM)  # noqa: E731
+    status, err, procs = signal_mid_run(job, out, expire, prefix=(timeout, *mode, str(RUN_TIMEOUT)))
+    assert status == 124, err
+    assert "stopped by SIGTERM; rerun the same command" in err
+    assert_stopped_and_resumes(job, out, err, procs)
 
 
 def test_exit_status_follows_the_shell():
