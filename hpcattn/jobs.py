@@ -19,6 +19,11 @@ compression = "gzip"       # "gzip" | "lzf" | "none" (activations only)
 Every mistake is a :class:`JobFileError` whose one-line message starts with ``FILE:LINE:`` and names
 the key. ``tomllib`` reports no line numbers for values, so :func:`key_line` finds them by scanning
 the text (good enough for the plain ``key = value`` lines job files consist of).
+
+Limits checked before anything runs: at most MAX_CASES cases per sweep (counted as the product of
+the axis lengths, never built; ``$HPCATTN_MAX_CASES`` raises it), at most MAX_REPEATS timed
+repeats, finite tolerances, no value twice in one axis. (Over 300 lines: the key rules, the
+limits and the line finder all serve this one parser and its messages.)
 """
 from __future__ import annotations
 
@@ -97,7 +102,8 @@ ATTENTION_KEYS: dict[str, Spec] = {
     "head_dim": POSITIVE, "dtype": Spec(str, choices=ALL_DTYPES),
     "device": Spec(str, choices=("cpu", "gpu")),
     "causal": Spec(bool), "layout": Spec(str, choices=LAYOUTS), "seed": Spec(int, minimum=0),
-    "repeats": Spec(int, minimum=1, maximum=MAX_REPEATS), "check_rows": Spec(int, minimum=0), "tolerance": Spec(float, minimum=0),
+    "repeats": Spec(int, minimum=1, maximum=MAX_REPEATS), "check_rows": Spec(int, minimum=0),
+    "tolerance": Spec(float, minimum=0),
     "block_q": POSITIVE, "block_k": POSITIVE,
 }
 

@@ -45,7 +45,8 @@ def test_huge_sweep_is_counted_not_built(tmp_path):
 
 
 def test_case_cap_applies_to_a_job_built_in_python_and_can_be_raised(tmp_path, monkeypatch):
-    job = Job(path="x.toml", text="", name="x", sweep={"seed": list(range(400)), "batch": list(range(1, 401))})
+    job = Job(path="x.toml", text="", name="x",
+              sweep={"seed": list(range(400)), "batch": list(range(1, 401))})
     assert job.n_cases == 160_000
     with pytest.raises(JobFileError, match=r"x\.toml: the sweep has 160,000 cases"):
         job.cases()
@@ -76,7 +77,8 @@ def test_repeats_are_capped_everywhere(tmp_path):
         AttentionCase(seq_len=16, repeats=10 ** 9).validate(1)
     from hpcattn.mixers.cases import check_mixer_case
 
-    with pytest.raises(HpcattnError, match=f"mixer case repeats={cap + 1} is too large; expected at most {cap}"):
+    with pytest.raises(HpcattnError,
+                       match=f"mixer case repeats={cap + 1} is too large; expected at most {cap}"):
         check_mixer_case({"repeats": cap + 1})
 
 
@@ -253,7 +255,8 @@ def test_ranks_on_one_host_add_up_and_ranks_on_two_hosts_do_not():
 def test_gpu_memory_is_checked_per_device(monkeypatch):
     host = footprint.RankMemory(inputs=2 ** 20)
     dev = footprint.RankMemory(inputs=3 * 2 ** 30)
-    reports = [("host a", "host", host, 2 ** 40, "MemAvailable"), ("GPU 0 of a", "GPU", dev, 2 ** 30, "GPU free memory")]
+    reports = [("host a", "host", host, 2 ** 40, "MemAvailable"),
+               ("GPU 0 of a", "GPU", dev, 2 ** 30, "GPU free memory")]
     assert "of GPU memory per rank" in footprint.shortfall(reports, "x")
     _, device = footprint.rank_memory(1024, batch=1, heads=8, kv_heads=8, head_dim=64, dtype="float16",
                                       ranks=2, device="gpu")
@@ -297,3 +300,33 @@ def test_command_line_refuses_two_to_the_31_tokens_in_one_line():
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("hpcattn: error: seq_len=2147483648 on 2 ranks needs about "), lines
     assert "available (" in lines[0] and "Traceback" not in proc.stdout + proc.stderr
+
+
+class StandInCuda:
+    """What check_memory asks of the CUDA backend: ``xp.cuda.Device()`` (id, mem_info) and the
+    memory pool's unused bytes (no GPU needed)."""
+
+    def __init__(self, free, pool_free=0):
+        import types
+
+        device = types.SimpleNamespace(id=3, mem_info=(free, 2 * free))
+        pool = types.SimpleNamespace(free_bytes=lambda: pool_free)
+        self.xp = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: device),
+                                        get_default_memory_pool=lambda: pool)
+
+
+def test_gpu_case_is_checked_against_the_device_free_memory(monkeypatch):
+    from mpi4py import MPI
+
+    from hpcattn.cases import check_memory
+    from hpcattn.layouts import Distribution
+
+    monkeypatch.setattr(footprint, "host_available", lambda: (2 ** 40, "MemAvailable"))
+    assert footprint.device_available(StandInCuda(5, 7)) == (12, "GPU free memory")
+    assert footprint.device_available(object())[0] is None
+    case = AttentionCase(seq_len=2 ** 20, heads=8, head_dim=64, dtype="float16", device="gpu")
+    dist = Distribution(case.seq_len, 1, case.layout)
+    with pytest.raises(CollectiveError, match=r"of GPU memory per rank .* but GPU 3 of \S+ has 1\.0 GiB "
+                                              r"available \(GPU free memory\)"):
+        check_memory(case, MPI.COMM_SELF, dist, StandInCuda(2 ** 30))
+    check_memory(case, MPI.COMM_SELF, dist, StandInCuda(2 ** 36))

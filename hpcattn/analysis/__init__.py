@@ -10,5 +10,5 @@ from .rows import (all_columns, check_metrics, damage_report, error_of, load_row
 from .tables import columns, fmt, sort_rows, table, to_csv
 
 __all__ = ["load_rows", "damage_report", "printable", "error_of", "param_names", "varying",
-           "all_columns", "public", "metric_names", "check_metrics", "metric_value", "columns", "sort_rows", "fmt", "table",
-           "to_csv", "series_keys", "plot"]
+           "all_columns", "public", "metric_names", "check_metrics", "metric_value", "columns",
+           "sort_rows", "fmt", "table", "to_csv", "series_keys", "plot"]
