@@ -330,3 +330,13 @@ def test_gpu_case_is_checked_against_the_device_free_memory(monkeypatch):
                                               r"available \(GPU free memory\)"):
         check_memory(case, MPI.COMM_SELF, dist, StandInCuda(2 ** 30))
     check_memory(case, MPI.COMM_SELF, dist, StandInCuda(2 ** 36))
+
+
+def test_mixer_case_without_budget_is_not_started_beyond_available_memory(monkeypatch):
+    from hpcattn.mixers.cases import run_mixer_case
+
+    monkeypatch.setattr(footprint, "host_available", lambda: (64 * 2 ** 20, "MemAvailable"))
+    res = run_mixer_case({"mixer": "exact_blockwise", "seq_len": 2 ** 24, "heads": 8,
+                          "memory_budget_mb": 0.0})
+    assert res["status"] == "over_budget" and "MiB > 64 MiB available (MemAvailable)" in res["reason"]
+    assert "wall_s" not in res

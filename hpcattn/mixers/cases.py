@@ -29,7 +29,8 @@ excluded: NumPy reports its buffers to tracemalloc), ``peak_rss_bytes``; task "e
 ``memory_complexity`` and ``mixer_params`` (JSON) describe the mixer.
 
 Budget: a case whose predicted working memory (``Mixer.memory_bytes``) plus inputs exceeds the
-budget is not run ("over_budget", nothing allocated); one that runs and whose measured peak plus
+budget, or (with or without a budget) the memory available on the host, is not run
+("over_budget", nothing allocated); one that runs and whose measured peak plus
 inputs exceeds it is recorded with its numbers and "over_budget". Single process: the runner
 spreads cases over ranks.
 """
@@ -44,6 +45,7 @@ import numpy as np
 from .. import backend
 from ..devices import MIXER_DTYPES
 from ..errors import HpcattnError
+from .. import footprint
 from ..footprint import MAX_REPEATS
 from ..inputs import random_qkv
 from ..measure import peak_rss_bytes, traced_peak
@@ -138,6 +140,11 @@ def run_mixer_case(case: dict) -> dict:
         return {**res, "status": "over_budget",
                 "reason": f"predicted {(predicted + input_bytes) / 2**20:.0f} MiB > budget "
                           f"{case['memory_budget_mb']:g} MiB"}
+    free, source = footprint.host_available()   # also without a budget: never start what cannot fit
+    if free is not None and predicted + input_bytes > free:
+        return {**res, "status": "over_budget",
+                "reason": f"predicted {(predicted + input_bytes) / 2**20:.0f} MiB > "
+                          f"{free / 2**20:.0f} MiB available ({source})"}
     if case["task"] == "recall":
         out, peak = traced_peak(lambda: recall_accuracy(
             mixer, n, case["distance"], causal=causal, batch=b, heads=h, head_dim=d,
