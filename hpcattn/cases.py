@@ -2,6 +2,11 @@
 
 This is what ``hpcattn run`` runs for its single-case options and what the job runner runs for
 every attention case of a sweep. It knows nothing of files or command lines.
+
+Before a case allocates anything, its memory per rank (:mod:`hpcattn.footprint`) is compared
+with what each host (and GPU) has available, collectively: a case that cannot fit is refused with
+the same one-line CollectiveError on every rank. :func:`preflight` does the same for every case
+of a job at once, so a sweep whose last case cannot fit can be refused before its first runs.
 """
 from __future__ import annotations
 
