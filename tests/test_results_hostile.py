@@ -492,3 +492,13 @@ def test_records_of_a_killed_writer_are_seen_and_taken_in(tmp_path, monkeypatch)
     with h5py.File(path) as f:
         assert len(f["cases"]) == 39
     assert not [x for x in os.listdir(f"{path}.d") if x.startswith("case_")]
+
+
+def test_a_refused_writer_leaves_nothing_behind(tmp_path):
+    """A merge of a missing part, or a run refused by a foreign file, does not litter a `.d`."""
+    with pytest.raises(ResultsError, match="does not exist"):
+        results.merge(str(tmp_path / "o.h5"), [str(tmp_path / "absent.h5")])
+    (tmp_path / "mydata.h5").write_text("not ours")
+    with pytest.raises(HpcattnError, match="not a readable HDF5 file"):
+        runner.run_job(tiny_job(tmp_path, tmp_path / "mydata.h5"), COMM)
+    assert sorted(os.listdir(tmp_path)) == ["mydata.h5", "t.toml"]

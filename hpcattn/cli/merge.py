@@ -16,8 +16,12 @@ def merge(out, parts):
     OUT gets every completed case of every part, with activations re-linked into OUT.h5.d/ (hard
     links where possible), so OUT stands alone and can be resumed with
     'hpcattn run JOB.toml --output OUT'. An existing OUT counts as one more part, so merging again
-    after more tasks finished is safe. Exit status 2 when a part is missing, corrupt, or belongs to
-    another job (one line, 'hpcattn: error: ...'); 0 otherwise (missing cases are listed).
+    after more tasks finished is safe. OUT is written under the lock a run takes (merging into a
+    file a run is writing is refused). A part must be intact (every activation file matching the
+    checksum recorded when its case completed) and of the same job (name, kind, case count, sweep
+    and activations; the message names the first that differs). Exit status 2 when a part is
+    missing, corrupt, or belongs to another job, or OUT is locked (one line, 'hpcattn: error:
+    ...'); 1 when writing fails (e.g. disk full); 0 otherwise (missing cases are listed).
 
     \b
     Example:

@@ -12,12 +12,11 @@ names of one file cannot both write it.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
 
-from . import cleaning, files, records
+from . import cleaning, files, lock, records
 from .activations import shard_checksums
 from .format import (ResultsError, case_name, check_results, format_attrs, h5_reason, image_bytes,
                      new_image, now, open_image, set_attrs, sidecar, text_attr)
@@ -59,30 +58,10 @@ class Master:
     # --- locking: keeps two writers (runs, merges) off one master; keyed on the resolved file,
     # best effort where the file system has no flock
     def lock(self) -> None:
-        import fcntl
-
-        if self._lock is not None:
-            return
-        real = self._resolve()
-        os.makedirs(os.path.dirname(real), exist_ok=True)
-        lock_path = os.path.join(files.own_dir(self.dir), files.LOCK_NAME)
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) |
-                         getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise ResultsError(f"{lock_path} is a symlink; hpcattn opens only a lock file it "
-                                   "made (remove the link)") from None
-            raise files.write_error(exc, lock_path) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ResultsError(f"another hpcattn run is writing {self.path} (lock held); wait for it "
-                               "or choose another --output") from None
-        except OSError:
-            pass  # no flock here (some network file systems): go on unlocked
-        self._lock = fd
+        if self._lock is None:
+            real = self._resolve()
+            os.makedirs(os.path.dirname(real), exist_ok=True)
+            self._lock = lock.acquire(self.dir, self.path)
 
     def unlock(self) -> None:
         """Take waiting records into the master, then let go of the lock."""
@@ -93,7 +72,8 @@ class Master:
 
     def _release(self) -> None:
         if self._lock is not None:
-            os.close(self._lock)
+            fd, made = self._lock
+            lock.release(fd, self.dir, made)
             self._lock = None
 
     # --- opening and creating ------------------------------------------------------------------
@@ -180,6 +160,8 @@ class Master:
     def changed(self) -> str | None:
         """Why the master on disk is not the file hpcattn last wrote there (None when it is, or
         when no checksum was kept). Reads only; takes no lock."""
+        if not os.path.exists(self.path):
+            return None   # for the reader to report
         sums = self._sums()
         try:
             data = files.read_bytes(self._resolve())

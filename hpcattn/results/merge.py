@@ -15,8 +15,8 @@ import numpy as np
 
 from . import cleaning, files
 from .activations import add_virtual
-from .format import (ResultsError, case_name, format_attrs, image_bytes, new_image, one_line,
-                     open_results, set_attrs, sidecar, text_attr)
+from .format import (ResultsError, case_name, format_attrs, image_bytes, int_attr, new_image,
+                     one_line, open_results, set_attrs, sidecar, text_attr)
 from .master import Master
 from .verify import case_problem, sources
 
@@ -67,9 +67,9 @@ def _build(master: Master, sources_: list[str], cases: dict, job_meta: dict) -> 
                 for key, val in f.attrs.items():
                     if key not in fo.attrs:
                         fo.attrs[key] = val
-                for rname, rg in f["runs"].items():
+                for number, (rname, rg) in enumerate(f["runs"].items()):
                     new = len(runs_out)
-                    run_map[(p, int(rname.split("_")[1]))] = new
+                    run_map[(p, _run_number(rname, number))] = new
                     f.copy(rg, runs_out, name=f"run_{new:04d}")
         for idx in sorted(cases):
             p = cases[idx][0]
@@ -78,7 +78,8 @@ def _build(master: Master, sources_: list[str], cases: dict, job_meta: dict) -> 
                 g = f["cases"][name]
                 f.copy(g, fo["cases"], name=name, without_attrs=False)
                 gn = fo["cases"][name]
-                gn.attrs["run"] = run_map.get((p, int(g.attrs.get("run", 0))), 0)
+                run = g.attrs.get("run", 0)
+                gn.attrs["run"] = run_map.get((p, run if isinstance(run, (int, np.integer)) else 0), 0)
                 if "activations" in g:
                     spec = json.loads(text_attr(g["activations"].attrs, "vds_json"))
                     del gn["activations"]
@@ -86,6 +87,11 @@ def _build(master: Master, sources_: list[str], cases: dict, job_meta: dict) -> 
                         _link_case(sidecar(p), out_dir, name, sources(g, p))
                     add_virtual(gn, spec, master.prefix)
         return image_bytes(fo)
+
+
+def _run_number(name: str, default: int) -> int:
+    digits = name[4:] if name.startswith("run_") else ""
+    return int(digits) if digits.isdigit() else default
 
 
 def _value(val):
@@ -127,6 +133,8 @@ def _check_parts(sources_: list[str]) -> tuple[dict[int, tuple[str, str]], dict]
             if first is None:
                 first, first_params = p, params
                 job_meta = {k: f.attrs[k] for k in JOB_ATTRS if k in f.attrs}
+                if "n_cases" in job_meta:
+                    int_attr(f.attrs, "n_cases", p)
             elif params.get("job_name") != first_params.get("job_name"):
                 raise ResultsError(f"{p} holds job {params.get('job_name')!r} but {first} holds "
                                    f"{first_params.get('job_name')!r}; expected parts of one job")
