@@ -127,7 +127,7 @@ class Command(click.Command):
     """A subcommand with the command line's conventions, also when invoked on its own (tests)."""
 
     def parse_args(self, ctx, args):
-        complaint = repeated_option(self, ctx, args)
+        complaint = None if ctx.resilient_parsing else repeated_option(self, ctx, args)
         if complaint:
             raise click.UsageError(complaint, ctx)
         return super().parse_args(ctx, args)
