@@ -208,7 +208,7 @@ def _available(comm, be=None) -> list[tuple]:
     node = socket.gethostname()
     gpu = (None, None, "")
     if be is not None:
-        gpu = (f"GPU {getattr(be.xp.cuda.Device(), 'id', 0)} of {node}", *footprint.device_available(be))
+        gpu = (f"GPU {footprint.device_id(be)} of {node}", *footprint.device_available(be))
     return comm.allgather((f"host {node}", *footprint.host_available(), *gpu))
 
 

@@ -175,6 +175,14 @@ def device_available(be) -> tuple[int | None, str]:
         return None, f"GPU free memory unknown ({type(exc).__name__})"
 
 
+def device_id(be) -> int | str:
+    """The current GPU's number (ranks reporting the same one on a host share its memory)."""
+    try:
+        return int(be.xp.cuda.Device().id)
+    except Exception:  # noqa: BLE001 - unknown: "?" is still one shared name
+        return "?"
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
