@@ -204,6 +204,20 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
         os.close(fd)
 
 
+def read_head(path: str, n: int) -> bytes:
+    """The first ``n`` bytes of regular file ``path`` (empty when it is a link or unreadable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(fd, n) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def checksum_bytes(data) -> dict:
     return {"size": len(data), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
 

@@ -18,8 +18,9 @@ import time
 
 from . import cleaning, files, lock, records
 from .activations import shard_checksums
-from .format import (ResultsError, case_name, check_results, format_attrs, h5_reason, image_bytes,
-                     new_image, now, open_image, set_attrs, sidecar, text_attr)
+from .format import (FORMAT, ResultsError, case_name, check_results, format_attrs, h5_reason,
+                     image_bytes, import_h5py, new_image, now, open_image, set_attrs, sidecar,
+                     text_attr)
 from .verify import case_problem
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -132,6 +133,17 @@ class Master:
 
     def _load(self) -> bytes:
         """The master's bytes, checked: a usable results file, and the file hpcattn last wrote."""
+        try:   # a foreign file is refused before it is read into memory (it may be huge)
+            with import_h5py().File(self.real, "r") as f:
+                if text_attr(f.attrs, "hpcattn_format") != FORMAT:
+                    check_results(f, self.path)
+        except OSError as exc:
+            raise ResultsError(f"{self.path} is not a readable HDF5 file (truncated or corrupt?): "
+                               f"{h5_reason(exc)}") from None
+        except ResultsError:
+            raise
+        except Exception:  # noqa: BLE001 - damaged attributes: the full check below names them
+            pass
         try:
             data = files.read_bytes(self.real)
         except OSError as exc:
@@ -196,14 +208,11 @@ class Master:
         if not os.path.isfile(real) or os.path.islink(real):
             raise ResultsError(f"{self.path} is not a regular file; --force replaces only hpcattn "
                                "results files (move it away or choose another --output)")
-        try:
-            head = files.read_bytes(real, None)[: 1 << 20]
-        except OSError:
-            head = b""
+        head = files.read_head(real, 1 << 20)
         ours = head.startswith(HDF5_SIGNATURE) and (self._sums() or b"hpcattn-results" in head)
         if not ours:
             try:
-                with open_image(files.read_bytes(real), real) as f:
+                with import_h5py().File(real, "r") as f:
                     check_results(f, self.path)
                     ours = True
             except (OSError, ResultsError):
