@@ -270,7 +270,7 @@ def parse_job(data: dict, text: str, path: str) -> Job:
             values[key] = val
     if "name" not in values:
         raise err("job", None, "has no name; expected name = \"...\" (it names the results file)")
-    if not NAME_RE.match(values["name"]):
+    if not NAME_RE.fullmatch(values["name"]):
         raise err("job", "name", f"= {values['name']!r} is not usable as a file name; expected letters, "
                                   "digits, '.', '_' or '-'")
     kind = values.get("kind", "attention")

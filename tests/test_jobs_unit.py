@@ -144,6 +144,9 @@ def test_empty_and_repeated_axes(tmp_path):
 def test_bad_name(tmp_path):
     msg = load_err(tmp_path, GOOD.replace('name = "demo"', 'name = "../demo"'))
     assert "job.toml:3: job.name = '../demo' is not usable as a file name" in msg
+    # Python's "$" matches before a final newline: the check must be a full match
+    msg = load_err(tmp_path, GOOD.replace('name = "demo"', 'name = "demo\\n"'))
+    assert "job.name = 'demo\\n' is not usable as a file name" in msg
 
 
 def test_missing_job_table_and_name(tmp_path):
