@@ -54,6 +54,16 @@ def test_group_sort_and_filter(results):
     assert invoke(results / "a.h5", "--where", "causal=false").exit_code == 2
 
 
+@pytest.mark.parametrize("option, value", [("--sort-by", "seqlen"), ("--group-by", "layot"),
+                                           ("--where", "casual=true")])
+def test_unknown_keys_are_refused_naming_the_known_ones(results, option, value):
+    res = CliRunner().invoke(analyze_cmd, [str(results / "a.h5"), option, value])
+    assert res.exit_code == 2
+    key = value.partition("=")[0]
+    assert f"hpcattn: error: {option} '{key}': no case has that key; expected one of " in res.output
+    assert "seq_len" in res.output and "layout" in res.output
+
+
 def test_csv_and_json_hold_every_case(results, tmp_path):
     out = tmp_path / "a.csv"
     res = invoke(results / "a.h5", "--csv", out)

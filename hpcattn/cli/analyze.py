@@ -62,6 +62,9 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metri
     if metrics and not plot_path:
         raise click.UsageError("--metric chooses what --plot draws; expected --plot FILE too")
     rows = an.load_rows(list(files))
+    for line in an.damage_report(rows):  # completed cases whose activation files were lost or changed
+        click.echo(f"hpcattn: warning: {line}", err=True)
+    _check_keys(rows, group_by=group_by, sort_by=sort_by, where=where)
     rows = _filter(rows, where)
     if not rows:
         raise HpcattnError(f"no completed cases in {', '.join(files)}"
@@ -75,6 +78,9 @@ def analyze(files, group_by, sort_by, where, csv_path, as_json, plot_path, metri
         click.echo(an.table(rows, cols, group_by=group_by))
     if csv_path:
         text = an.to_csv(rows, an.all_columns(rows))
+        if csv_path == "-" and click.get_text_stream("stdout").isatty():
+            # the CSV keeps the data exactly; a terminal gets control characters escaped
+            text = "\n".join(an.printable(line) for line in text.split("\n"))
         with click.open_file(csv_path, "w") as fh:
             fh.write(text)
     if plot_path:
@@ -90,6 +96,20 @@ def _panels(drawn) -> str:
         name = key.split(" (")[0]
         counts[name] = counts.get(name, 0) + 1
     return ", ".join(k if n == 1 else f"{k} x{n}" for k, n in counts.items()) or "no data"
+
+
+def _check_keys(rows, **options) -> None:
+    """A --group-by/--sort-by/--where key that no case has is a typo: name it and the known ones."""
+    from .. import analysis as an
+    from ..errors import HpcattnError
+
+    known = an.all_columns(rows)
+    for option, values in options.items():
+        for value in values:
+            key = value.partition("=")[0] if option == "where" else value
+            if key not in known:
+                raise HpcattnError(f"--{option.replace('_', '-')} {an.printable(key)!r}: no case has "
+                                   f"that key; expected one of {', '.join(known)}")
 
 
 def _filter(rows, where):
