@@ -59,3 +59,12 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def summarize(walls, flops) -> dict:
+    """Wall seconds of repeats and the FLOPs each computed -> median and GFLOP/s (median, range)."""
+    import numpy as np
+
+    med = float(np.median(walls))
+    return {"wall_s": [float(w) for w in walls], "median_s": med, "gflops": flops / med / 1e9,
+            "gflops_min": flops / max(walls) / 1e9, "gflops_max": flops / min(walls) / 1e9}

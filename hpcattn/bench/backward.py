@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from ..measure import attention_backward_flops
+from ..measure import attention_backward_flops, summarize
 from .config import BenchConfig
 
 DOUT_SEED = 1  # dout's rows: the q stream of another seed (deterministic per global position)
@@ -75,7 +75,6 @@ def serial_backward_part(cfg: BenchConfig) -> dict:
     import numpy as np
 
     from ..backend import attention, attention_backward
-    from .parts import summarize
 
     q, k, v, dout = _rows(cfg, np.arange(cfg.seq_len))
 

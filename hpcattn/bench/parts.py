@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from ..measure import timed, traced_peak
+from ..measure import summarize, timed, traced_peak
 from .baseline import vanilla_mha
 from .config import BenchConfig
 
@@ -18,14 +18,6 @@ def _inputs(cfg: BenchConfig, n: int, heads: int | None = None):
 
     h = heads or cfg.heads
     return random_qkv(0, np.arange(n), cfg.batch, h, h, cfg.head_dim, cfg.dtype)
-
-
-def summarize(walls, flops) -> dict:
-    import numpy as np
-
-    med = float(np.median(walls))
-    return {"wall_s": [float(w) for w in walls], "median_s": med, "gflops": flops / med / 1e9,
-            "gflops_min": flops / max(walls) / 1e9, "gflops_max": flops / min(walls) / 1e9}
 
 
 def gemm_rates(cfg: BenchConfig) -> dict:

@@ -13,14 +13,15 @@ replacing), :mod:`.tree` (results dicts <-> groups), :mod:`.provenance`, :mod:`.
 :mod:`.files` (writing without following links, unique temporaries, checksums, a full disk),
 :mod:`.verify` (``verify(path)``: completed cases whose activation files are missing or changed).
 """
-from .activations import ACTIVATIONS, SEQ_AXIS, add_virtual, missing_sources, write_activations
-from .format import (FORMAT, FORMAT_VERSION, TIMING_KEYS, ResultsError, case_name, completed,
-                     have_mpio, now, open_results, params_json, sidecar)
-from .master import Master
+from .activations import ACTIVATIONS, SEQ_AXIS, add_virtual, write_activations
+from .format import (FORMAT, FORMAT_VERSION, TIMING_KEYS, ResultsError, case_name, have_mpio, now,
+                     params_json, sidecar)
+from .reading import completed, open_results
+from .master import Master, verify
 from .merge import merge
 from .provenance import SLURM_VARS, provenance
 from .tree import read_tree, write_tree
-from .verify import verify
+from .verify import missing_sources
 
 __all__ = ["ACTIVATIONS", "FORMAT", "FORMAT_VERSION", "SEQ_AXIS", "SLURM_VARS", "TIMING_KEYS",
            "Master", "ResultsError", "add_virtual", "case_name", "completed", "have_mpio", "merge",

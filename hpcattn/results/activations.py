@@ -195,11 +195,3 @@ def add_virtual(group, spec: dict, prefix: str) -> None:
                 layout[tuple(gsel)] = vsrc[tuple(lsel)]
         fill = np.nan if dtype.kind == "f" else 0
         act.create_virtual_dataset(name, layout, fillvalue=fill)
-
-
-def missing_sources(path: str, group) -> list[str]:
-    """Activation source files a case of master ``path`` refers to that do not exist."""
-    from .verify import sources
-
-    base = sidecar(files.resolve_output(path))
-    return sorted(f for f in sources(group, str(path)) if not os.path.isfile(os.path.join(base, f)))

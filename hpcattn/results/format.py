@@ -59,43 +59,7 @@ def format_attrs() -> dict:
     return {"hpcattn_format": FORMAT, "hpcattn_format_version": FORMAT_VERSION, "created": now()}
 
 
-# --- opening ------------------------------------------------------------------------------------
-
-def open_results(path, mode: str = "r"):
-    """Open an hpcattn results file (a symlink opens its target, so activation sources resolve
-    next to it); a one-line :class:`ResultsError` for anything else: missing, not HDF5,
-    truncated, foreign, damaged attributes, links to other files.
-
-    Read-only, it shows every completed case: the master plus the case records a running (or
-    killed) writer has not yet taken into it (:mod:`hpcattn.results.records`), then in memory."""
-    from . import records
-
-    path = os.fspath(path)
-    for _ in range(10):
-        if not os.path.exists(path):
-            raise ResultsError(f"results file {path} does not exist")
-        real = os.path.realpath(path)
-        found = records.scan(sidecar(real)) if mode == "r" else {}   # before the master opens
-        try:
-            f = import_h5py().File(real, mode)
-        except OSError as exc:
-            raise ResultsError(f"{path} is not a readable HDF5 file (truncated or corrupt?): "
-                               f"{h5_reason(exc)}") from None
-        try:
-            check_results(f, path)
-            todo = records.unpublished(f, found) if found else {}
-        except BaseException:
-            f.close()
-            raise
-        if not todo:
-            return f
-        f.close()
-        try:
-            return records.stitched(path, real, todo)
-        except FileNotFoundError:
-            continue   # the writer took a record in meanwhile: the master has it now
-    raise ResultsError(f"{path} changed while it was being read, ten times; try again")
-
+# --- opening (open_results itself is in reading.py: it shows records too) ------------------------
 
 def h5_reason(exc: BaseException) -> str:
     return one_line(str(exc).split("(")[0].strip().rstrip(":") or type(exc).__name__)
@@ -177,13 +141,6 @@ def check_results(f, path) -> None:
     except Exception as exc:  # noqa: BLE001 - h5py raises many kinds on damaged metadata
         raise ResultsError(f"{path} is damaged (truncated or corrupt?): {type(exc).__name__}: "
                            f"{h5_reason(exc)}") from None
-
-
-def completed(path) -> dict[int, str]:
-    """Completed cases of master ``path``: index -> parameters (canonical JSON)."""
-    with open_results(path) as f:
-        return {int(g.attrs["index"]): str(text_attr(g.attrs, "params_json"))
-                for g in f["cases"].values()}
 
 
 def params_json(params: dict) -> str:

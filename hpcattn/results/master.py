@@ -21,6 +21,7 @@ from .activations import shard_checksums
 from .format import (FORMAT, ResultsError, case_name, check_results, format_attrs, h5_reason,
                      image_bytes, import_h5py, new_image, now, open_image, set_attrs, sidecar,
                      text_attr)
+from .reading import open_results
 from .verify import case_problem
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -294,3 +295,21 @@ class Master:
                           json.dumps([new] + ([self._disk_sum] if self._disk_sum else [])).encode())
         files.write_bytes(self.real, data)
         self._image, self._disk_sum = data, new
+
+
+def verify(path) -> list[tuple[int | None, str]]:
+    """Problems of results file ``path``, one line each: ``(case index, reason)`` for a completed
+    case whose activation files are missing or do not match the checksums recorded when it
+    completed, ``(None, reason)`` for the master itself (changed since hpcattn wrote it). Empty
+    when everything is intact. A file that cannot be used at all raises ResultsError."""
+    path = os.fspath(path)
+    problems: list[tuple[int | None, str]] = []
+    why = Master(path).changed()
+    if why:
+        problems.append((None, why))
+    with open_results(path) as f:
+        for g in f["cases"].values():
+            why = case_problem(path, g)
+            if why:
+                problems.append((int(g.attrs["index"]), why))
+    return problems

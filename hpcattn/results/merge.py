@@ -16,8 +16,9 @@ import numpy as np
 from . import cleaning, files
 from .activations import add_virtual
 from .format import (ResultsError, case_name, format_attrs, image_bytes, int_attr, new_image,
-                     one_line, open_results, set_attrs, sidecar, text_attr)
+                     one_line, set_attrs, sidecar, text_attr)
 from .master import Master
+from .reading import open_results
 from .verify import case_problem, sources
 
 JOB_ATTRS = ("job_name", "job_kind", "job_text", "job_path", "n_cases", "sweep_json", "activations",

@@ -9,7 +9,8 @@ import json
 import os
 import re
 
-from .format import ResultsError, one_line, open_results, sidecar, text_attr
+from . import files as _files
+from .format import ResultsError, one_line, sidecar, text_attr
 
 SOURCE = re.compile(r"case_\d{4,}/(r\d+|all)\.h5")
 
@@ -40,7 +41,6 @@ def sources(group, where: str) -> dict[str, dict | None]:
 def case_problem(path: str, group) -> str | None:
     """Why case ``group`` of master ``path`` is not intact (None when it is): an activation file
     missing, or not matching its recorded size and checksum."""
-    from . import files as _files
 
     where = f"{path}: {group.name.rsplit('/', 1)[-1]}"
     base = sidecar(_files.resolve_output(path))
@@ -55,21 +55,7 @@ def case_problem(path: str, group) -> str | None:
     return None
 
 
-def verify(path) -> list[tuple[int | None, str]]:
-    """Problems of results file ``path``, one line each: ``(case index, reason)`` for a completed
-    case whose activation files are missing or do not match the checksums recorded when it
-    completed, ``(None, reason)`` for the master itself (changed since hpcattn wrote it). Empty
-    when everything is intact. A file that cannot be used at all raises ResultsError."""
-    from .master import Master
-
-    path = os.fspath(path)
-    problems: list[tuple[int | None, str]] = []
-    why = Master(path).changed()
-    if why:
-        problems.append((None, why))
-    with open_results(path) as f:
-        for g in f["cases"].values():
-            why = case_problem(path, g)
-            if why:
-                problems.append((int(g.attrs["index"]), why))
-    return problems
+def missing_sources(path: str, group) -> list[str]:
+    """Activation source files a case of master ``path`` refers to that do not exist."""
+    base = sidecar(_files.resolve_output(path))
+    return sorted(f for f in sources(group, str(path)) if not os.path.isfile(os.path.join(base, f)))
