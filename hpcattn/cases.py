@@ -18,15 +18,20 @@ import time
 import numpy as np
 
 from . import backend
-from .check import sampled_check
+from .check import sampled_backward_check, sampled_check
+from .context import STRATEGIES, check_grid, context_attention
 from .devices import DEVICES, default_tolerance, np_dtype
 from .errors import CollectiveError
 from . import footprint
 from .footprint import MAX_REPEATS
-from .inputs import random_qkv
+from .inputs import random_qkv, random_rows
 from .layouts import Distribution, check_layout
-from .measure import attention_flops, peak_rss_bytes, traced_peak
-from .ring import ring_attention
+from .measure import attention_backward_flops, attention_flops, peak_rss_bytes, traced_peak
+from .ring_backward import ring_attention_backward
+from .ulysses import ulysses_attention_backward
+
+#: the gradient of each strategy that has one (the hybrid grid has a forward only)
+BACKWARD = {"ring": ring_attention_backward, "ulysses": ulysses_attention_backward}
 
 
 @dataclasses.dataclass
@@ -45,6 +50,9 @@ class AttentionCase:
     block_q: int | None = None
     block_k: int | None = None
     device: str = "cpu"              # "gpu": CuPy arrays and the CUDA kernels, one GPU per rank
+    strategy: str = "ring"           # "ring", "ulysses" or "hybrid" (hpcattn.context)
+    ulysses_size: int | None = None  # hybrid: ranks per all-to-all group (divides the rank count)
+    backward: bool = False           # also time (and check) the gradients dq, dk, dv
 
     def validate(self, size: int) -> None:
         """Collective-safe: every rank evaluates the same case and raises the same error."""
@@ -76,10 +84,26 @@ class AttentionCase:
                                   f"ranks P={size}; expected N >= P")
         if self.check_rows < 0:
             raise CollectiveError(f"check_rows={self.check_rows} is negative; expected >= 0")
+        if self.strategy not in STRATEGIES:
+            raise CollectiveError(f"strategy {self.strategy!r} is unknown; expected one of "
+                                  f"{', '.join(STRATEGIES)}")
+        if self.strategy == "hybrid":
+            check_grid(size, self.ulysses_size)
+        elif self.ulysses_size is not None:
+            raise CollectiveError(f"ulysses_size={self.ulysses_size} is for strategy 'hybrid', not "
+                                  f"{self.strategy!r}; expected no ulysses_size")
+        if self.backward and self.strategy not in BACKWARD:
+            raise CollectiveError(f"backward = true needs a strategy with a backward pass "
+                                  f"({', '.join(BACKWARD)}); {self.strategy!r} has a forward only")
 
     @property
     def flops(self) -> float:
-        return attention_flops(self.batch, self.seq_len, self.heads, self.head_dim, causal=self.causal)
+        """The FLOPs one repeat computes: the forward, plus 2.5x it with ``backward``."""
+        fwd = attention_flops(self.batch, self.seq_len, self.heads, self.head_dim, causal=self.causal)
+        if not self.backward:
+            return fwd
+        return fwd + attention_backward_flops(self.batch, self.seq_len, self.heads, self.head_dim,
+                                              causal=self.causal)
 
 
 def attention_case(params: dict) -> tuple[AttentionCase, float | None]:
@@ -135,22 +159,33 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
                          "float64" if case.dtype == "float64" else "float32")
     q, k, v = (x.astype(np_dtype(case.dtype), copy=False) for x in (q, k, v))
     xq, xk, xv = (be.to_device(x) for x in (q, k, v))
+    dout = xdout = None
+    if case.backward:
+        dout = random_rows(case.seed, "dout", pos, case.batch, case.heads, case.head_dim,
+                           "float64" if case.dtype == "float64" else "float32")
+        dout = dout.astype(np_dtype(case.dtype), copy=False)
+        xdout = be.to_device(dout)
     blocks = {key: val for key, val in (("block_q", case.block_q), ("block_k", case.block_k)) if val}
-    walls, stats = [], {}
+    kw = dict(causal=case.causal, layout=case.layout, **blocks)
+    walls, stats, bstats = [], {}, {}
 
     def repeats():
+        grads = None
         for _ in range(case.repeats):
             comm.Barrier()
             t0 = time.perf_counter()
-            res = ring_attention(xq, xk, xv, comm, causal=case.causal, layout=case.layout,
-                                 stats=stats, **blocks)
+            res = context_attention(xq, xk, xv, comm, strategy=case.strategy,
+                                    ulysses_size=case.ulysses_size, stats=stats, **kw)
+            if case.backward:
+                grads = BACKWARD[case.strategy](xq, xk, xv, *res, xdout, comm, stats=bstats, **kw)
             be.synchronize()
             walls.append(comm.allreduce(time.perf_counter() - t0, op=_max_op()))
-        return res
+        return res, grads
 
-    (out, lse), peak_alloc = traced_peak(repeats)
+    ((out, lse), grads), peak_alloc = traced_peak(repeats)
     per_rank = comm.allgather((peak_rss_bytes(), peak_alloc, stats.get("compute_s", 0.0),
-                               stats.get("wait_s", 0.0), len(pos), stats.get("skipped", 0)))
+                               stats.get("wait_s", 0.0), len(pos), stats.get("skipped", 0),
+                               bstats.get("compute_s", 0.0), bstats.get("wait_s", 0.0)))
     result = {
         "wall_s": walls,
         "gflops": case.flops / float(np.median(walls)) / 1e9,
@@ -162,15 +197,32 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "skipped_blocks": [p[5] for p in per_rank],
         "ranks": size,
     }
+    if case.backward:
+        result["backward_compute_s"] = [p[6] for p in per_rank]
+        result["backward_wait_s"] = [p[7] for p in per_rank]
     out, lse = be.to_host(out), be.to_host(lse)  # what the check and the activations see
     if case.device == "gpu":
         result["gpu_pool_bytes"] = comm.allgather(be.pool_bytes())
+    if grads is not None:
+        grads = dict(zip(("dq", "dk", "dv"), (be.to_host(g) for g in grads)))
     if case.check_rows:
         result.update(sampled_check(q, k, v, out, lse, comm, dist=dist, causal=case.causal,
                                     rows=case.check_rows, seed=case.seed))
+        if grads is not None:
+            result.update(sampled_backward_check(q, k, v, out, lse, dout, *grads.values(), comm,
+                                                 dist=dist, causal=case.causal,
+                                                 rows=case.check_rows, seed=case.seed))
+            # one figure the tolerance judges: the worst of out, dq, dk and dv
+            result["max_out_err"] = result["max_abs_err"]
+            result["max_abs_err"] = max(result["max_abs_err"], result["max_dq_err"],
+                                        result["max_dk_err"], result["max_dv_err"])
     if keep_activations:  # bfloat16 has no HDF5 type: stored as the float32 values it holds
-        q, k, v, out = (x.astype(np.float32) if case.dtype == "bfloat16" else x for x in (q, k, v, out))
-        result["local"] = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "positions": pos}
+        local = {"q": q, "k": k, "v": v, "out": out, "lse": lse}
+        if grads is not None:
+            local.update(dout=dout, **grads)
+        result["local"] = {name: x.astype(np.float32) if case.dtype == "bfloat16" and name != "lse" else x
+                           for name, x in local.items()}
+        result["local"]["positions"] = pos
     return result
 
 
@@ -179,7 +231,8 @@ def case_memory(case: AttentionCase, dist: Distribution, rank: int):
     kvh = case.heads if case.kv_heads is None else case.kv_heads
     return footprint.rank_memory(dist.count(rank), batch=case.batch, heads=case.heads, kv_heads=kvh,
                                  head_dim=case.head_dim, dtype=case.dtype, n_max=max(dist.counts),
-                                 ranks=dist.size, device=case.device, check_rows=case.check_rows)
+                                 ranks=dist.size, device=case.device, check_rows=case.check_rows,
+                                 backward=case.backward)
 
 
 def check_memory(case: AttentionCase, comm, dist: Distribution, be) -> None:
@@ -193,11 +246,13 @@ def check_memory(case: AttentionCase, comm, dist: Distribution, be) -> None:
 def preflight(cases_params, comm) -> None:
     """Collective, before the first case of a job runs: CollectiveError naming the first
     attention case (index, parameters) whose estimated memory cannot fit on the ranks of
-    ``comm``. One exchange of what is available; each rank's estimate is computed everywhere."""
-    cases = [attention_case(p)[0] for p in cases_params]
-    gpu = next((c for c in cases if c.device == "gpu"), None)
+    ``comm``. ``cases_params``: a list of parameter dicts, or case index -> parameters. One exchange of what is available; each rank's estimate is computed everywhere."""
+    if not isinstance(cases_params, dict):
+        cases_params = dict(enumerate(cases_params))
+    cases = {i: attention_case(p)[0] for i, p in cases_params.items()}
+    gpu = next((c for c in cases.values() if c.device == "gpu"), None)
     available = _available(comm, _backend(gpu, comm) if gpu else None)
-    for i, case in enumerate(cases):
+    for i, case in cases.items():
         problem = _shortfall(case, Distribution(case.seq_len, comm.size, case.layout), available)
         if problem:
             raise CollectiveError(f"case {i}: {problem}; no case was run")

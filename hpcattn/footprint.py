@@ -64,9 +64,40 @@ class RankMemory:
 
 def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                 n_max: int | None = None, ranks: int = 2, device: str = "cpu",
-                check_rows: int = 0) -> tuple[RankMemory, RankMemory]:
+                check_rows: int = 0, backward: bool = False) -> tuple[RankMemory, RankMemory]:
     """(host, device) bytes of a rank holding ``n`` of the positions (``n_max``: the largest
-    rank's count, which sizes the ring buffers). On CPU ``device`` is empty."""
+    rank's count, which sizes the ring buffers). On CPU ``device`` is empty. ``backward`` adds
+    what the gradients hold on top (:func:`backward_bytes`)."""
+    host, device_mem = _forward_memory(n, batch=batch, heads=heads, kv_heads=kv_heads,
+                                       head_dim=head_dim, dtype=dtype, n_max=n_max, ranks=ranks,
+                                       device=device, check_rows=check_rows)
+    if backward:
+        extra = backward_bytes(n, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                               dtype=dtype, n_max=n_max, ranks=ranks)
+        if device == "cpu":
+            host = dataclasses.replace(host, state=host.state + extra)
+        else:
+            device_mem = dataclasses.replace(device_mem, state=device_mem.state + extra)
+    return host, device_mem
+
+
+def backward_bytes(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
+                   n_max: int | None = None, ranks: int = 2) -> int:
+    """What the ring backward adds per rank (an upper estimate): dout, dq and its accumulator,
+    the scaled q/dout copies with their extra column, dk/dv, and the travelling K/V blocks with
+    their dK/dV accumulators (two buffers each, accumulators in float32/float64)."""
+    item = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
+    acc = 8 if dtype == "float64" else 4
+    n_max = n if n_max is None else n_max
+    q_row, kv_row = batch * heads * (head_dim + 1), batch * kv_heads * (head_dim + 1)
+    buffers = 2 if ranks > 1 else 1
+    return (n * q_row * (2 * item + 3 * acc) + 2 * n * kv_row * item
+            + buffers * 2 * n_max * kv_row * (item + acc))
+
+
+def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
+                    n_max: int | None, ranks: int, device: str,
+                    check_rows: int) -> tuple[RankMemory, RankMemory]:
     item = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
     n_max = n if n_max is None else n_max
     b, h, hkv, d = batch, heads, kv_heads, head_dim

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 CHUNK = 1024  # positions generated per RNG stream
-TENSORS = {"q": 0, "k": 1, "v": 2}
+TENSORS = {"q": 0, "k": 1, "v": 2, "dout": 3}  # dout: the output gradient of --backward
 
 
 def random_rows(seed: int, tensor: str, pos, batch: int, heads: int, head_dim: int, dtype="float32"):

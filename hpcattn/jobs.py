@@ -37,7 +37,7 @@ from collections.abc import Mapping
 
 from .errors import HpcattnError
 from .layouts import LAYOUTS
-from .devices import ALL_DTYPES
+from .devices import ALL_DTYPES, DEVICES
 from .footprint import MAX_REPEATS
 
 KINDS = ("attention", "mixer")
@@ -100,11 +100,13 @@ POSITIVE = Spec(int, minimum=1)
 ATTENTION_KEYS: dict[str, Spec] = {
     "seq_len": POSITIVE, "batch": POSITIVE, "heads": POSITIVE, "kv_heads": POSITIVE,
     "head_dim": POSITIVE, "dtype": Spec(str, choices=ALL_DTYPES),
-    "device": Spec(str, choices=("cpu", "gpu")),
+    "device": Spec(str, choices=DEVICES),
     "causal": Spec(bool), "layout": Spec(str, choices=LAYOUTS), "seed": Spec(int, minimum=0),
     "repeats": Spec(int, minimum=1, maximum=MAX_REPEATS), "check_rows": Spec(int, minimum=0),
     "tolerance": Spec(float, minimum=0),
     "block_q": POSITIVE, "block_k": POSITIVE,
+    "strategy": Spec(str, choices=("ring", "ulysses", "hybrid")), "ulysses_size": POSITIVE,
+    "backward": Spec(bool),
 }
 
 TABLES: dict[str, dict[str, Spec]] = {

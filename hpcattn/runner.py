@@ -152,6 +152,10 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
     path = output_path(job, output, array_task, array_tasks)
     params = prepare_cases(job, size)
     mine = select(len(params), array_task, array_tasks)
+    if job.kind == "attention":   # a case that cannot fit is refused before any case runs
+        from .cases import preflight
+
+        preflight({c: params[c] for c in mine}, comm)
     prov = results.provenance(comm, argv)
     master = results.Master(path) if rank == 0 else None
     status = None

@@ -19,7 +19,8 @@ def test_help_explains_every_option(hpcattn_cmd):
     proc = run(hpcattn_cmd + ["run", "--help"])
     assert proc.returncode == 0
     for opt in ("--np", "--seq-len", "--heads", "--kv-heads", "--head-dim", "--dtype", "--causal",
-                "--layout", "--seed", "--repeats", "--check", "--check-rows", "--tolerance"):
+                "--layout", "--seed", "--repeats", "--check", "--check-rows", "--tolerance",
+                "--strategy", "--ulysses-size", "--backward"):
         assert opt in proc.stdout
 
 
@@ -34,6 +35,43 @@ def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout,
     assert proc.returncode == 0, proc.stderr
     assert f"ranks              {np_}  (layout {layout}" in proc.stdout
     assert "PASSED" in proc.stdout and "N  1,001" in proc.stdout
+
+
+@pytest.mark.parametrize("np_, args, title", [
+    (2, ["--backward", "--causal", "--layout", "zigzag"], "exact ring attention, forward + backward"),
+    (3, ["--strategy", "ulysses", "--backward", "--kv-heads", "2", "--layout", "striped"],
+     "exact Ulysses (all-to-all) attention, forward + backward"),
+    (4, ["--strategy", "hybrid", "--ulysses-size", "2", "--causal"],
+     "exact hybrid attention (all-to-all in groups of 2, ring across)"),
+])
+def test_strategies_and_backward_pass_their_check(hpcattn_cmd, mpiexec, np_, args, title):
+    proc = run(hpcattn_cmd + ["run", "--np", str(np_), "-N", "777", "-H", "4", "-d", "16",
+                              "--check", "--check-rows", "24", *args])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"hpcattn run: {title}\n")
+    assert "PASSED" in proc.stdout
+    if "--backward" in args:  # the check covers the gradients, and the backward is timed
+        assert "(dq)" in proc.stdout and "(dk)" in proc.stdout and "(dv)" in proc.stdout
+        assert " backward (slowest rank" in proc.stdout and "3.5 x 4*B*N^2*H*d" in proc.stdout
+
+
+def test_the_check_judges_the_gradients(monkeypatch):
+    """A wrong gradient (here dk off by 1%) fails the case's check while out is right."""
+    from mpi4py import MPI
+
+    from hpcattn import cases
+
+    real = cases.BACKWARD["ring"]
+
+    def wrong_dk(*args, **kw):
+        dq, dk, dv = real(*args, **kw)
+        return dq, dk * 1.01, dv
+
+    monkeypatch.setitem(cases.BACKWARD, "ring", wrong_dk)
+    case = cases.AttentionCase(seq_len=300, heads=2, head_dim=8, backward=True, check_rows=16)
+    res = cases.run_attention_case(case, MPI.COMM_SELF)
+    assert res["max_out_err"] < 1e-5 and res["max_dq_err"] < 1e-5 and res["max_dv_err"] < 1e-5
+    assert res["max_dk_err"] > 1e-4 and res["max_abs_err"] > cases.default_tolerance("float32")
 
 
 def test_under_mpiexec_directly(hpcattn_cmd, mpiexec):
@@ -53,6 +91,12 @@ def test_check_failure_exits_1(hpcattn_cmd, mpiexec):
     (["--np", "2", "-H", "6", "--kv-heads", "4"], "kv_heads=4 does not divide heads=6"),
     (["--np", "2", "--dtype", "float16"], "dtype 'float16' is not supported on cpu; expected one of float32, float64"),
     (["--np", "2", "--device", "gpu", "-d", "96"], "head_dim=96 is not supported by the GPU kernels; expected one of 64, 128"),
+    (["--np", "4", "--strategy", "hybrid", "--ulysses-size", "3", "-N", "64"],
+     "ulysses_size=3 on P=4 ranks; expected a positive divisor of 4"),
+    (["--np", "2", "--strategy", "hybrid", "--ulysses-size", "2", "--backward", "-N", "64"],
+     "backward = true needs a strategy with a backward pass (ring, ulysses); 'hybrid' has a forward only"),
+    (["--np", "2", "--ulysses-size", "2", "-N", "64"], "ulysses_size=2 is for strategy 'hybrid', not 'ring'"),
+    (["--np", "2", "-N", "64", "--check", "--tolerance", "nan"], "tolerance=nan is invalid; expected a finite number"),
 ])
 def test_bad_input_exits_2_with_one_line(hpcattn_cmd, mpiexec, args, message):
     proc = run(hpcattn_cmd + ["run", *args])

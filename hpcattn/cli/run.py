@@ -5,7 +5,8 @@ import sys
 
 import click
 
-from ..cases import AttentionCase
+from ..cases import AttentionCase, check_tolerance
+from ..context import STRATEGIES
 from ..devices import ALL_DTYPES, CPU_DTYPES, DEVICES, GPU_DTYPES, default_tolerance
 from ..layouts import LAYOUTS
 from ..errors import UsageError
@@ -37,8 +38,10 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
     walls = res["wall_s"]
     kvh = case.heads if case.kv_heads is None else case.kv_heads
     counts = res["counts"]
+    what = {"ring": "ring attention", "ulysses": "Ulysses (all-to-all) attention",
+            "hybrid": f"hybrid attention (all-to-all in groups of {case.ulysses_size}, ring across)"}
     lines = [
-        "hpcattn run: exact ring attention",
+        f"hpcattn run: exact {what[case.strategy]}" + (", forward + backward" if case.backward else ""),
         f"  sequence length N  {case.seq_len:,}  (batch {case.batch}, heads {case.heads}"
         + (f", kv heads {kvh}" if kvh != case.heads else "")
         + f", head_dim {case.head_dim}, {case.dtype}, {'causal' if case.causal else 'non-causal'})",
@@ -47,18 +50,27 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
         f"  wall time          {np.median(walls):.3f} s  (median of {len(walls)}; min {min(walls):.3f} s,"
         f" max {max(walls):.3f} s; slowest rank)",
         f"  compute / wait     {max(res['compute_s']):.3f} s / {max(res['wait_s']):.3f} s  "
-        "(slowest rank, last repeat)",
-        f"  throughput         {res['gflops']:,.1f} GFLOP/s  ({case.flops:.3e} FLOP = 4*B*N^2*H*d"
-        + ("/2, causal)" if case.causal else ")"),
+        + ("forward " if case.backward else "") + "(slowest rank, last repeat)",
+    ]
+    if case.backward:
+        lines.append(f"                     {max(res['backward_compute_s']):.3f} s / "
+                     f"{max(res['backward_wait_s']):.3f} s  backward (slowest rank, last repeat)")
+    lines += [
+        f"  throughput         {res['gflops']:,.1f} GFLOP/s  ({case.flops:.3e} FLOP = "
+        + ("3.5 x " if case.backward else "") + "4*B*N^2*H*d"
+        + ("/2, causal" if case.causal else "") + ("; backward = 2.5 x forward)" if case.backward else ")"),
         f"  peak memory/rank   {_fmt_bytes(max(res['peak_rss_bytes']))} RSS max, "
         f"{_fmt_bytes(min(res['peak_rss_bytes']))} min; arrays {_fmt_bytes(max(res['peak_alloc_bytes']))} max",
     ]
     ok = True
     if "max_abs_err" in res:
         ok = res["max_abs_err"] <= tol
+        errs = (f"{res['max_out_err']:.2e} (out), {res['max_dq_err']:.2e} (dq), "
+                f"{res['max_dk_err']:.2e} (dk), {res['max_dv_err']:.2e} (dv)" if case.backward
+                else f"{res['max_abs_err']:.2e} (out)")
         lines.append(
             f"  check              {res['rows']} sampled rows vs direct float64: max abs err "
-            f"{res['max_abs_err']:.2e} (out), {res['max_lse_err']:.2e} (lse); tolerance {tol:.0e}: "
+            f"{errs}, {res['max_lse_err']:.2e} (lse); tolerance {tol:.0e}: "
             + ("PASSED" if ok else "FAILED"))
     click.echo("\n".join(lines))
     return ok
@@ -68,7 +80,8 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
 OVERRIDES = {"seq_len": "seq_len", "batch": "batch", "heads": "heads", "kv_heads": "kv_heads",
              "head_dim": "head_dim", "dtype": "dtype", "causal": "causal", "layout": "layout",
              "seed": "seed", "repeats": "repeats", "tolerance": "tolerance", "block_q": "block_q",
-             "block_k": "block_k", "device": "device"}
+             "block_k": "block_k", "device": "device", "strategy": "strategy",
+             "ulysses_size": "ulysses_size", "backward": "backward"}
 JOB_ONLY = ("output", "array_task", "array_tasks", "force")
 
 
@@ -131,12 +144,22 @@ def _load(job_file, overrides):
 @click.option("--tolerance", type=float, default=None,
               help="Max abs error --check accepts. Default 1e-10 (float64), 1e-5 (float32), "
                    "5e-3 (float16), 4e-2 (bfloat16).")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="ring",
+              help="Context parallelism: ring (K/V blocks travel the ring), ulysses (all-to-all "
+                   "over heads) or hybrid (all-to-all inside groups of --ulysses-size ranks, ring "
+                   "across groups).")
+@click.option("--ulysses-size", type=click.IntRange(min=1), default=None,
+              help="With --strategy hybrid: ranks per all-to-all group; must divide the rank count.")
+@click.option("--backward", is_flag=True,
+              help="Also compute the gradients dq, dk, dv (ring or ulysses) for a random dout and time "
+                   "forward+backward; with --check, sampled rows of dq and sampled key rows of dk/dv "
+                   "are checked against float64 too.")
 @click.option("--block-q", type=click.IntRange(min=1), default=None, help="Query tile rows (tuning).")
 @click.option("--block-k", type=click.IntRange(min=1), default=None, help="Key tile rows (tuning).")
 @click.pass_context
 def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, seq_len, batch, heads,
         kv_heads, head_dim, dtype, device, causal, layout, seed, repeats, check, check_rows,
-        tolerance, block_q, block_k):
+        tolerance, strategy, ulysses_size, backward, block_q, block_k):
     """Run exact ring attention on random inputs, or every case of a job file.
 
     Without JOB.toml: one case, and rank 0 prints N, ranks, layout, dtype, wall time, GFLOP/s
@@ -185,10 +208,12 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
     case = AttentionCase(seq_len=seq_len, batch=batch, heads=heads, kv_heads=kv_heads,
                          head_dim=head_dim, dtype=dtype, causal=causal, layout=layout, seed=seed,
                          repeats=repeats, check_rows=check_rows if check else 0,
-                         block_q=block_q, block_k=block_k, device=device)
+                         block_q=block_q, block_k=block_k, device=device, strategy=strategy,
+                         ulysses_size=ulysses_size, backward=backward)
     from ..cases import run_attention_case
 
     try:
+        tolerance = check_tolerance(tolerance)
         res = run_attention_case(case, comm)
     except Exception as exc:  # noqa: BLE001 - every failure must end the whole job
         fail(exc, comm)

@@ -18,8 +18,9 @@ from . import cleaning, files
 from .sink import h5_writer
 from .format import LIBVER, ResultsError, case_name, have_mpio, import_h5py, sidecar
 
-ACTIVATIONS = ("q", "k", "v", "out", "lse")
-SEQ_AXIS = {"q": 1, "k": 1, "v": 1, "out": 1, "lse": 2}
+# the forward's arrays, then (cases with backward = true) the output gradient and the gradients
+ACTIVATIONS = ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv")
+SEQ_AXIS = {"q": 1, "k": 1, "v": 1, "out": 1, "lse": 2, "dout": 1, "dq": 1, "dk": 1, "dv": 1}
 
 
 def write_activations(path: str, index: int, local: dict, *, n: int, layout: str, comm,
