@@ -106,8 +106,9 @@ def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: 
     kv_data = buffers * 2 * n_max * kv_row * item
     rows = min(check_rows, n * ranks)
     keys = min(CHECK_KEY_CHUNK, n)
-    # scores, their mask and about four more score-sized float64 temporaries (measured), per chunk
-    check = 0 if not rows else (rows * b * h * keys * (5 * 8 + 1)
+    # per chunk of keys: the float64 scores (the reference works in place), their causal mask,
+    # the chunk's k/v in float64, and the sampled rows' partial results
+    check = 0 if not rows else (rows * b * h * keys * 8 + rows * keys
                                 + 2 * b * keys * hkv * d * 8 + 6 * rows * q_row * 8)
     qkv = n * (q_row + 2 * kv_row)
     if device == "cpu":

@@ -192,13 +192,9 @@ def test_csv_file_keeps_the_data(base, tmp_path):
 
 # hpcattn merge (hpcattn/results/merge.py) still accepts these parts with exit 0: left for the
 # results code; strict, so the marks go once merge refuses them
-MERGE_ACCEPTS = {"external_storage.h5", "huge_chunked.h5", "huge_fill.h5", "virtual_missing.h5"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="merge copies the dataset unchecked"))
-    if n in MERGE_ACCEPTS else n
-    for n in sorted(set(BROKEN) - {"reserved_key.h5"})])   # a parameter name only analyze minds
+@pytest.mark.parametrize("name", sorted(set(BROKEN) - {"reserved_key.h5"}))  # a parameter name only analyze minds
 def test_merge_refuses_a_crafted_part_in_one_line(base, tmp_path, name):
     change, _ = BROKEN[name]
     part = crafted(base, tmp_path, name, change)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..results import ResultsError, case_name, open_results
 from ..results import verify as verify_results
+from ..results.format import MAX_FILE_RESULT_BYTES, check_result_dataset
 from ..errors import HpcattnError
 
 MIB = 2.0 ** 20
@@ -33,8 +34,6 @@ ERROR_KEYS = ("max_abs_err", "rel_err", "error", "max_err")
 RESERVED = ("file", "case", "kind", "ranks")
 # Bounded reads: a result is per repeat or per rank (kilobytes). A dataset's size is its shape
 # times its item size, known before reading; an 8 GiB fill-value dataset stores nothing on disk.
-MAX_RESULT_BYTES = 16 * 2 ** 20
-MAX_FILE_RESULT_BYTES = 256 * 2 ** 20
 
 
 def load_rows(paths, *, verify: bool = True) -> list[dict]:
@@ -103,19 +102,8 @@ def _params(attrs, where: str) -> dict:
 
 
 def _dataset(obj, key: str, where: str, budget: list):
-    """``obj[()]`` after checking that reading it is what it claims: stored in this file (not
-    virtual, not external raw data) and within the bounds."""
-    if obj.is_virtual or obj.external:
-        kind = "a virtual dataset" if obj.is_virtual else "stored in external files"
-        raise ResultsError(f"{where}/{printable(key)} is {kind}; hpcattn results are stored in "
-                           "the file itself (only activations are virtual)")
-    nbytes = int(obj.size or 0) * obj.dtype.itemsize
-    if nbytes > MAX_RESULT_BYTES or nbytes > budget[0]:
-        raise ResultsError(f"{where}/{printable(key)} holds {obj.shape} {obj.dtype} "
-                           f"({nbytes / MIB:,.0f} MiB); results are at most "
-                           f"{MAX_RESULT_BYTES / MIB:.0f} MiB each and "
-                           f"{MAX_FILE_RESULT_BYTES / MIB:.0f} MiB per file; not read")
-    budget[0] -= nbytes
+    """``obj[()]`` once :func:`hpcattn.results.format.check_result_dataset` accepts it."""
+    check_result_dataset(obj, printable(key), where, budget)
     return obj[()]
 
 

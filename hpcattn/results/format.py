@@ -196,3 +196,45 @@ def open_image(data: bytes, near: str, *, write: bool = False):
 def image_bytes(f) -> bytes:
     f.flush()
     return f.id.get_file_image()
+
+
+# --- results a case may hold ----------------------------------------------------------------------
+
+MAX_RESULT_BYTES = 16 * 2 ** 20         # one result dataset of a case
+MAX_FILE_RESULT_BYTES = 256 * 2 ** 20   # all result datasets of one file together
+
+
+def check_result_dataset(obj, key: str, where: str, budget: list) -> int:
+    """Bytes of result dataset ``obj`` after checking that reading it is what it claims: stored in
+    this file (not virtual, not external raw data) and within the bounds; ``budget[0]`` (bytes
+    left for the file) is charged. ResultsError (one line) otherwise: a crafted 8 KiB file must
+    not make a reader allocate gigabytes."""
+    name = one_line(key)
+    if obj.is_virtual or obj.external:
+        kind = "a virtual dataset" if obj.is_virtual else "stored in external files"
+        raise ResultsError(f"{where}/{name} is {kind}; hpcattn results are stored in the file "
+                           "itself (only activations are virtual)")
+    nbytes = int(obj.size or 0) * obj.dtype.itemsize
+    if nbytes > MAX_RESULT_BYTES or nbytes > budget[0]:
+        raise ResultsError(f"{where}/{name} holds {obj.shape} {obj.dtype} ({nbytes / 2 ** 20:,.0f} "
+                           f"MiB); results are at most {MAX_RESULT_BYTES // 2 ** 20} MiB each and "
+                           f"{MAX_FILE_RESULT_BYTES // 2 ** 20} MiB per file; not read")
+    budget[0] -= nbytes
+    return nbytes
+
+
+def check_case_group(group, where: str, budget: list) -> None:
+    """Every member of a case group other than its activations: a hard link to a result dataset
+    (or a group of them) that :func:`check_result_dataset` accepts."""
+    for key in group:
+        link = group.get(key, getlink=True)
+        if type(link).__name__ != "HardLink":
+            raise ResultsError(f"{where}/{one_line(key)} is a {type(link).__name__}; an hpcattn "
+                               "results file has no links")
+        if key == "activations":
+            continue
+        obj = group[key]
+        if hasattr(obj, "shape"):
+            check_result_dataset(obj, key, where, budget)
+        else:
+            check_case_group(obj, f"{where}/{one_line(key)}", budget)

@@ -15,8 +15,8 @@ import numpy as np
 
 from . import cleaning, files
 from .activations import add_virtual
-from .format import (ResultsError, case_name, format_attrs, image_bytes, int_attr, new_image,
-                     one_line, set_attrs, sidecar, text_attr)
+from .format import (MAX_FILE_RESULT_BYTES, ResultsError, case_name, check_case_group, format_attrs,
+                     image_bytes, int_attr, new_image, one_line, set_attrs, sidecar, text_attr)
 from .master import Master
 from .reading import open_results
 from .verify import case_problem, sources
@@ -147,7 +147,11 @@ def _check_parts(sources_: list[str]) -> tuple[dict[int, tuple[str, str]], dict]
                         f"{key} is {one_line(repr(params.get(key, '(unset)')))[:120]} there but "
                         f"{one_line(repr(first_params.get(key, '(unset)')))[:120]} in {first}; "
                         "expected parts of one job")
-            for g in f["cases"].values():
+            budget = [MAX_FILE_RESULT_BYTES]
+            for name, g in f["cases"].items():
+                # what merge copies must be what it claims: no links, nothing virtual or
+                # external, bounded sizes (a crafted part must not make it copy gigabytes)
+                check_case_group(g, f"{p}: cases/{one_line(name)}", budget)
                 idx, pj = int(g.attrs["index"]), text_attr(g.attrs, "params_json")
                 if idx in cases and cases[idx][1] != pj:
                     raise ResultsError(f"{case_name(idx)} has different parameters in {cases[idx][0]} "
