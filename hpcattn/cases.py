@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, exchange
 from .check import sampled_backward_check, sampled_check
 from .context import STRATEGIES, check_grid, context_attention
 from .devices import DEVICES, default_tolerance, np_dtype
@@ -172,20 +172,22 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
     def repeats():
         grads = None
         for _ in range(case.repeats):
-            comm.Barrier()
+            exchange.barrier(comm, "starting a repeat")
             t0 = time.perf_counter()
             res = context_attention(xq, xk, xv, comm, strategy=case.strategy,
                                     ulysses_size=case.ulysses_size, stats=stats, **kw)
             if case.backward:
                 grads = BACKWARD[case.strategy](xq, xk, xv, *res, xdout, comm, stats=bstats, **kw)
             be.synchronize()
-            walls.append(comm.allreduce(time.perf_counter() - t0, op=_max_op()))
+            walls.append(exchange.allreduce(comm, time.perf_counter() - t0, "timing a repeat",
+                                            op=_max_op()))
         return res, grads
 
     ((out, lse), grads), peak_alloc = traced_peak(repeats)
-    per_rank = comm.allgather((peak_rss_bytes(), peak_alloc, stats.get("compute_s", 0.0),
+    per_rank = exchange.allgather(comm, (peak_rss_bytes(), peak_alloc, stats.get("compute_s", 0.0),
                                stats.get("wait_s", 0.0), len(pos), stats.get("skipped", 0),
-                               bstats.get("compute_s", 0.0), bstats.get("wait_s", 0.0)))
+                               bstats.get("compute_s", 0.0), bstats.get("wait_s", 0.0)),
+                                  "collecting the case's figures")
     result = {
         "wall_s": walls,
         "gflops": case.flops / float(np.median(walls)) / 1e9,
@@ -202,7 +204,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         result["backward_wait_s"] = [p[7] for p in per_rank]
     out, lse = be.to_host(out), be.to_host(lse)  # what the check and the activations see
     if case.device == "gpu":
-        result["gpu_pool_bytes"] = comm.allgather(be.pool_bytes())
+        result["gpu_pool_bytes"] = exchange.allgather(comm, be.pool_bytes(), "GPU memory")
     if grads is not None:
         grads = dict(zip(("dq", "dk", "dv"), (be.to_host(g) for g in grads)))
     if case.check_rows:
@@ -264,7 +266,8 @@ def _available(comm, be=None) -> list[tuple]:
     gpu = (None, None, "")
     if be is not None:
         gpu = (f"GPU {footprint.device_id(be)} of {node}", *footprint.device_available(be))
-    return comm.allgather((f"host {node}", *footprint.host_available(), *gpu))
+    return exchange.allgather(comm, (f"host {node}", *footprint.host_available(), *gpu),
+                              "checking memory")
 
 
 def _shortfall(case: AttentionCase, dist: Distribution, available) -> str | None:
@@ -292,7 +295,7 @@ def _backend(case: AttentionCase, comm):
         problem = None
     except Exception as exc:  # noqa: BLE001 - no CuPy, no driver, no device: say which, everywhere
         problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    problems = [(r, p) for r, p in enumerate(comm.allgather(problem)) if p]
+    problems = [(r, p) for r, p in enumerate(exchange.allgather(comm, problem, "choosing devices")) if p]
     if problems:
         r, p = problems[0]
         raise CollectiveError(f"device {case.device!r} needs a CUDA GPU and CuPy (pip install 'hpcattn[gpu]'), "

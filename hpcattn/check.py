@@ -48,8 +48,9 @@ def sampled_check(q, k, v, out, lse, comm, *, dist: Distribution, causal, scale=
     own, local = dist.owner(sample)
     mine = own == rank
     li = local[mine]
-    pieces = comm.allgather((np.nonzero(mine)[0], q[:, li].astype(np.float64),
-                             out[:, li].astype(np.float64), lse[:, :, li].astype(np.float64)))
+    pieces = exchange.allgather(comm, (np.nonzero(mine)[0], q[:, li].astype(np.float64),
+                                       out[:, li].astype(np.float64), lse[:, :, li].astype(np.float64)),
+                                "the check's sampled rows")
     S = len(sample)
     qs = np.empty((b, S, h, d))
     os_ = np.empty((b, S, h, d))
@@ -57,7 +58,7 @@ def sampled_check(q, k, v, out, lse, comm, *, dist: Distribution, causal, scale=
     for idx, qp, op, lp in pieces:
         qs[:, idx], os_[:, idx], ls[:, :, idx] = qp, op, lp
     partial = _reference_rows(qs, sample, k, v, dist.positions(rank), causal, scale)
-    gathered = comm.gather(partial, root=0)
+    gathered = exchange.gather(comm, partial, "the check's partial sums")
     result = None
     if rank == 0:
         ref, ref_lse = gathered[0]
@@ -66,7 +67,7 @@ def sampled_check(q, k, v, out, lse, comm, *, dist: Distribution, causal, scale=
         result = {"rows": S, "max_abs_err": float(np.abs(os_ - ref).max()),
                   "max_lse_err": float(np.abs(ls - ref_lse).max()),
                   "max_rel_err": float(np.abs(os_ - ref).max() / max(np.abs(ref).max(), 1e-300))}
-    return comm.bcast(result, root=0)
+    return exchange.bcast(comm, result, "the check's result")
 
 
 def _grouped(x, hkv):

@@ -135,6 +135,12 @@ class RingComm:
                 f"{HINT}")
 
 
+def _nonblocking(comm) -> bool:
+    """Whether ``comm`` has MPI's non-blocking operations (every mpi4py communicator has; a
+    stand-in communicator of a test may have only the blocking collectives, and gets those)."""
+    return hasattr(comm, "Iallgather") and hasattr(comm, "Isend")
+
+
 def barrier(comm, what: str, *, timeout: float | None = None, on_stall=None) -> None:
     """``comm.Barrier()`` behind the watchdog. ``what`` names the place in a stall message.
 
@@ -148,6 +154,9 @@ def barrier(comm, what: str, *, timeout: float | None = None, on_stall=None) -> 
 
     size = comm.size
     if size == 1:
+        return
+    if not _nonblocking(comm):
+        comm.Barrier()
         return
     timeout = stall_timeout() if timeout is None else timeout
     on_stall = on_stall or functools.partial(abort_job, comm)
@@ -208,6 +217,10 @@ def _gathered(comm, obj, what, root, timeout, on_stall):
     by non-blocking collectives (sizes, then the pickled bytes) so a wait never hangs."""
     from mpi4py import MPI
 
+    if comm.size == 1:   # nobody to wait for; a copy, as MPI's pickled collectives give
+        return [pickle.loads(pickle.dumps(obj))]
+    if not _nonblocking(comm):
+        return comm.allgather(obj) if root is None else comm.gather(obj, root=root)
     timeout, on_stall = _guard(comm, what, timeout, on_stall)
     data = pickle.dumps(obj)
     mine, sizes = array("q", [len(data)]), array("q", [0] * comm.size)
@@ -251,6 +264,10 @@ def bcast(comm, obj, what: str, root: int = 0, *, timeout: float | None = None, 
     """``comm.bcast(obj, root)`` behind the watchdog."""
     from mpi4py import MPI
 
+    if comm.size == 1:
+        return obj
+    if not _nonblocking(comm):
+        return comm.bcast(obj, root=root)
     timeout, on_stall = _guard(comm, what, timeout, on_stall)
     data = pickle.dumps(obj) if comm.rank == root else b""
     size = array("q", [len(data)])

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from . import results
+from . import exchange, results
 from .errors import CollectiveError, HpcattnError
 from .jobs import array_task_path
 
@@ -47,7 +47,7 @@ class StopFlag:
         """Collective: the signal any rank received (0 for none)."""
         from mpi4py import MPI
 
-        return comm.allreduce(self.signum, op=MPI.MAX)
+        return exchange.allreduce(comm, self.signum, "agreeing on stop signals", op=MPI.MAX)
 
 
 class Progress:
@@ -181,7 +181,7 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
         except HpcattnError as exc:
             master.unlock()
             status = ("error", str(exc))
-    status = comm.bcast(status, root=0)
+    status = exchange.bcast(comm, status, "opening the results file")
     if status[0] == "error":
         raise CollectiveError(status[1])
     pending = status[1]
@@ -199,7 +199,7 @@ def run_job(job, comm, *, output: str | None = None, array_task: int | None = No
         bar.close()
         if master is not None:
             master.unlock()
-    return comm.bcast(summary, root=0)
+    return exchange.bcast(comm, summary, "the job's summary")
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -239,7 +239,7 @@ def _run_attention(job, comm, params, pending, master, bar, stop, summary) -> No
             except HpcattnError as exc:   # e.g. a full disk: every rank stops with the message
                 error = str(exc)
         # the case is in the master before any rank moves on (or stops)
-        error = comm.bcast(error, root=0)
+        error = exchange.bcast(comm, error, "recording the case")
         if error:
             raise CollectiveError(error)
         summary["ran"] += 1
@@ -263,7 +263,8 @@ def _run_mixers(job, comm, params, pending, master, bar, stop, summary) -> None:
                 item = (c, run_mixer_case(dict(params[c])), time.perf_counter() - t0, None)
             except Exception as exc:  # noqa: BLE001 - reported collectively below
                 item = (c, None, 0.0, f"{type(exc).__name__}: {exc}")
-        items = [it for it in comm.gather(item, root=0) or [] if it is not None]
+        items = [it for it in exchange.gather(comm, item, "collecting mixer cases") or []
+                 if it is not None]
         error = None
         if master is not None:
             ok = [it for it in items if it[3] is None]
@@ -279,7 +280,7 @@ def _run_mixers(job, comm, params, pending, master, bar, stop, summary) -> None:
                 error = f"{results.case_name(c)} ({label(params[c], job.axes)}) failed: {bad[0][3]}"
             summary["ran"] += len(ok)
             bar.step(len(ok), label=" | ".join(label(params[it[0]], job.axes) for it in ok))
-        error = comm.bcast(error, root=0)
+        error = exchange.bcast(comm, error, "recording the case")
         if error:
             raise CollectiveError(error)
     summary["stopped"] = stop.agreed(comm)

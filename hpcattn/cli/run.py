@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from .. import exchange
 from ..cases import AttentionCase, check_tolerance
 from ..context import STRATEGIES
 from ..devices import ALL_DTYPES, CPU_DTYPES, DEVICES, GPU_DTYPES, default_tolerance
@@ -220,7 +221,7 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
     ok = True
     if comm.rank == 0:
         ok = print_summary(case, res, tolerance if tolerance is not None else default_tolerance(dtype))
-    ok = comm.bcast(ok, root=0)
+    ok = exchange.bcast(comm, ok, "the check's verdict")
     if not ok:
         sys.exit(1)
 
@@ -238,7 +239,7 @@ def _run_job_file(ctx, comm, job_file, values) -> int:
             job = _load(job_file, job_overrides(ctx, values))
         except HpcattnError as exc:
             err = str(exc)
-    job, err = comm.bcast((job, err), root=0)
+    job, err = exchange.bcast(comm, (job, err), "loading the job file")
     if err:
         fail(CollectiveError(err), comm)
     if comm.rank == 0 and comm.size == 1 and values["np_"] is None and not under_mpi():

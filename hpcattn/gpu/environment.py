@@ -48,7 +48,7 @@ def cupy_report() -> dict:
                                 "memory_gib": round(p["totalGlobalMem"] / 2**30, 1)})
     except Exception as exc:  # noqa: BLE001 - no driver / no device: report none, and why
         reason = _first_line(str(exc))
-        if not device_nodes():
+        if not device_nodes() and ("InsufficientDriver" in reason or "NoDevice" in reason):
             # CUDA blames the driver when there is no GPU at all; say what the machine lacks
             reason = f"no GPU (no /dev/nvidia* device on this machine; CUDA says: {reason})"
         rep = {"cupy": rep["cupy"], "nvrtc": rep["nvrtc"], "gpus": [], "gpus_reason": reason}

@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 
+from .. import exchange
 from ..errors import HpcattnError
 from . import cleaning, files
 from .sink import h5_writer
@@ -44,7 +45,7 @@ def write_activations(path: str, index: int, local: dict, *, n: int, layout: str
             files.own_dir(case_dir)
         except HpcattnError as exc:
             error = str(exc)
-    errors = [e for e in comm.allgather(error) if e]
+    errors = [e for e in exchange.allgather(comm, error, "preparing the activation folder") if e]
     if errors:
         raise HpcattnError(errors[0])
     names = [a for a in ACTIVATIONS if a in local]
@@ -63,7 +64,7 @@ def write_activations(path: str, index: int, local: dict, *, n: int, layout: str
             sums[f"{case_name(index)}/r{rank}.h5"] = files.checksum(shard)
     except Exception as exc:  # noqa: BLE001 - reported collectively below
         error = f"rank {rank}: {_why(exc, case_dir)}"
-    gathered = comm.allgather((error, sums))
+    gathered = exchange.allgather(comm, (error, sums), "writing activations")
     errors = [e for e, _ in gathered if e]
     if errors:
         raise HpcattnError(f"writing activations of {case_name(index)} failed: {errors[0]}")
@@ -147,7 +148,7 @@ def _write_parallel(case_dir, local, names, shapes, *, n, layout, comm) -> None:
             made = (files.private_dir_path(case_dir), None)
         except ResultsError as exc:
             made = (None, str(exc))
-    tmpdir, err = comm.bcast(made, root=0)
+    tmpdir, err = exchange.bcast(comm, made, "making the activations' folder")
     if err:
         raise ResultsError(err)
     tmp = os.path.join(tmpdir, "all.h5")
@@ -163,13 +164,13 @@ def _write_parallel(case_dir, local, names, shapes, *, n, layout, comm) -> None:
                     g[axis], loc[axis] = s, slice(off, off + count)
                     dsets[a][tuple(g)] = arr[tuple(loc)]
                 off += count
-    comm.Barrier()
+    exchange.barrier(comm, "writing activations collectively")
     if comm.rank == 0:
         try:
             files.publish_file(tmp, final)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)   # made by mkdtemp: ours alone
-    comm.Barrier()
+    exchange.barrier(comm, "publishing activations")
 
 
 def _host(x):
