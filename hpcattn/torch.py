@@ -76,54 +76,31 @@ def _to_tensor(a) -> torch.Tensor:
 
 
 class _Attention(torch.autograd.Function):
-    """Single-rank attention with hpcattn's forward and backward."""
+    """hpcattn's forward and backward as one autograd node: ``forward(q, k, v, **kw) -> (out,
+    lse)`` and ``backward(q, k, v, out, lse, dout, **kw) -> (dq, dk, dv)`` on arrays (single
+    rank, or the ring with ``comm`` among ``kw``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, fwd, bwd, kw):
         with _device_of(q):
-            qa, ka, va = (_to_array(t) for t in (q, k, v))
-            out, lse = _attention(qa, ka, va, causal=causal, scale=scale)
+            out, lse = fwd(*(_to_array(t) for t in (q, k, v)), **kw)
             out_t, lse_t = _to_tensor(out), _to_tensor(lse)
         ctx.save_for_backward(q, k, v, out_t, lse_t)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.bwd, ctx.kw = bwd, kw
         return out_t
 
     @staticmethod
     def backward(ctx, dout):
         with _device_of(dout):
-            q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
-            dq, dk, dv = _attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
-                                             causal=ctx.causal, scale=ctx.scale)
-            return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None
-
-
-class _RingAttention(torch.autograd.Function):
-    """Ring attention over the ranks of ``comm``; gradients by the ring backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, comm, causal, layout, scale):
-        with _device_of(q):
-            qa, ka, va = (_to_array(t) for t in (q, k, v))
-            out, lse = _ring_attention(qa, ka, va, comm, causal=causal, layout=layout, scale=scale)
-            out_t, lse_t = _to_tensor(out), _to_tensor(lse)
-        ctx.save_for_backward(q, k, v, out_t, lse_t)
-        ctx.comm, ctx.causal, ctx.layout, ctx.scale = comm, causal, layout, scale
-        return out_t
-
-    @staticmethod
-    def backward(ctx, dout):
-        with _device_of(dout):
-            q, k, v, out, lse = (_to_array(t) for t in ctx.saved_tensors)
-            dq, dk, dv = _ring_attention_backward(q, k, v, out, lse, _to_array(dout.contiguous()),
-                                                  ctx.comm, causal=ctx.causal, layout=ctx.layout,
-                                                  scale=ctx.scale)
-        return _to_tensor(dq), _to_tensor(dk), _to_tensor(dv), None, None, None, None
+            arrays = [_to_array(t) for t in ctx.saved_tensors]
+            grads = ctx.bwd(*arrays, _to_array(dout.contiguous()), **ctx.kw)
+            return (*(_to_tensor(g) for g in grads), None, None, None)
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Exact attention of one rank's tensors, differentiable (``(batch, seq, heads, head_dim)``;
     k/v may have fewer heads: GQA/MQA)."""
-    return _Attention.apply(q, k, v, causal, scale)
+    return _Attention.apply(q, k, v, _attention, _attention_backward, dict(causal=causal, scale=scale))
 
 
 def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
@@ -134,7 +111,8 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
-    return _RingAttention.apply(q, k, v, comm, causal, layout, scale)
+    return _Attention.apply(q, k, v, _ring_attention, _ring_attention_backward,
+                            dict(comm=comm, causal=causal, layout=layout, scale=scale))
 
 
 class RingAttention(torch.nn.Module):

@@ -130,16 +130,16 @@ def new_temp(final: str) -> tuple[str, int]:
         raise write_error(exc, final) from None
 
 
-def write_bytes(final: str, data) -> None:
-    """Make ``data`` durable and atomically visible as ``final`` through a temporary of this
-    writer's own; on any failure the temporary is gone and ``final`` is as it was."""
+@contextlib.contextmanager
+def publishing(final: str):
+    """``fd`` of a temporary of this writer's own that becomes ``final`` when the block ends
+    (fsync'ed, renamed, folder fsync'ed); on any failure the temporary is gone, ``final`` is as
+    it was, and an OSError (a full disk...) becomes one :func:`write_error`."""
     folder = os.path.dirname(final)
     tmp, fd = new_temp(final)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:CHUNK]):]
+            yield fd
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -150,6 +150,14 @@ def write_bytes(final: str, data) -> None:
             raise write_error(exc, final) from None
         raise
     fsync_dir(folder)
+
+
+def write_bytes(final: str, data) -> None:
+    """Make ``data`` durable and atomically visible as ``final`` (see :func:`publishing`)."""
+    with publishing(final) as fd:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:CHUNK]):]
 
 
 def private_dir_path(parent: str) -> str:

@@ -7,7 +7,7 @@ import contextlib
 import io
 import os
 
-from .files import fsync_dir, new_temp, remove, write_error
+from .files import publishing
 from .format import LIBVER, import_h5py
 
 
@@ -73,22 +73,9 @@ def h5_writer(final: str):
     """An h5py file that becomes ``final`` when the block ends (fsync'ed, renamed). On a full
     disk, or any failure, the temporary is removed, ``final`` stays as it was, and one
     ResultsError says so."""
-    folder = os.path.dirname(final)
-    tmp, fd = new_temp(final)
-    sink = _QuietSink(fd)
-    try:
-        try:
-            with import_h5py().File(sink, "w", libver=LIBVER) as f:
-                yield f
-            if sink.error is not None:
-                raise sink.error
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException as exc:
-        remove(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(exc, final) from None
-        raise
-    fsync_dir(folder)
+    with publishing(final) as fd:
+        sink = _QuietSink(fd)
+        with import_h5py().File(sink, "w", libver=LIBVER) as f:
+            yield f
+        if sink.error is not None:
+            raise sink.error
