@@ -8,17 +8,11 @@ from hpcattn import CollectiveError, LAYOUTS, shard, unshard
 from hpcattn.context import STRATEGIES, GroupDistribution, context_attention
 from hpcattn.layouts import Distribution
 from hpcattn.reference import naive_attention
+from test_ring_mpi import global_inputs  # one definition of the shared random inputs
 
 MPI_SIZES = (2, 3, 4)
 
 MPI = pytest.importorskip("mpi4py.MPI")
-
-
-def global_inputs(n, b=1, h=4, hkv=2, d=8, dtype="float64", seed=0):
-    rng = np.random.default_rng([seed, n, h, hkv])  # same on every rank
-    return (rng.standard_normal((b, n, h, d)).astype(dtype),
-            rng.standard_normal((b, n, hkv, d)).astype(dtype),
-            rng.standard_normal((b, n, hkv, d)).astype(dtype))
 
 
 def grids(size):
@@ -45,7 +39,7 @@ def test_group_distribution_is_the_members_rows_in_order(n, size, u, layout):
 @pytest.mark.parametrize("n, h, hkv", [(23, 4, 2), (64, 6, 1), (41, 8, 8)])
 def test_every_strategy_equals_reference(layout, causal, n, h, hkv):
     comm = MPI.COMM_WORLD
-    q, k, v = global_inputs(n, h=h, hkv=hkv)
+    q, k, v = global_inputs(n, b=1, h=h, hkv=hkv)
     ref, ref_lse = naive_attention(q, k, v, causal=causal)
     local = [shard(x, comm, layout) for x in (q, k, v)]
     for strategy, u in grids(comm.size):
@@ -61,7 +55,7 @@ def test_every_strategy_equals_reference(layout, causal, n, h, hkv):
 @pytest.mark.timeout(120)
 def test_float32_strategies_agree_with_each_other():
     comm = MPI.COMM_WORLD
-    q, k, v = global_inputs(257, h=4, hkv=2, d=16, dtype="float32")
+    q, k, v = global_inputs(257, b=1, h=4, hkv=2, d=16, dtype="float32")
     local = [shard(x, comm, "zigzag") for x in (q, k, v)]
     outs = [unshard(context_attention(*local, comm, strategy=s, ulysses_size=u, causal=True,
                                       layout="zigzag")[0], comm, "zigzag") for s, u in grids(comm.size)]

@@ -6,18 +6,12 @@ import pytest
 
 from hpcattn import CollectiveError, LAYOUTS, attention, shard, unshard
 from hpcattn.reference import naive_attention
+from test_ring_mpi import global_inputs  # one definition of the shared random inputs
 from hpcattn.ulysses import head_plan, ulysses_attention
 
 MPI_SIZES = (2, 3, 4)
 
 MPI = pytest.importorskip("mpi4py.MPI")
-
-
-def global_inputs(n, b=2, h=4, hkv=2, d=8, dtype="float64", seed=0):
-    rng = np.random.default_rng([seed, n, h, hkv])  # same on every rank
-    return (rng.standard_normal((b, n, h, d)).astype(dtype),
-            rng.standard_normal((b, n, hkv, d)).astype(dtype),
-            rng.standard_normal((b, n, hkv, d)).astype(dtype))
 
 
 @pytest.mark.parametrize("h, hkv, size", [(8, 2, 4), (8, 2, 3), (6, 1, 4), (4, 4, 3), (2, 2, 4),
