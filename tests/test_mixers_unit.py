@@ -14,7 +14,9 @@ SMALL = {"exact_blockwise": {"block_q": 8, "block_k": 16}, "local": {"window": 5
          "bigbird": {"block": 4, "random_blocks": 2}, "linear": {"chunk": 7},
          "performer": {"features": 16, "chunk": 7}, "linformer": {"rank": 8},
          "nystrom": {"landmarks": 6}, "reformer": {"chunk": 4, "rounds": 3}, "s4d": {"state": 8},
-         "retnet": {"chunk": 7}}
+         "retnet": {"chunk": 7}, "long_conv": {"max_len": 64}, "synth_dense": {"max_len": 64},
+         "synth_random": {"max_len": 64}, "mlp_mixer": {"max_len": 64}, "mamba": {"chunk": 7},
+         "gla": {"chunk": 7}, "deltanet": {"chunk": 7}}
 N = 37
 CASES = [(name, causal) for name, cls in REGISTRY.items() for causal in cls.causal_modes]
 IDS = [f"{n}-{'causal' if c else 'full'}" for n, c in CASES]

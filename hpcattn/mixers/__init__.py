@@ -5,6 +5,7 @@ Every family lives in its own module; importing this package registers them all.
 """
 from .base import REGISTRY, Mixer, Param, get_mixer, register
 from . import softmax, sparse, linear, lowrank, reformer, fourier, ssm, retention  # noqa: F401  (register)
+from . import learned, gated  # noqa: F401  (register: the trainable families)
 
 
 def mixer_names() -> list[str]:
