@@ -3,9 +3,11 @@
 Queries are processed in tiles of ``block_q`` rows, keys/values are streamed in tiles of
 ``block_k`` rows; each query tile keeps a running max ``m``, running sum ``l`` and an
 unnormalised accumulator, so the (N x N) score matrix never exists: memory is O(N·d) plus one
-(block_q x block_k) score tile per head. Causal masking works on *global positions*
-(``q_pos``/``k_pos``), which is what lets the ring apply it to any layout; tiles that are fully
-masked are skipped, tiles that are fully visible are computed without a mask.
+(block_q x block_k) score tile per head. Masks (causal, sliding windows, packed sequences:
+``hpcattn.masks``) work on *global positions* (``q_pos``/``k_pos``), which is what lets the ring
+apply them to any layout; tiles the mask hides entirely are skipped (so a window costs O(N·w)),
+tiles it shows entirely are computed without a mask, and only the others get an additive 0/-inf
+mask tile.
 
 On CPU a tile costs two GEMMs and one elementwise pass (see ``PartialAttention``): the scale is
 folded into Q, the running max into the score GEMM, and the row sums into the value GEMM. Tiles are sized for one core's L2; run one BLAS thread per rank (``hpcattn._threads``).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .masks import PARTIAL, resolve, tile_bounds
 from .validate import attention_scale, causal_positions
 
 # Tiles: a (512 x 512) float32 score tile is 1 MiB, about one core's L2; measured fastest at
@@ -32,7 +35,7 @@ RENORM = 2.0 ** 16
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
               q_pos=None, k_pos=None, block_q: int | None = None, block_k: int | None = None,
-              progress=None):
+              progress=None, mask=None):
     """Exact softmax attention of NumPy arrays, computed blockwise (inputs are not validated:
     ``hpcattn.attention`` checks them and then calls this for NumPy arrays).
 
@@ -42,8 +45,10 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     k, v : arrays (batch, Nk, kv_heads, head_dim); ``heads % kv_heads == 0`` (GQA/MQA).
     causal : query at position i sees keys at positions j <= i.
     scale : score scale, default ``1/sqrt(head_dim)``.
-    q_pos, k_pos : global positions of the rows (default ``0..N-1``), used by the causal mask.
+    q_pos, k_pos : global positions of the rows (default ``0..N-1``), used by the mask.
     progress : optional callable run between tiles (the ring uses it to progress MPI).
+    mask : a ``hpcattn.masks.Mask`` (window, packed sequences, alignment); replaces ``causal``.
+        Unbound masks are bound to this call's lengths.
 
     Returns
     -------
@@ -52,28 +57,13 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         float64 for float64). Rows that see no key get out = 0 and lse = -inf.
     """
     scale = attention_scale(scale, q.shape[3])
-    if causal:
+    mask = resolve(mask, causal, q.shape[1], k.shape[1])
+    if not mask.trivial:
         q_pos, k_pos = causal_positions(q_pos, k_pos, q.shape[1], k.shape[1])
     part = PartialAttention(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos,
-                            block_q=block_q, block_k=block_k)
+                            block_q=block_q, block_k=block_k, mask=mask)
     part.add(k, v, k_pos=k_pos, progress=progress)
     return part.result()
-
-
-def _tile_bounds(pos, block):
-    """(start, stop, min position, max position) of each tile of ``block`` rows."""
-    n = len(pos)
-    out = []
-    for s in range(0, n, block):
-        t = pos[s:s + block]
-        out.append((s, min(s + block, n), int(t.min()), int(t.max())))
-    return out
-
-
-def _tiles(n, block, pos, causal):
-    if causal:
-        return _tile_bounds(pos, block)
-    return [(s, min(s + block, n), 0, 0) for s in range(0, n, block)]
 
 
 class PartialAttention:
@@ -94,12 +84,15 @@ class PartialAttention:
     no per-block output and no merge.
     """
 
-    def __init__(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None):
+    def __init__(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None):
         b, nq, h, d = q.shape
         self.g, self.d, self.dt = h // kv_heads, d, q.dtype
         self.b, self.hkv, self.nq, self.h = b, kv_heads, nq, h
         self.slabs = b * kv_heads
-        self.causal, self.q_pos = causal, q_pos
+        # a bound mask (the ring binds it to the global lengths); else plain causal or nothing
+        self.mask = resolve(mask, causal)
+        self.positioned = not self.mask.trivial
+        self.q_pos = causal_positions(q_pos, None, nq, 0)[0] if self.positioned else None
         self.block_q = block_q or max(1, DEFAULT_BLOCK_ROWS // self.g)
         self.block_k = block_k or DEFAULT_BLOCK_K
         scale = attention_scale(scale, d)
@@ -111,9 +104,9 @@ class PartialAttention:
         self.qa = qa.reshape(self.slabs, nq * self.g, d + 1)
         self.acc = np.zeros((self.slabs, nq * self.g, d + 1), dtype=self.dt)  # [..., d]: sum l
         self.m = np.zeros((self.slabs, nq * self.g), dtype=self.dt)
-        self.q_tiles = _tiles(nq, self.block_q, q_pos, causal)
+        self.q_tiles = tile_bounds(nq, self.block_q, self.q_pos)
         self.fast = np.zeros((len(self.q_tiles), self.slabs), dtype=bool)
-        self._s = np.empty(0, dtype=self.dt)
+        self._s = self._bias = np.empty(0, dtype=self.dt)
         self._t = np.empty(min(self.block_q, nq) * self.g * (d + 1), dtype=self.dt)
 
     def packed_size(self, n: int) -> int:
@@ -135,30 +128,38 @@ class PartialAttention:
 
     def add_packed(self, buf, n, k_pos, progress=None):
         """Fold in the key block packed in ``buf`` (``n`` keys at positions ``k_pos``)."""
-        d, g, causal = self.d, self.g, self.causal
+        d, g, mask = self.d, self.g, self.mask
         half = self.slabs * n * (d + 1)
         ka = buf[:half].reshape(self.slabs, n, d + 1)
         va = buf[half: 2 * half].reshape(self.slabs, n, d + 1)
-        k_tiles = _tiles(n, self.block_k, k_pos, causal)
+        if self.positioned:
+            k_pos = causal_positions(None, k_pos, 0, n)[1]
+        k_tiles = tile_bounds(n, self.block_k, k_pos if self.positioned else None)
+        classes = mask.tile_classes(self.q_tiles, k_tiles)   # NONE tiles are never touched
         need = min(self.block_q, self.nq) * g * min(self.block_k, n)
         if self._s.size < need:
             self._s = np.empty(need, dtype=self.dt)
+            self._bias = np.empty(need, dtype=self.dt)
         with np.errstate(over="ignore", invalid="ignore"):
-            for i, (qs, qe, qmin, qmax) in enumerate(self.q_tiles):
+            for i, (qs, qe, _, _) in enumerate(self.q_tiles):
+                cols = np.flatnonzero(classes[i])
+                if not len(cols):
+                    continue
                 r0, r1 = qs * g, qe * g
                 rows = r1 - r0
                 tmp = self._t[: rows * (d + 1)].reshape(rows, d + 1)
-                q_rep = np.repeat(self.q_pos[qs:qe], g) if causal else None
-                for ks, ke, kmin, kmax in k_tiles:
-                    if causal and qmax < kmin:
-                        continue  # every key in this tile is in every query's future
+                q_rep = np.repeat(self.q_pos[qs:qe], g) if self.positioned else None
+                for j in cols:
+                    ks, ke = k_tiles[j][:2]
                     s = self._s[: rows * (ke - ks)].reshape(rows, ke - ks)
-                    # straddles the diagonal: mask per element (same mask for every slab)
-                    hidden = q_rep[:, None] < k_pos[None, ks:ke] if causal and qmin < kmax else None
+                    bias = None
+                    if classes[i, j] == PARTIAL:  # one additive mask tile for every slab
+                        bias = mask.bias(q_rep, k_pos[ks:ke], self.dt,
+                                         out=self._bias[: rows * (ke - ks)].reshape(rows, ke - ks))
                     for sl in range(self.slabs):
                         self.fast[i, sl] = _tile(self.qa[sl, r0:r1], ka[sl, ks:ke], va[sl, ks:ke],
                                                  self.acc[sl, r0:r1], self.m[sl, r0:r1], s, tmp,
-                                                 hidden, self.fast[i, sl], d)
+                                                 bias, self.fast[i, sl], d)
                     if progress is not None:
                         progress()
 
@@ -177,16 +178,16 @@ class PartialAttention:
         return out, lse
 
 
-def _scores(qt, kt, s, hidden):
+def _scores(qt, kt, s, bias):
     np.matmul(qt, kt.T, out=s)
-    if hidden is not None:
-        np.putmask(s, hidden, -np.inf)
+    if bias is not None:
+        s += bias
 
 
-def _tile(qt, kt, vt, acc, m, s, tmp, hidden, fast, d):
+def _tile(qt, kt, vt, acc, m, s, tmp, bias, fast, d):
     """Fold one (query tile x key tile) of one slab into ``acc``/``m``; returns whether the
     next tile may take the fast path (every row has seen a key)."""
-    _scores(qt, kt, s, hidden)
+    _scores(qt, kt, s, bias)
     if fast:
         np.exp(s, out=s)
         np.matmul(s, vt, out=tmp)
@@ -199,7 +200,7 @@ def _tile(qt, kt, vt, acc, m, s, tmp, hidden, fast, d):
                 m += delta
                 np.negative(m, out=qt[:, d])
             return True
-        _scores(qt, kt, s, hidden)
+        _scores(qt, kt, s, bias)
     # m stays a whole number (exact in the GEMM column and in m + delta), so the shift of later
     # tiles is exactly the one earlier tiles were rescaled by
     r = np.ceil(s.max(axis=1))              # row max relative to m; -inf where all masked

@@ -3,8 +3,9 @@
 Given the forward's ``out`` and log-sum-exp ``lse``, the softmax of a tile is recomputed as
 ``P = exp(S - lse)`` without any running max, so tiles are independent: ``D = rowsum(dout*out)``
 once, then per (query tile x key tile) ``dv += Pᵀ dout``, ``dS = P ∘ (dout Vᵀ - D)``,
-``dq += scale · dS K``, ``dk += scale · dSᵀ Q``. Memory is O(N·d) plus a few tiles; causal tiles
-entirely in the future (by global positions) are skipped, fully visible ones get no mask.
+``dq += scale · dS K``, ``dk += scale · dSᵀ Q``. Memory is O(N·d) plus a few tiles; tiles the
+mask (``hpcattn.masks``: causal, windows, packed sequences, by global positions) hides entirely
+are skipped, fully visible ones get no mask, the others an additive 0/-inf tile.
 
 The tricks of the forward apply (``blockwise.PartialAttention``): the g query heads of a kv head
 are adjacent rows of one slab per (batch, kv head); the scale is folded into Q (so
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import HpcattnError
+from .masks import PARTIAL, resolve, tile_bounds
 from .validate import attention_scale, causal_positions, check_finite_array, check_qkv
 
 # A (256 x 512) float32 tile is 512 KiB, and the backward keeps two (P and dS): about one
@@ -65,14 +67,15 @@ def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True, 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: float | None = None,
                        q_pos=None, k_pos=None, block_q: int | None = None, block_k: int | None = None,
-                       check_finite: bool = True, progress=None):
+                       check_finite: bool = True, progress=None, mask=None):
     """Gradients ``(dq, dk, dv)`` of ``out = attention(q, k, v)`` given ``dout = dL/dout``.
 
     ``q``, ``out``, ``dout``: (batch, Nq, heads, head_dim); ``k``, ``v``: (batch, Nk, kv_heads,
     head_dim) with ``heads % kv_heads == 0``; ``lse``: (batch, heads, Nq) from the forward.
     ``dk``/``dv`` have the kv-head shape (the group's query heads summed) and every gradient
     has q's dtype; partial sums are float32 (float64 for float64 inputs). Rows with
-    ``lse = -inf`` (no visible key) contribute nothing.
+    ``lse = -inf`` (no visible key) contribute nothing. ``mask`` (``hpcattn.masks.Mask``, bound
+    to this call's lengths unless it is) replaces ``causal``.
     """
     if not isinstance(q, np.ndarray):
         raise HpcattnError(f"q is a {type(q).__module__} array; this backward runs on NumPy arrays "
@@ -80,23 +83,11 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: 
     err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite)
     if err:
         raise HpcattnError(err)
+    mask = resolve(mask, causal, q.shape[1], k.shape[1])
     state = BackwardState(q, out, lse, dout, k.shape[2], causal=causal, scale=scale, q_pos=q_pos,
-                          block_q=block_q, block_k=block_k)
+                          block_q=block_q, block_k=block_k, mask=mask)
     dk, dv = state.block(k, v, k_pos=k_pos, progress=progress)
     return state.dq(), dk, dv
-
-
-def _tile_bounds(n: int, block: int, pos):
-    """(start, stop, min position, max position) of each tile of ``block`` rows."""
-    if n == 0:
-        return []
-    starts = np.arange(0, n, block)
-    stops = np.minimum(starts + block, n)
-    if pos is None:
-        lo = hi = np.zeros_like(starts)
-    else:
-        lo, hi = np.minimum.reduceat(pos, starts), np.maximum.reduceat(pos, starts)
-    return list(zip(starts.tolist(), stops.tolist(), lo.tolist(), hi.tolist()))
 
 
 def _slabs(x, b, n, hkv, g):
@@ -117,16 +108,17 @@ class BackwardState:
     """
 
     def __init__(self, q, out, lse, dout, kv_heads, *, causal=False, scale=None, q_pos=None,
-                 block_q=None, block_k=None):
+                 block_q=None, block_k=None, mask=None):
         b, nq, h, d = q.shape
         g = h // kv_heads
         self.b, self.nq, self.h, self.hkv, self.g, self.d = b, nq, h, kv_heads, g, d
         self.slabs = b * kv_heads
         self.dtype, self.acc_dtype = q.dtype, accumulator_dtype(q.dtype)
         self.packed_dtype = self.acc_dtype  # [k, 1] / [v, 1] feed float32/float64 GEMMs as they are
-        self.causal = causal
+        self.mask = resolve(mask, causal)   # bound by the caller (the ring: global lengths)
+        self.positioned = not self.mask.trivial
         self.scale = attention_scale(scale, d)
-        self.q_pos = causal_positions(q_pos, None, nq, 0)[0] if causal else None
+        self.q_pos = causal_positions(q_pos, None, nq, 0)[0] if self.positioned else None
         self.block_q = block_q or max(1, DEFAULT_BLOCK_ROWS // g)
         self.block_k = block_k or DEFAULT_BLOCK_K
         dt = self.acc_dtype
@@ -141,7 +133,7 @@ class BackwardState:
         self.qa = qa.reshape(self.slabs, nq * g, d + 1)
         self.da = da.reshape(self.slabs, nq * g, d + 1)
         self.dq_acc = np.zeros((self.slabs, nq * g, d), dtype=dt)
-        self.q_tiles = _tile_bounds(nq, self.block_q, self.q_pos)
+        self.q_tiles = tile_bounds(nq, self.block_q, self.q_pos)
         self._rows = min(self.block_q, max(nq, 1)) * g
         self._scratch = (0, None)
 
@@ -190,30 +182,28 @@ class BackwardState:
     def add_block(self, buf, n, k_pos, grads, progress=None):
         """Accumulate the key block packed in ``buf`` (``n`` keys at ``k_pos``) into ``grads``
         (flat, ``grads_size(n)``: dk then dv in slab form) and into dq."""
-        d, g, causal = self.d, self.g, self.causal
-        if causal:
+        d, g, mask = self.d, self.g, self.mask
+        if self.positioned:
             k_pos = causal_positions(self.q_pos, k_pos, self.nq, n)[1]
         kv = buf[: self.packed_size(n)].reshape(2, self.slabs, n, d + 1)
         dkv = grads[: self.grads_size(n)].reshape(2, self.slabs, n, d)
-        k_tiles = _tile_bounds(n, self.block_k, k_pos)
+        k_tiles = tile_bounds(n, self.block_k, k_pos if self.positioned else None)
+        classes = mask.tile_classes(self.q_tiles, k_tiles)   # NONE tiles are never touched
         p_buf, ds_buf, bias_buf, tq, tk_full = self._tile_buffers(min(self.block_k, max(n, 1)))
-        for ks, ke, kmin, kmax in k_tiles:
+        for j, (ks, ke, _, _) in enumerate(k_tiles):
             cols = ke - ks
             tk = tk_full[:cols]
-            for qs, qe, qmin, qmax in self.q_tiles:
-                if causal and qmax < kmin:
-                    continue  # every key of the tile is in every query's future
+            for i in np.flatnonzero(classes[:, j]):
+                qs, qe = self.q_tiles[i][:2]
                 r0, r1 = qs * g, qe * g
                 p = p_buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)
                 ds = ds_buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)
                 bias = None
-                if causal and qmin < kmax:
-                    # straddles the diagonal: one additive mask (0 or -inf) built once for every
-                    # slab, since adding it costs a fifth of np.putmask
-                    bias = bias_buf[: (r1 - r0) * cols].reshape(r1 - r0, cols)
-                    hidden = np.repeat(self.q_pos[qs:qe], g)[:, None] < k_pos[None, ks:ke]
-                    bias.fill(0)
-                    np.multiply(hidden, -np.inf, out=bias, where=hidden)
+                if classes[i, j] == PARTIAL:
+                    # one additive mask (0 or -inf) built once for every slab, since adding it
+                    # costs a fifth of np.putmask
+                    bias = mask.bias(np.repeat(self.q_pos[qs:qe], g), k_pos[ks:ke], self.acc_dtype,
+                                     out=bias_buf[: (r1 - r0) * cols].reshape(r1 - r0, cols))
                 for sl in range(self.slabs):
                     _tile(self.qa[sl, r0:r1], self.da[sl, r0:r1], kv[0, sl, ks:ke], kv[1, sl, ks:ke],
                           self.dq_acc[sl, r0:r1], dkv[0, sl, ks:ke], dkv[1, sl, ks:ke],

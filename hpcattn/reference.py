@@ -11,13 +11,53 @@ from __future__ import annotations
 import numpy as np
 
 
-def naive_attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, dtype=None):
+def visible_matrix(q_pos, k_pos, *, causal=False, window=None, cu_seqlens=None, align="top-left",
+                   n_q=None, n_k=None):
+    """bool (len(q_pos), len(k_pos)): which keys each query sees, straight from the definitions
+    (FlashAttention's): query i is aligned with key ``i + offset`` (offset 0 top-left,
+    ``n_k - n_q`` bottom-right, from the GLOBAL lengths ``n_q``/``n_k``); causal hides keys
+    after it, ``window=(left, right)`` (-1: unbounded) keeps keys in
+    ``[i + offset - left, i + offset + right]``, and ``cu_seqlens`` keeps keys of the query's own
+    packed sequence. Deliberately independent of ``hpcattn.masks`` (the kernels' tile
+    classifier): this is what the tests and ``--check`` compare the kernels against."""
+    qp = np.asarray(q_pos, dtype=np.int64)[:, None]
+    kp = np.asarray(k_pos, dtype=np.int64)[None, :]
+    offset = 0 if align == "top-left" else int(n_k) - int(n_q)
+    seen = np.ones((qp.shape[0], kp.shape[1]), dtype=bool)
+    if causal:
+        seen &= kp <= qp + offset
+    left, right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    if left >= 0:
+        seen &= kp >= qp + offset - left
+    if right >= 0:
+        seen &= kp <= qp + offset + right
+    if cu_seqlens is not None:
+        inner = np.asarray(cu_seqlens, dtype=np.int64)[1:-1]
+        seq_q = (qp >= inner[None, :]).sum(axis=1)          # boundaries at or before the token
+        seq_k = (kp.T >= inner[None, :]).sum(axis=1)
+        seen &= seq_q[:, None] == seq_k[None, :]
+    return seen
+
+
+def _visible(causal, window, cu_seqlens, align, q_pos, k_pos, nq, nk, n_q, n_k):
+    """The mask of a naive call (None: every key visible), positions defaulting to 0..n-1."""
+    if not causal and window in (None, (-1, -1)) and cu_seqlens is None:
+        return None
+    qp = np.arange(nq) if q_pos is None else np.asarray(q_pos)
+    kp = np.arange(nk) if k_pos is None else np.asarray(k_pos)
+    return visible_matrix(qp, kp, causal=causal, window=window, cu_seqlens=cu_seqlens, align=align,
+                          n_q=nq if n_q is None else n_q, n_k=nk if n_k is None else n_k)
+
+
+def naive_attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, dtype=None,
+                    window=None, cu_seqlens=None, align="top-left", n_q=None, n_k=None):
     """Textbook attention materialising the (Nq, Nk) score matrix, computed in ``dtype``
     (default float64; e.g. float32 for a baseline in the input precision).
 
     Layout (batch, seq, heads, head_dim); k/v may have fewer heads (GQA).
-    ``q_pos``/``k_pos`` are global positions for the causal mask (default 0..N-1).
-    Returns (out, lse of shape (batch, heads, Nq)), both in ``dtype``. Rows with no
+    ``q_pos``/``k_pos`` are global positions for the mask (default 0..N-1); ``window``,
+    ``cu_seqlens``, ``align``, ``n_q``/``n_k`` (global lengths, default q's and k's) as for
+    :func:`visible_matrix`. Returns (out, lse of shape (batch, heads, Nq)), both in ``dtype``. Rows with no
     visible key get out = 0 and lse = -inf.
     """
     dtype = np.dtype(np.float64 if dtype is None else dtype)
@@ -33,10 +73,9 @@ def naive_attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None
     kh = k.transpose(0, 2, 1, 3)[:, :, None]
     vh = v.transpose(0, 2, 1, 3)[:, :, None]
     s = np.matmul(qh, kh.swapaxes(-1, -2))                 # the (Nq, Nk) scores, per head
-    if causal:
-        qp = np.arange(nq) if q_pos is None else np.asarray(q_pos)
-        kp = np.arange(nk) if k_pos is None else np.asarray(k_pos)
-        np.copyto(s, -np.inf, where=qp[:, None] < kp[None, :])
+    seen = _visible(causal, window, cu_seqlens, align, q_pos, k_pos, nq, nk, n_q, n_k)
+    if seen is not None:
+        np.copyto(s, -np.inf, where=~seen)
     m = s.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     s -= m_safe
@@ -49,11 +88,13 @@ def naive_attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None
     return out, lse
 
 
-def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, q_pos=None, k_pos=None):
+def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, q_pos=None, k_pos=None,
+                             window=None, cu_seqlens=None, align="top-left", n_q=None, n_k=None):
     """``(dq, dk, dv)`` in float64 of softmax attention, with every probability materialised.
 
     Layout (batch, seq, heads, head_dim); k/v may have fewer heads (GQA/MQA): their gradients
-    sum the group's query heads. ``q_pos``/``k_pos``: global positions for the causal mask.
+    sum the group's query heads. ``q_pos``/``k_pos``: global positions for the mask; the mask's
+    arguments as for :func:`naive_attention`.
     Rows that see no key contribute nothing.
     """
     q, k, v, dout = (np.asarray(x, dtype=np.float64) for x in (q, k, v, dout))
@@ -66,11 +107,8 @@ def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, q_pos=N
     kt, vt = (np.repeat(x, group, axis=2).transpose(0, 2, 1, 3) for x in (k, v))
     dot = dout.transpose(0, 2, 1, 3)
     scores = scale * (qt @ kt.transpose(0, 1, 3, 2))
-    visible = np.ones((nq, nk), dtype=bool)
-    if causal:
-        qp = np.arange(nq) if q_pos is None else np.asarray(q_pos)
-        kp = np.arange(nk) if k_pos is None else np.asarray(k_pos)
-        visible = qp[:, None] >= kp[None, :]
+    visible = _visible(causal, window, cu_seqlens, align, q_pos, k_pos, nq, nk, n_q, n_k)
+    visible = np.ones((nq, nk), dtype=bool) if visible is None else visible
     scores = np.where(visible, scores, -np.inf)
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)

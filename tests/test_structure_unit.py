@@ -26,7 +26,7 @@ LAYERS = [
               "hpcattn.measure", "hpcattn.reference",
               "hpcattn.machine", "hpcattn.footprint"]),
     # 1: how data is laid out and moved; input checks
-    ("layout", ["hpcattn.layouts", "hpcattn.validate", "hpcattn.exchange", "hpcattn.inputs",
+    ("layout", ["hpcattn.layouts", "hpcattn.masks", "hpcattn.validate", "hpcattn.exchange", "hpcattn.inputs",
                 "hpcattn.merge"]),
     # 2: per-rank kernels: NumPy (blockwise) and CUDA (gpu/, which never sees the ring)
     ("kernels", ["hpcattn.blockwise", "hpcattn.blockwise_backward", "hpcattn.gpu",

@@ -7,6 +7,9 @@ command line's ``--device``). A backend carries everything that differs between 
   (those its kernels take; None: any),
 * ``attention(q, k, v, *, causal, scale, q_pos, k_pos, block_q, block_k, progress)``: per-rank
   attention of validated inputs, ``(out, lse)``,
+* ``masks``: whether its kernels take a ``mask=`` (``hpcattn.masks.Mask``: windows, packed
+  sequences, bottom-right alignment) beside ``causal``; :func:`mask_kwargs` gives a backend
+  its mask, or refuses one it cannot apply,
 * ``partial(q, kv_heads, *, causal, scale, q_pos, block_q, block_k)``: the running state a ring
   rank folds key/value blocks into (``packed_size``, ``pack``, ``add_packed``, ``result``),
 * ``attention_backward(q, k, v, out, lse, dout, *, causal, scale, q_pos, k_pos, block_q, block_k,
@@ -29,6 +32,7 @@ from __future__ import annotations
 from ..blockwise_backward import backward_input_error
 from ..devices import DEVICES
 from ..errors import HpcattnError
+from ..masks import make_mask
 from ..merge import merge_lse
 from ..validate import check_qkv
 from .cpu import NUMPY, NumpyBackend
@@ -63,9 +67,29 @@ def by_name(device: str):
     raise ValueError(f"device {device!r} is unknown; expected one of {', '.join(DEVICES)}")
 
 
+NO_GPU_MASKS = "window/cu_seqlens are not supported on the GPU backend yet"
+
+
+def mask_kwargs(be, mask) -> dict:
+    """The keyword arguments that give backend ``be``'s kernels ``mask`` (None: none): ``causal``
+    alone when it is nothing or plain top-left causal (every backend has that), else also
+    ``mask=``; HpcattnError when ``be`` cannot apply it (the CUDA kernels, for now)."""
+    if mask is None or not mask.extended:
+        return {"causal": bool(mask is not None and mask.causal)}
+    if not getattr(be, "masks", False):
+        raise HpcattnError(NO_GPU_MASKS if be.name == "gpu" else
+                           f"the {be.name} backend takes no window/cu_seqlens/alignment masks")
+    return {"causal": mask.causal, "mask": mask}
+
+
+def _mask(causal, window, cu_seqlens, align, n_q, n_k):
+    return make_mask(causal, window, cu_seqlens, align).bind(n_q, n_k)
+
+
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
               q_pos=None, k_pos=None, block_q: int | None = None, block_k: int | None = None,
-              check_finite: bool = True, progress=None):
+              check_finite: bool = True, progress=None, window=None, cu_seqlens=None,
+              align: str = "top-left"):
     """Exact softmax attention on one rank, computed blockwise, on q's backend.
 
     Parameters
@@ -75,9 +99,15 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     k, v : arrays (batch, Nk, kv_heads, head_dim); ``heads % kv_heads == 0`` (GQA/MQA).
     causal : query at position i sees keys at positions j <= i.
     scale : score scale, default ``1/sqrt(head_dim)``.
-    q_pos, k_pos : global positions of the rows (default ``0..N-1``), used by the causal mask.
+    q_pos, k_pos : global positions of the rows (default ``0..N-1``), used by the mask.
     block_q, block_k : tile sizes of the NumPy kernel (the CUDA kernels use their own).
     progress : optional callable run between tiles (the ring uses it to progress MPI).
+    window : ``(left, right)``, FlashAttention's ``window_size``: query i sees keys in
+        ``[i - left, i + right]`` (-1: unbounded; with ``causal`` right is 0). NumPy only.
+    cu_seqlens : packed variable-length sequences, ``[0, ..., N]`` strictly increasing (as
+        FlashAttention's): tokens never attend across sequences. NumPy only.
+    align : ``"top-left"`` (torch SDPA's ``is_causal``) or ``"bottom-right"`` (FlashAttention's):
+        where the causal diagonal and the window sit when Nq != Nk. See ``hpcattn.masks``.
 
     Returns
     -------
@@ -87,19 +117,21 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     """
     be = select(q)
     check_qkv(q, k, v, check_finite=check_finite, allowed=be.dtypes, xp=be.xp)
-    return be.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                        block_q=block_q, block_k=block_k, progress=progress)
+    kw = mask_kwargs(be, _mask(causal, window, cu_seqlens, align, q.shape[1], k.shape[1]))
+    return be.attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
+                        block_k=block_k, progress=progress, **kw)
 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: float | None = None,
                        q_pos=None, k_pos=None, block_q: int | None = None, block_k: int | None = None,
-                       check_finite: bool = True, progress=None):
+                       check_finite: bool = True, progress=None, window=None, cu_seqlens=None,
+                       align: str = "top-left"):
     """Gradients ``(dq, dk, dv)`` of ``out = attention(q, k, v)`` given ``dout = dL/dout``, on q's
     backend (FlashAttention-2's backward: never an N x N matrix).
 
     ``q``, ``k``, ``v``, ``causal``, ``scale``, ``q_pos``, ``k_pos``, ``block_q``, ``block_k``,
-    ``progress`` as for :func:`attention`; ``out`` (q's shape and dtype) and ``lse`` (batch,
-    heads, Nq) are what :func:`attention` returned for them, ``dout`` the gradient of the loss
+    ``progress``, ``window``, ``cu_seqlens``, ``align`` as for :func:`attention`; ``out`` (q's
+    shape and dtype) and ``lse`` (batch, heads, Nq) are what :func:`attention` returned for them, ``dout`` the gradient of the loss
     with respect to ``out`` (q's shape and dtype). ``dk``/``dv`` have the kv-head shape (a GQA
     group's query heads summed); all three have q's dtype, accumulated in float32 (float64 for
     float64). Bad input raises HpcattnError with a one-line message.
@@ -109,8 +141,9 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: 
                                xp=be.xp)
     if err:
         raise HpcattnError(err)
-    return be.attention_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=q_pos,
-                                 k_pos=k_pos, block_q=block_q, block_k=block_k, progress=progress)
+    kw = mask_kwargs(be, _mask(causal, window, cu_seqlens, align, q.shape[1], k.shape[1]))
+    return be.attention_backward(q, k, v, out, lse, dout, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                                 block_q=block_q, block_k=block_k, progress=progress, **kw)
 
 
 def merge_partials(out, lse, out_b, lse_b):
@@ -123,4 +156,4 @@ def merge_partials(out, lse, out_b, lse_b):
 
 
 __all__ = ["select", "by_name", "is_gpu_array", "attention", "attention_backward", "merge_partials",
-           "NumpyBackend"]
+           "mask_kwargs", "NumpyBackend"]

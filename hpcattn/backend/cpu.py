@@ -31,30 +31,31 @@ class NumpyBackend:
     xp = np
     dtypes = CPU_DTYPES
     head_dims = None  # any
+    masks = True      # the kernels take mask= (hpcattn.masks.Mask)
 
     def attention(self, q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=None,
-                  block_k=None, progress=None):
+                  block_k=None, progress=None, mask=None):
         return blockwise.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                                   block_q=block_q, block_k=block_k, progress=progress)
+                                   block_q=block_q, block_k=block_k, progress=progress, mask=mask)
 
-    def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None):
+    def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None):
         """One online-softmax state that every arriving block is folded into (no merge)."""
         return blockwise.PartialAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
-                                          block_q=block_q, block_k=block_k)
+                                          block_q=block_q, block_k=block_k, mask=mask)
 
     def attention_backward(self, q, k, v, out, lse, dout, *, causal, scale, q_pos=None, k_pos=None,
-                           block_q=None, block_k=None, progress=None):
+                           block_q=None, block_k=None, progress=None, mask=None):
         """FlashAttention-2's backward over tiles (inputs already validated)."""
         return blockwise_backward.attention_backward(
             q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-            block_q=block_q, block_k=block_k, check_finite=False, progress=progress)
+            block_q=block_q, block_k=block_k, check_finite=False, progress=progress, mask=mask)
 
     def backward_state(self, q, out, lse, dout, kv_heads, *, causal, scale, q_pos, block_q=None,
-                       block_k=None):
+                       block_k=None, mask=None):
         """One state every arriving key block is differentiated against (dq kept, dk/dv given)."""
         return blockwise_backward.BackwardState(q, out, lse, dout, kv_heads, causal=causal,
                                                 scale=scale, q_pos=q_pos, block_q=block_q,
-                                                block_k=block_k)
+                                                block_k=block_k, mask=mask)
 
     def ring_comm(self, comm):
         return RingComm(comm)
