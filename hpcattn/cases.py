@@ -19,7 +19,7 @@ import numpy as np
 
 from . import backend, exchange
 from .check import sampled_backward_check, sampled_check
-from .context import STRATEGIES, check_grid, context_attention
+from .context import STRATEGIES, check_grid, context_attention, hybrid_attention_backward
 from .devices import DEVICES, default_tolerance, np_dtype
 from .errors import CollectiveError
 from . import footprint
@@ -30,8 +30,9 @@ from .measure import attention_backward_flops, attention_flops, peak_rss_bytes, 
 from .ring_backward import ring_attention_backward
 from .ulysses import ulysses_attention_backward
 
-#: the gradient of each strategy that has one (the hybrid grid has a forward only)
-BACKWARD = {"ring": ring_attention_backward, "ulysses": ulysses_attention_backward}
+#: the gradient of each strategy (a new strategy without one is refused with backward = true)
+BACKWARD = {"ring": ring_attention_backward, "ulysses": ulysses_attention_backward,
+            "hybrid": hybrid_attention_backward}
 
 
 @dataclasses.dataclass
@@ -177,7 +178,9 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
             res = context_attention(xq, xk, xv, comm, strategy=case.strategy,
                                     ulysses_size=case.ulysses_size, stats=stats, **kw)
             if case.backward:
-                grads = BACKWARD[case.strategy](xq, xk, xv, *res, xdout, comm, stats=bstats, **kw)
+                grid = {"ulysses_size": case.ulysses_size} if case.strategy == "hybrid" else {}
+                grads = BACKWARD[case.strategy](xq, xk, xv, *res, xdout, comm, stats=bstats, **kw,
+                                                **grid)
             be.synchronize()
             walls.append(exchange.allreduce(comm, time.perf_counter() - t0, "timing a repeat",
                                             op=_max_op()))

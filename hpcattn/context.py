@@ -9,6 +9,11 @@
   (on a cluster: inside a node) an all-to-all gives each member the group's rows for 1/U of the
   heads; across groups the members that hold the same heads run a ring over the groups' rows;
   a last all-to-all returns every rank its own rows. ``ulysses_size=U`` must divide P.
+
+``context_attention_backward`` is the gradient of each strategy: the ring's backward ring, the
+Ulysses all-to-alls around the per-rank backward, and for the hybrid grid the group all-to-alls
+around a backward ring across groups (kv heads replicated inside a group get their copies'
+gradients summed on the way back).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import numpy as np
 from . import backend
 from .errors import CollectiveError
 from .ring import check_ring_inputs, ring_attention, ring_over
-from .ulysses import _Relayout, head_plan, over_heads, ulysses_attention
+from .ring_backward import check_backward_inputs, ring_attention_backward, ring_backward_over
+from .ulysses import _Relayout, head_plan, over_heads, ulysses_attention, ulysses_attention_backward
 
 STRATEGIES = ("ring", "ulysses", "hybrid")
 
@@ -64,6 +70,26 @@ def check_grid(size: int, ulysses_size) -> int:
     return int(ulysses_size)
 
 
+class _Grid:
+    """The two sub-communicators of a hybrid grid (freed on exit) and the group's re-layout."""
+
+    def __init__(self, comm, dist, ulysses_size, heads, kv_heads, be):
+        u = check_grid(comm.size, ulysses_size)
+        plan = head_plan(heads, kv_heads, u)
+        group, member = divmod(comm.rank, u)
+        self.inner = comm.Split(group, comm.rank)    # the u ranks of my group: all-to-all
+        self.across = comm.Split(member, comm.rank)  # the ranks holding the same heads: ring
+        self.dist = GroupDistribution(dist, u)
+        self.move = _Relayout(self.inner, [dist.count(r) for r in self.dist.members(group)], plan, be)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.Free()
+        self.across.Free()
+
+
 def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = False,
                      layout: str = "contiguous", scale: float | None = None,
                      stats: dict | None = None, **block_kw):
@@ -74,30 +100,60 @@ def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = Fa
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist = check_ring_inputs(q, k, v, comm, layout, be)
-    u = check_grid(comm.size, ulysses_size)
-    group, member = divmod(comm.rank, u)
-    inner = comm.Split(group, comm.rank)     # the u ranks of my group: all-to-all
-    across = comm.Split(member, comm.rank)   # the ranks holding the same heads: ring
-    try:
-        grid = GroupDistribution(dist, u)
-        move = _Relayout(inner, [dist.count(r) for r in grid.members(group)],
-                         head_plan(q.shape[2], k.shape[2], u), be)
+    with _Grid(comm, dist, ulysses_size, q.shape[2], k.shape[2], be) as grid:
         ring_stats: dict = {}
 
         def attend(qg, kg, vg):
-            return ring_over(be.to_device(qg), be.to_device(kg), be.to_device(vg), across, grid, be,
-                             causal=causal, scale=scale, stats=ring_stats, **block_kw)
+            return ring_over(be.to_device(qg), be.to_device(kg), be.to_device(vg), grid.across,
+                             grid.dist, be, causal=causal, scale=scale, stats=ring_stats, **block_kw)
 
         t0 = time.perf_counter()
-        out, lse, sent = over_heads(q, k, v, move, attend)
+        out, lse, sent = over_heads(q, k, v, grid.move, attend)
         if stats is not None:
             stats.update(wall_s=time.perf_counter() - t0, compute_s=ring_stats.get("compute_s", 0.0),
                          wait_s=ring_stats.get("wait_s", 0.0), a2a_bytes_sent=sent,
                          steps=ring_stats.get("steps", 0), skipped=ring_stats.get("skipped", 0))
         return out, lse
-    finally:
-        inner.Free()
-        across.Free()
+
+
+def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_size: int,
+                              causal: bool = False, layout: str = "contiguous",
+                              scale: float | None = None, stats: dict | None = None, **block_kw):
+    """``(dq, dk, dv)`` of this rank's shard for the 2-D strategy: the group's all-to-all gives
+    every member the group's rows of q, k, v, out, dout and lse for its heads, a backward ring
+    across the groups differentiates them, and the gradients go back to the rows' owners. Same
+    contract as ``hpcattn.ring_attention_backward``."""
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    be = backend.select(q)
+    dist = check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be)
+    h, hkv = q.shape[2], k.shape[2]
+    with _Grid(comm, dist, ulysses_size, h, hkv, be) as grid:
+        move = grid.move
+        full = [move.to_heads(x, which) for x, which in ((q, 0), (k, 1), (v, 1), (out, 0), (dout, 0))]
+        lse_full = move.lse_to_heads(lse)
+        ring_stats: dict = {}
+        t0 = time.perf_counter()
+        # every rank of ``across`` holds the same member index, hence the same heads: all of
+        # them run the ring, or none does
+        if len(move.mine[0]):
+            qg, kg, vg, og, dg = (be.to_device(x) for x in (*full[:4], full[4]))
+            grads = [be.to_host(g) for g in ring_backward_over(
+                qg, kg, vg, og, be.to_device(lse_full), dg, grid.across, grid.dist, be,
+                causal=causal, scale=scale, stats=ring_stats, **block_kw)]
+        else:
+            grads = [np.zeros_like(full[0]), np.zeros_like(full[1]), np.zeros_like(full[2])]
+        replicated = hkv < move.comm.size
+        dq = move.to_rows(grads[0], 0, h)
+        dk = move.to_rows(grads[1], 1, hkv, add=replicated)
+        dv = move.to_rows(grads[2], 1, hkv, add=replicated)
+        if stats is not None:
+            stats.update(wall_s=time.perf_counter() - t0, compute_s=ring_stats.get("compute_s", 0.0),
+                         wait_s=ring_stats.get("wait_s", 0.0), steps=ring_stats.get("steps", 0),
+                         skipped=ring_stats.get("skipped", 0))
+        return be.to_device(dq), be.to_device(dk), be.to_device(dv)
 
 
 def context_attention(q, k, v, comm=None, *, strategy: str = "ring", ulysses_size: int | None = None,
@@ -112,4 +168,20 @@ def context_attention(q, k, v, comm=None, *, strategy: str = "ring", ulysses_siz
         return ulysses_attention(q, k, v, comm, **kw)
     if strategy == "hybrid":
         return hybrid_attention(q, k, v, comm, ulysses_size=ulysses_size, **kw)
+    raise ValueError(f"strategy {strategy!r} is unknown; expected one of {', '.join(STRATEGIES)}")
+
+
+def context_attention_backward(q, k, v, out, lse, dout, comm=None, *, strategy: str = "ring",
+                               ulysses_size: int | None = None, causal: bool = False,
+                               layout: str = "contiguous", scale: float | None = None,
+                               stats: dict | None = None, **block_kw):
+    """``(dq, dk, dv)`` of this rank's shard by ``strategy``, given ``context_attention``'s
+    ``(out, lse)`` for it and ``dout = dL/dout``; equal (to rounding) for every strategy."""
+    kw = dict(causal=causal, layout=layout, scale=scale, stats=stats, **block_kw)
+    if strategy == "ring":
+        return ring_attention_backward(q, k, v, out, lse, dout, comm, **kw)
+    if strategy == "ulysses":
+        return ulysses_attention_backward(q, k, v, out, lse, dout, comm, **kw)
+    if strategy == "hybrid":
+        return hybrid_attention_backward(q, k, v, out, lse, dout, comm, ulysses_size=ulysses_size, **kw)
     raise ValueError(f"strategy {strategy!r} is unknown; expected one of {', '.join(STRATEGIES)}")

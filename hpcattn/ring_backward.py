@@ -60,11 +60,21 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist = check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be)
+    return ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, causal=causal, scale=scale,
+                              stats=stats, **block_kw)
+
+
+def ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, *, causal: bool, scale, stats=None,
+                       **block_kw):
+    """The backward ring on validated shards; ``dist`` as for ``hpcattn.ring.ring_over`` (any
+    value with ``counts``, ``count(r)``, ``positions(r)``, e.g. the hybrid strategy's groups)."""
     size, rank = comm.size, comm.rank
     clock = be.clock()
     if size == 1:
+        pos = dist.positions(0) if causal else None
         clock.start()
-        grads = be.attention_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, **block_kw)
+        grads = be.attention_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=pos,
+                                      k_pos=pos, **block_kw)
         clock.computed()
         timing = {"compute_s": clock.stop()[0], "wait_s": 0.0, "skipped": 0}
     else:
@@ -78,7 +88,8 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool 
 
 def _ring(state, be, clock, k, v, comm, dist, causal):
     size, rank = comm.size, comm.rank
-    q_last = int(dist.positions(rank)[-1])
+    q_pos = dist.positions(rank)
+    q_last = int(q_pos.max()) if len(q_pos) else -1  # positions need not be sorted (hybrid groups)
     widest = max(dist.counts)
     xp = be.xp
     # K/V travel in the form (and precision) the state consumes; dK/dV always in acc_dtype
@@ -109,7 +120,8 @@ def _ring(state, be, clock, k, v, comm, dist, causal):
         k_pos = dist.positions(src)
         # step 0: nothing arrives, so this rank's share is the whole sum so far
         share = (sending if step == 0 else mine)[: state.grads_size(n_src)]
-        visible = not (causal and q_last < k_pos[0])  # else every key is in every query's future
+        # else every key is in every query's future
+        visible = not (causal and (not len(k_pos) or q_last < int(k_pos.min())))
         clock.start()
         if visible:
             share.fill(0)

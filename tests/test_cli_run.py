@@ -43,6 +43,8 @@ def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout,
      "exact Ulysses (all-to-all) attention, forward + backward"),
     (4, ["--strategy", "hybrid", "--ulysses-size", "2", "--causal"],
      "exact hybrid attention (all-to-all in groups of 2, ring across)"),
+    (4, ["--strategy", "hybrid", "--ulysses-size", "2", "--causal", "--backward", "--layout", "zigzag"],
+     "exact hybrid attention (all-to-all in groups of 2, ring across), forward + backward"),
 ])
 def test_strategies_and_backward_pass_their_check(hpcattn_cmd, mpiexec, np_, args, title):
     proc = run(hpcattn_cmd + ["run", "--np", str(np_), "-N", "777", "-H", "4", "-d", "16",
@@ -93,8 +95,6 @@ def test_check_failure_exits_1(hpcattn_cmd, mpiexec):
     (["--np", "2", "--device", "gpu", "-d", "96"], "head_dim=96 is not supported by the GPU kernels; expected one of 64, 128"),
     (["--np", "4", "--strategy", "hybrid", "--ulysses-size", "3", "-N", "64"],
      "ulysses_size=3 on P=4 ranks; expected a positive divisor of 4"),
-    (["--np", "2", "--strategy", "hybrid", "--ulysses-size", "2", "--backward", "-N", "64"],
-     "backward = true needs a strategy with a backward pass (ring, ulysses); 'hybrid' has a forward only"),
     (["--np", "2", "--ulysses-size", "2", "-N", "64"], "ulysses_size=2 is for strategy 'hybrid', not 'ring'"),
     (["--np", "2", "-N", "64", "--check", "--tolerance", "nan"], "tolerance=nan is invalid; expected a finite number"),
 ])

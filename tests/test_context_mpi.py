@@ -1,13 +1,14 @@
 """Every context-parallel strategy (ring, Ulysses, hybrid grids) equals single-rank float64
-attention on the same shards, for every layout, causal or not, uneven N and GQA/MQA; every
-strategy agrees with every other. Runs serially and under mpiexec (MPI_SIZES)."""
+attention on the same shards, forward and backward, for every layout, causal or not, uneven N
+and GQA/MQA; every strategy agrees with every other. Runs serially and under mpiexec
+(MPI_SIZES)."""
 import numpy as np
 import pytest
 
 from hpcattn import CollectiveError, LAYOUTS, shard, unshard
-from hpcattn.context import STRATEGIES, GroupDistribution, context_attention
+from hpcattn.context import STRATEGIES, GroupDistribution, context_attention, context_attention_backward
 from hpcattn.layouts import Distribution
-from hpcattn.reference import naive_attention
+from hpcattn.reference import naive_attention, naive_attention_backward
 from test_ring_mpi import global_inputs  # one definition of the shared random inputs
 
 MPI_SIZES = (2, 3, 4)
@@ -52,6 +53,31 @@ def test_every_strategy_equals_reference(layout, causal, n, h, hkv):
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("layout, causal, n, h, hkv", [
+    ("contiguous", False, 23, 4, 2), ("contiguous", True, 19, 3, 1), ("zigzag", True, 23, 4, 2),
+    ("zigzag", False, 19, 3, 1), ("striped", True, 19, 3, 1), ("striped", False, 23, 4, 2)])
+def test_every_strategy_backward_equals_reference(layout, causal, n, h, hkv):
+    comm = MPI.COMM_WORLD
+    q, k, v = global_inputs(n, b=2, h=h, hkv=hkv)
+    dout = np.random.default_rng(7).standard_normal(q.shape)
+    ref = naive_attention_backward(q, k, v, dout, causal=causal)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    ldout = shard(dout, comm, layout)
+    for strategy, u in grids(comm.size):
+        out, lse = context_attention(*local, comm, strategy=strategy, ulysses_size=u, causal=causal,
+                                     layout=layout)
+        stats = {}
+        grads = context_attention_backward(*local, out, lse, ldout, comm, strategy=strategy,
+                                           ulysses_size=u, causal=causal, layout=layout,
+                                           stats=stats, block_q=8, block_k=8)
+        for name, got, want in zip("q k v".split(), grads, ref):
+            err = np.abs(unshard(got, comm, layout) - want).max()
+            assert err < 1e-12, (strategy, u, "d" + name, err)
+        assert {"compute_s", "steps"} <= stats.keys(), (strategy, u, stats)
+
+
+@pytest.mark.mpi
 @pytest.mark.timeout(120)
 def test_float32_strategies_agree_with_each_other():
     comm = MPI.COMM_WORLD
@@ -78,3 +104,6 @@ def test_unknown_strategy_is_named():
     with pytest.raises(ValueError, match=r"strategy 'tree' is unknown; expected one of "
                                          + ", ".join(STRATEGIES)):
         context_attention(*global_inputs(4), MPI.COMM_SELF, strategy="tree")
+    q, k, v = global_inputs(4)
+    with pytest.raises(ValueError, match=r"strategy 'tree' is unknown"):
+        context_attention_backward(q, k, v, q, np.zeros((1, 2, 4)), q, MPI.COMM_SELF, strategy="tree")
