@@ -8,40 +8,66 @@ the running state every arriving block is folded into, the exchange and the step
 one online-softmax state (``blockwise.PartialAttention``), on GPU per-block kernel results merged
 by their log-sum-exp (``gpu.MergedAttention``).
 
-Causal attention uses global positions, so the same loop serves every layout; a block whose keys
-all lie in the future of every local query is skipped (never computed), and with ``zigzag`` or
-``striped`` every rank does about the same work.
+Masks (causal, sliding windows, packed sequences: ``hpcattn.masks``) use global positions, so
+the same loop serves every layout: a block with no visible tile for the local queries is skipped
+(never computed; with ``zigzag`` or ``striped`` causal work balances), and the ring stops early
+once no remaining block is visible to any rank (:func:`ring_plan`: every rank computes the same
+number of steps from the distribution and the mask, no communication). A causal window of w on
+the contiguous layout thus runs ceil(w / (N/P)) + 1 steps: O(N·w) work and traffic. (Zigzag and
+striped spread every rank over the whole sequence, so windows there keep all P steps.)
 """
 from __future__ import annotations
+
+import numpy as np
 
 from . import backend, exchange
 from .errors import CollectiveError, HpcattnError
 from .layouts import Distribution, check_layout
+from .masks import NONE, chunk_bounds, make_mask, resolve
 from .validate import check_qkv
 
 
-def _describe(q, k, v, be):
+def mask_spec(causal=False, window=None, cu_seqlens=None, align="top-left") -> dict:
+    """The mask arguments of every strategy, as one value (``hpcattn.masks.make_mask``'s)."""
+    return {"causal": causal, "window": window, "cu_seqlens": cu_seqlens, "align": align}
+
+
+def _describe(q, k, v, be, spec):
     """What every rank tells the others before the ring starts (and its local error, if any)."""
+    digest = None
     try:
         check_qkv(q, k, v, allowed=be.dtypes, xp=be.xp)
+        digest = make_mask(**spec).digest()
         err = None
     except HpcattnError as exc:
         err = str(exc)
     return {"err": err, "q": tuple(getattr(q, "shape", ())), "kv": tuple(getattr(k, "shape", ())),
-            "dtype": str(getattr(q, "dtype", "?"))}
+            "dtype": str(getattr(q, "dtype", "?")), "mask": digest}
 
 
 def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
     """Collective validation: raises the same CollectiveError on every rank, or returns how the
     sequence is distributed. ``be``: q's backend (default ``backend.select(q)``)."""
+    return check_context_inputs(q, k, v, comm, layout, be)[0]
+
+
+def check_context_inputs(q, k, v, comm, layout: str, be=None, spec=None):
+    """:func:`check_ring_inputs` plus the mask: ``(Distribution, bound Mask)``, or the same
+    CollectiveError on every rank (a bad window or cu_seqlens, or ranks that disagree on them,
+    or a backend that cannot apply the mask). ``spec``: :func:`mask_spec` (default: no mask)."""
     check_layout(layout)
     size = comm.size
     be = backend.select(q) if be is None else be
-    infos = exchange.allgather(comm, _describe(q, k, v, be), "checking the ring's inputs")
+    spec = mask_spec() if spec is None else spec
+    infos = exchange.allgather(comm, _describe(q, k, v, be, spec), "checking the ring's inputs")
     for r, info in enumerate(infos):
         if info["err"]:
             raise CollectiveError(f"rank {r}: {info['err']}")
     ref = infos[0]
+    for r, info in enumerate(infos):
+        if info["mask"] != ref["mask"]:
+            raise CollectiveError(f"rank {r} was given another mask than rank 0 (causal, window, "
+                                  "cu_seqlens or align differ); expected the same on every rank")
     for r, info in enumerate(infos):
         if info["q"][0] != ref["q"][0] or info["q"][2:] != ref["q"][2:] or info["kv"][2:] != ref["kv"][2:] \
                 or info["dtype"] != ref["dtype"]:
@@ -59,77 +85,111 @@ def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
     dist = Distribution(n, size, layout)
     if (problem := dist.mismatch(counts)) is not None:
         raise CollectiveError(f"{problem}; shard inputs with hpcattn.shard")
-    return dist
+    try:   # every rank holds the same spec and N here: the same outcome everywhere
+        mask = make_mask(**spec).bind(n, n)
+        backend.mask_kwargs(be, mask)
+    except HpcattnError as exc:
+        raise CollectiveError(str(exc)) from None
+    return dist, mask
+
+
+def ring_plan(dist, mask, size: int, rank: int) -> tuple[int, list]:
+    """``(steps, useful)``: how many ring steps every rank runs, and for each of ``rank``'s steps
+    whether its key block may hold a key visible to its queries. The same on every rank (computed
+    from the distribution and the mask alone): the ring stops after the last step any rank can
+    use, and a rank computes nothing on a step whose block the mask hides from it entirely."""
+    if mask.trivial:
+        return size, [True] * size
+    bounds = [np.asarray(chunk_bounds(dist.positions(r), 16), np.int64).reshape(-1, 4)
+              for r in range(size)]
+
+    def useful(r, step):
+        qb, kb = bounds[r], bounds[(r - step) % size]
+        if not len(qb) or not len(kb):
+            return False
+        return bool((mask.classify(qb[:, 2, None], qb[:, 3, None], kb[None, :, 2],
+                                   kb[None, :, 3]) != NONE).any())
+
+    table = [[useful(r, s) for s in range(size)] for r in range(size)]
+    steps = max((s + 1 for row in table for s, u in enumerate(row) if u), default=1)
+    return steps, table[rank][:steps]
 
 
 def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
-                   scale: float | None = None, stats: dict | None = None, **block_kw):
+                   scale: float | None = None, stats: dict | None = None, window=None,
+                   cu_seqlens=None, align: str = "top-left", **block_kw):
     """Exact attention over the global sequence whose shards the ranks of ``comm`` hold.
 
     ``q``, ``k``, ``v`` are this rank's shards, (batch, n_local, heads, head_dim), laid out by
     ``layout`` (use ``hpcattn.shard``). Returns this rank's ``(out, lse)`` rows, identical (to
-    rounding) to single-rank ``attention`` on the global arrays. If ``stats`` is a dict it receives
-    ``compute_s`` (time in attention), ``wait_s`` (time blocked in the exchange), ``steps``
-    and ``skipped`` (blocks skipped by the causal mask).
+    rounding) to single-rank ``attention`` on the global arrays. ``window``, ``cu_seqlens`` and
+    ``align`` as for ``hpcattn.attention`` (global positions; ``cu_seqlens`` over the whole
+    packed sequence, the same on every rank). If ``stats`` is a dict it receives ``compute_s``
+    (time in attention), ``wait_s`` (time blocked in the exchange), ``steps`` (ring steps run:
+    fewer than P when a window lets the ring stop early) and ``skipped`` (steps whose block
+    the mask hid entirely).
     """
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist = check_ring_inputs(q, k, v, comm, layout, be)
-    return ring_over(q, k, v, comm, dist, be, causal=causal, scale=scale, stats=stats, **block_kw)
+    dist, mask = check_context_inputs(q, k, v, comm, layout, be,
+                                      mask_spec(causal, window, cu_seqlens, align))
+    return ring_over(q, k, v, comm, dist, be, causal=causal, scale=scale, stats=stats, mask=mask,
+                     **block_kw)
 
 
-def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, **block_kw):
+def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=None, **block_kw):
     """The ring loop on validated shards. ``dist`` says which rows rank r of ``comm`` holds:
     ``counts``, ``count(r)``, ``positions(r)`` (a ``layouts.Distribution``, or any value with
-    those, e.g. the groups of ranks of the hybrid strategy; positions need not be sorted)."""
+    those, e.g. the groups of ranks of the hybrid strategy; positions need not be sorted).
+    ``mask``: a ``hpcattn.masks.Mask`` (bound to the global lengths unless it is); None: plain
+    ``causal``."""
     size, rank = comm.size, comm.rank
+    mask = resolve(mask, causal, dist.n, dist.n)
+    kw = backend.mask_kwargs(be, mask)
     t_compute = t_wait = 0.0
     skipped = 0
+    steps = size
     clock = be.clock()
     if size == 1:
-        pos = dist.positions(0) if causal else None
+        pos = None if mask.trivial else dist.positions(0)
         clock.start()
-        out, lse = be.attention(q, k, v, causal=causal, scale=scale, q_pos=pos, k_pos=pos, **block_kw)
+        out, lse = be.attention(q, k, v, scale=scale, q_pos=pos, k_pos=pos, **kw, **block_kw)
         clock.computed()
         t_compute, _ = clock.stop()
     else:
+        steps, useful = ring_plan(dist, mask, size, rank)
         ring = be.ring_comm(comm)
         q_pos = dist.positions(rank)
-        q_last = int(q_pos.max()) if len(q_pos) else -1
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
         # per head), and every block is folded into one running state: no per-step output
-        part = be.partial(q, k.shape[2], causal=causal, scale=scale, q_pos=q_pos, **block_kw)
+        part = be.partial(q, k.shape[2], scale=scale, q_pos=q_pos, **kw, **block_kw)
         bufs = [be.xp.empty(part.packed_size(max(dist.counts)), dtype=k.dtype) for _ in range(2)]
         part.pack(k, v, bufs[0])
-        computed = 0
-        for step in range(size):
+        for step in range(steps):
             src = (rank - step) % size          # whose block we hold now
             cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
             n_src = dist.count(src)
-            if step < size - 1:
+            if step < steps - 1:
                 n_next = dist.count((src - 1) % size)
                 ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)], step=step)
-            k_pos = dist.positions(src)
             clock.start()
-            if causal and q_last < int(k_pos.min()):
-                skipped += 1                     # every key is in every query's future
+            if useful[step]:
+                part.add_packed(cur[: part.packed_size(n_src)], n_src, dist.positions(src),
+                                progress=ring.progress)
             else:
-                part.add_packed(cur[: part.packed_size(n_src)], n_src, k_pos, progress=ring.progress)
-                computed += 1
+                skipped += 1                     # the mask hides every key from every query
             clock.computed()
             ring.wait()
             busy, idle = clock.stop()
             t_compute += busy
             t_wait += idle
-        if not computed:  # cannot happen for causal (a query always sees itself), kept for safety
-            raise HpcattnError("no key block was visible to this rank's queries")
         clock.start()
         out, lse = part.result()
         clock.computed()
         t_compute += clock.stop()[0]
     if stats is not None:
-        stats.update(compute_s=t_compute, wait_s=t_wait, steps=size, skipped=skipped)
+        stats.update(compute_s=t_compute, wait_s=t_wait, steps=steps, skipped=skipped)
     return out, lse

@@ -2,8 +2,8 @@
 
 Every rank holds its positions of q/k/v (any ``hpcattn.layouts`` layout, uneven N). One
 ``Alltoallv`` per tensor gives each rank the WHOLE sequence for a subset of the heads; it runs
-ordinary per-rank attention on them (global positions carry the causal mask, so the received rows
-need no reordering), and one more all-to-all returns every rank its own rows for all heads.
+ordinary per-rank attention on them (global positions carry the mask: causal, windows, packed
+sequences, so the received rows need no reordering), and one more all-to-all returns every rank its own rows for all heads.
 Communication per rank is about 4·N·H·d/P elements each way, independent of the causal mask.
 
 How heads are split (:func:`head_plan`), any head count on any number of ranks:
@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backend
 from .layouts import blockdist
-from .ring import check_ring_inputs
+from .ring import check_context_inputs, mask_spec
 
 
 def head_plan(heads: int, kv_heads: int, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -119,11 +119,12 @@ class _Relayout:
 
 
 def ulysses_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
-                      scale: float | None = None, stats: dict | None = None, **block_kw):
+                      scale: float | None = None, stats: dict | None = None, window=None,
+                      cu_seqlens=None, align: str = "top-left", **block_kw):
     """Exact attention over the global sequence whose shards the ranks of ``comm`` hold, by
-    all-to-all over heads. Same contract as :func:`hpcattn.ring_attention`: this rank's
-    ``(out, lse)`` rows. ``stats`` receives ``bytes_sent`` (this rank, both all-to-alls) and
-    ``compute_s``."""
+    all-to-all over heads. Same contract as :func:`hpcattn.ring_attention` (masks included):
+    this rank's ``(out, lse)`` rows. ``stats`` receives ``bytes_sent`` (this rank, both
+    all-to-alls) and ``compute_s``."""
     import time
 
     if comm is None:
@@ -131,16 +132,18 @@ def ulysses_attention(q, k, v, comm=None, *, causal: bool = False, layout: str =
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist = check_ring_inputs(q, k, v, comm, layout, be)
+    dist, mask = check_context_inputs(q, k, v, comm, layout, be,
+                                      mask_spec(causal, window, cu_seqlens, align))
     b, _, h, d = q.shape
     plan = head_plan(h, k.shape[2], comm.size)
     move = _Relayout(comm, dist.counts, plan, be)
-    pos = dist.global_order  # the received rows are in rank order; positions say where they sit
+    # the received rows are in rank order; positions say where they sit
+    pos = None if mask.trivial else dist.global_order
+    kw = backend.mask_kwargs(be, mask)
 
     def attend(qf, kf, vf):
-        return be.attention(be.to_device(qf), be.to_device(kf), be.to_device(vf), causal=causal,
-                            scale=scale, q_pos=pos if causal else None, k_pos=pos if causal else None,
-                            **block_kw)
+        return be.attention(be.to_device(qf), be.to_device(kf), be.to_device(vf), scale=scale,
+                            q_pos=pos, k_pos=pos, **kw, **block_kw)
 
     t0 = time.perf_counter()
     out, lse, sent = over_heads(q, k, v, move, attend)

@@ -1,0 +1,138 @@
+"""Masks across ranks: the ring and Ulysses with causal (top-left/bottom-right), sliding windows
+and packed sequences equal single-rank float64 attention (the reference builds its mask from the
+definitions), on every layout, uneven N and GQA, forward and backward; a window lets the ring
+stop early; bad masks give one collective error. Runs serially and under mpiexec (MPI_SIZES)."""
+import numpy as np
+import pytest
+
+from hpcattn import CollectiveError, LAYOUTS, ring_attention, shard, unshard
+from hpcattn.reference import naive_attention, naive_attention_backward
+from hpcattn.ring import ring_plan
+from hpcattn.ulysses import ulysses_attention
+from test_masks_unit import MASKS, mask_args
+from test_ring_mpi import global_inputs  # one definition of the shared random inputs
+
+MPI_SIZES = (2, 3, 4)
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+# the distributed matrix keeps to a few masks: each kind once and the full mixture
+RING_MASKS = ["causal", "window", "causal-window", "varlen", "varlen-causal-window"]
+N = 61  # not divisible by P nor 2P for P in 2..4
+
+
+def _gathered(x, comm, layout, axis=1):
+    return unshard(x, comm, layout, axis=axis)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", RING_MASKS)
+@pytest.mark.parametrize("h, hkv", [(4, 2), (3, 3)])
+def test_ring_masks_equal_reference(layout, name, h, hkv):
+    comm = MPI.COMM_WORLD
+    args = mask_args(name, N)
+    q, k, v = global_inputs(N, h=h, hkv=hkv)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, lse = ring_attention(*local, comm, layout=layout, block_q=4, block_k=8, **args)
+    ref, ref_lse = naive_attention(q, k, v, **args)
+    assert np.abs(_gathered(out, comm, layout) - ref).max() < 1e-12
+    assert np.abs(_gathered(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["causal-window", "varlen-causal", "window-left-only"])
+def test_ring_masks_float32(layout, name):
+    comm = MPI.COMM_WORLD
+    args = mask_args(name, 300)
+    q, k, v = global_inputs(300, b=1, h=4, hkv=1, d=16, dtype="float32")
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, _ = ring_attention(*local, comm, layout=layout, **args)
+    assert out.dtype == np.float32
+    ref, _ = naive_attention(q, k, v, **args)
+    assert np.abs(_gathered(out, comm, layout) - ref).max() < 2e-5
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["causal-bottom-right", "window", "varlen-causal-window"])
+def test_ulysses_masks_equal_reference(layout, name):
+    comm = MPI.COMM_WORLD
+    args = mask_args(name, N)
+    q, k, v = global_inputs(N, h=6, hkv=2)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, lse = ulysses_attention(*local, comm, layout=layout, block_q=4, block_k=8, **args)
+    ref, ref_lse = naive_attention(q, k, v, **args)
+    assert np.abs(_gathered(out, comm, layout) - ref).max() < 1e-12
+    assert np.abs(_gathered(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_a_causal_window_stops_the_contiguous_ring_early():
+    comm = MPI.COMM_WORLD
+    n, size = 96, comm.size
+    w = max(1, n // size // 2)            # less than one rank's block: one block back suffices
+    args = dict(causal=True, window=(w, 0))
+    q, k, v = global_inputs(n, h=2, hkv=1)
+    stats = {}
+    out, _ = ring_attention(*[shard(x, comm, "contiguous") for x in (q, k, v)], comm,
+                            layout="contiguous", stats=stats, **args)
+    assert np.abs(_gathered(out, comm, "contiguous") - naive_attention(q, k, v, **args)[0]).max() < 1e-12
+    assert stats["steps"] == min(size, 2)
+    assert stats["skipped"] == (1 if comm.rank == 0 and size > 1 else 0)
+
+
+def test_ring_plan_agrees_on_every_rank_and_skips_hidden_blocks():
+    """The plan is a function of (distribution, mask): every rank gets the same step count, and a
+    block is marked useless only when no query of the rank can see any of its keys."""
+    from hpcattn.layouts import Distribution
+    from hpcattn.masks import make_mask
+    from hpcattn.reference import visible_matrix
+
+    for layout in LAYOUTS:
+        for size in (2, 3, 5):
+            for name in MASKS:
+                args = mask_args(name, 200)
+                if args["align"] != "top-left":
+                    continue
+                mask = make_mask(**args).bind(200, 200)
+                dist = Distribution(200, size, layout)
+                plans = [ring_plan(dist, mask, size, r) for r in range(size)]
+                assert len({p[0] for p in plans}) == 1
+                steps = plans[0][0]
+                for r, (_, useful) in enumerate(plans):
+                    for s in range(size):
+                        seen = visible_matrix(dist.positions(r), dist.positions((r - s) % size),
+                                              n_q=200, n_k=200, **args).any()
+                        if s >= steps:
+                            assert not seen, (layout, size, name, r, s)
+                        elif not useful[s]:
+                            assert not seen
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("spoil, message", [
+    (dict(window=(-2, 0)), r"rank 1: window left=-2 is below -1"),
+    (dict(cu_seqlens=[0, 30, 20, N]), r"rank 1: cu_seqlens is not strictly increasing"),
+    (dict(cu_seqlens=[0, 30, N - 1]), r"^cu_seqlens ends at 60; expected it to end at the sequence length N=61"),
+    (dict(cu_seqlens=[0, 31, N]), r"rank 1 was given another mask than rank 0"),
+])
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_bad_masks_give_one_collective_error(spoil, message, strategy):
+    comm = MPI.COMM_WORLD
+    if comm.size < 2 and "rank 1" in message:
+        pytest.skip("needs a second rank to disagree")
+    q, k, v = (shard(x, comm, "zigzag") for x in global_inputs(N))
+    kw = dict(causal=True, cu_seqlens=[0, 30, N])
+    if comm.rank == 1 or "rank 1" not in message:
+        kw.update(spoil)
+    run = ring_attention if strategy == "ring" else ulysses_attention
+    with pytest.raises(CollectiveError, match=message) as exc:
+        run(q, k, v, comm, layout="zigzag", **kw)
+    assert "\n" not in str(exc.value)
