@@ -7,6 +7,11 @@ single process (no launcher, or one rank on the node) gets one BLAS thread: its 
 for one core, and on a loaded machine all-core BLAS ran them 6-40x slower. A program that only
 imports hpcattn keeps its own settings. ``HPCATTN_NUM_THREADS`` overrides both.
 
+The CPU kernels use all of a process's cores themselves (:func:`kernel_workers`): C worker threads,
+each calling one-thread BLAS, instead of C-thread BLAS on small tiles. C is the cores this process
+may run on over the ranks sharing its node, but only where BLAS runs one thread (else BLAS already
+uses the cores, and C = 1); ``HPCATTN_KERNEL_THREADS`` overrides it.
+
 :data:`LAUNCHER_ENV` is the one table of launcher environment variables: :func:`hpcattn.launch.under_mpi`,
 :func:`local_ranks` here and :func:`hpcattn.gpu.ring.local_rank` read it. It lives in this module
 because it is needed before anything else is imported.
@@ -42,6 +47,40 @@ def local_ranks() -> int | None:
         if val.split("(")[0].isdigit():
             return int(val.split("(")[0])
     return None
+
+
+KERNEL_THREADS_VAR = "HPCATTN_KERNEL_THREADS"
+
+
+def cores_available() -> int:
+    """Cores this process may run on (its CPU affinity where the OS says, else all)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def blas_threads() -> int | None:
+    """BLAS threads per process as the thread variables set them (None: not set, BLAS decides)."""
+    for var in ("HPCATTN_NUM_THREADS", *THREAD_VARS):
+        val = os.environ.get(var, "").strip()
+        if val.isdigit() and int(val) > 0:
+            return int(val)
+    return None
+
+
+def kernel_workers() -> int:
+    """Worker threads a CPU kernel call uses (see the module docstring); ValueError for a bad
+    ``HPCATTN_KERNEL_THREADS``."""
+    want = os.environ.get(KERNEL_THREADS_VAR, "").strip()
+    if want:
+        if not want.isdigit() or int(want) < 1:
+            raise ValueError(f"{KERNEL_THREADS_VAR}={want!r} is not a positive integer; expected "
+                             "e.g. 1 or 4")
+        return int(want)
+    if blas_threads() != 1:
+        return 1
+    return max(1, cores_available() // (local_ranks() or 1))
 
 
 #: thread variables configure_threads changed in this process -> their earlier value (None: unset)

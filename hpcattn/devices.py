@@ -12,6 +12,12 @@ DEVICE_DTYPES = {
 DEVICES = tuple(DEVICE_DTYPES)
 CPU_DTYPES = DEVICE_DTYPES["cpu"]
 GPU_DTYPES = DEVICE_DTYPES["gpu"]
+#: per-rank CPU attention and its backward (``hpcattn.attention``) also take the half types on
+#: CPUs with native instructions for them (PyTorch's CPU flash kernel, float32 accumulation, output
+#: and lse like the GPU path); ``hpcattn.cpu_kernels`` refuses them with the reason elsewhere. The
+#: ring, cases and the command line stay on CPU_DTYPES.
+CPU_HALF_DTYPES = ("bfloat16", "float16")
+CPU_ATTENTION_DTYPES = CPU_DTYPES + CPU_HALF_DTYPES
 #: every dtype some device takes, in a stable order (CLI choices, job validation)
 ALL_DTYPES = tuple(dict.fromkeys(CPU_DTYPES + GPU_DTYPES))
 #: the mixers are float references, not kernels: the same dtypes on NumPy and CuPy

@@ -14,10 +14,13 @@ import platform
 import socket
 from importlib import metadata
 
-from ._threads import THREAD_VARS
+from ._threads import KERNEL_THREADS_VAR, THREAD_VARS
 
-#: thread variables a measurement depends on (HPCATTN_NUM_THREADS overrides the others, see _threads)
-THREAD_SETTINGS = (*THREAD_VARS, "HPCATTN_NUM_THREADS")
+#: thread variables a measurement depends on (HPCATTN_NUM_THREADS overrides the others, see
+#: _threads; HPCATTN_KERNEL_THREADS sets the CPU kernels' worker threads)
+THREAD_SETTINGS = (*THREAD_VARS, "HPCATTN_NUM_THREADS", KERNEL_THREADS_VAR)
+#: half-precision dtype -> /proc/cpuinfo flags of which one must be present for a native kernel
+HALF_FLAGS = {"bfloat16": ("amx_bf16", "avx512_bf16"), "float16": ("amx_fp16", "avx512_fp16")}
 #: installed distributions whose versions every description names
 PACKAGES = ("numpy", "mpi4py", "h5py", "click", "ml_dtypes")
 
@@ -42,6 +45,29 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (/proc/cpuinfo; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_half_reason(dtype: str, flags=None) -> str | None:
+    """None when this CPU has instructions for ``dtype`` (bfloat16/float16) math, else why not:
+    without them torch emulates the type at a fraction of float32's speed, which we refuse."""
+    flags = cpu_flags() if flags is None else flags
+    want = HALF_FLAGS[dtype]
+    if flags & set(want):
+        return None
+    return (f"{dtype} on CPU needs {' or '.join(f.upper() for f in want)} and this CPU "
+            f"({cpu_model()}) has neither")
 
 
 def blas() -> str:
@@ -92,8 +118,16 @@ def mpi_library() -> dict:
         return {"mpi4py": None, "library": f"MPI library not queryable ({exc})"}
 
 
+def cpu_kernel_settings() -> dict:
+    """The CPU kernel as asked for (HPCATTN_CPU_KERNEL, '' = auto), torch's version (no import),
+    and whether bfloat16/float16 have native instructions here (None = yes, else the reason)."""
+    return {"requested": os.environ.get("HPCATTN_CPU_KERNEL", ""), "torch": package_version("torch"),
+            **{dt: cpu_half_reason(dt) for dt in HALF_FLAGS}}
+
+
 def describe(comm=None) -> dict:
     """Everything above in one dict; collective when ``comm`` is given (gathers host names)."""
     return {"hosts": hosts(comm), "platform": os_platform(), "cpu": cpu_model(),
             "cores": os.cpu_count(), "blas": blas(), "thread_vars": thread_settings(),
+            "cpu_kernel": cpu_kernel_settings(),
             "versions": versions(), "mpi": mpi_library()}

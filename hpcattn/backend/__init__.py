@@ -116,7 +116,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         float64 for float64). Rows that see no key get out = 0 and lse = -inf.
     """
     be = select(q)
-    check_qkv(q, k, v, check_finite=check_finite, allowed=be.dtypes, xp=be.xp)
+    allowed = getattr(be, "attention_dtypes", be.dtypes)  # CPU: half types where the CPU has them
+    check_qkv(q, k, v, check_finite=check_finite, allowed=allowed, xp=be.xp)
     kw = mask_kwargs(be, _mask(causal, window, cu_seqlens, align, q.shape[1], k.shape[1]))
     return be.attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                         block_k=block_k, progress=progress, **kw)
@@ -137,7 +138,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: 
     float64). Bad input raises HpcattnError with a one-line message.
     """
     be = select(q)
-    err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite, allowed=be.dtypes,
+    err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite,
+                               allowed=getattr(be, "attention_dtypes", be.dtypes),
                                xp=be.xp)
     if err:
         raise HpcattnError(err)

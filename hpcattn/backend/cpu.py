@@ -1,14 +1,17 @@
-"""The NumPy backend: the blockwise kernels of ``hpcattn.blockwise`` (forward) and
-``hpcattn.blockwise_backward`` (backward), the plain MPI exchange and the host clock (NumPy
-computes on the calling thread, so wall time is compute time)."""
+"""The CPU backend: per-rank attention and its backward on the kernel ``hpcattn.cpu_kernels``
+chooses (PyTorch's CPU flash kernel where installed and the call is one it can express, else the
+NumPy blockwise kernels of ``hpcattn.blockwise`` / ``blockwise_backward``, on all the process's
+kernel workers), the ring's online states (NumPy: every masked or diagonal block needs them), the
+plain MPI exchange and the host clock (a call has returned when its result exists, so wall time
+is compute time)."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from .. import blockwise, blockwise_backward
-from ..devices import CPU_DTYPES
+from .. import blockwise, blockwise_backward, cpu_kernels
+from ..devices import CPU_ATTENTION_DTYPES, CPU_DTYPES
 from ..exchange import RingComm
 
 
@@ -30,13 +33,16 @@ class NumpyBackend:
     name = "cpu"
     xp = np
     dtypes = CPU_DTYPES
+    #: per-rank attention (and its backward) also takes half types where the CPU has them
+    #: (cpu_kernels refuses them with the reason elsewhere)
+    attention_dtypes = CPU_ATTENTION_DTYPES
     head_dims = None  # any
     masks = True      # the kernels take mask= (hpcattn.masks.Mask)
 
     def attention(self, q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=None,
                   block_k=None, progress=None, mask=None):
-        return blockwise.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-                                   block_q=block_q, block_k=block_k, progress=progress, mask=mask)
+        return cpu_kernels.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                                     block_q=block_q, block_k=block_k, progress=progress, mask=mask)
 
     def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None):
         """One online-softmax state that every arriving block is folded into (no merge)."""
@@ -45,10 +51,10 @@ class NumpyBackend:
 
     def attention_backward(self, q, k, v, out, lse, dout, *, causal, scale, q_pos=None, k_pos=None,
                            block_q=None, block_k=None, progress=None, mask=None):
-        """FlashAttention-2's backward over tiles (inputs already validated)."""
-        return blockwise_backward.attention_backward(
+        """FlashAttention-2's backward (inputs already validated), on the chosen kernel."""
+        return cpu_kernels.attention_backward(
             q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
-            block_q=block_q, block_k=block_k, check_finite=False, progress=progress, mask=mask)
+            block_q=block_q, block_k=block_k, progress=progress, mask=mask)
 
     def backward_state(self, q, out, lse, dout, kv_heads, *, causal, scale, q_pos, block_q=None,
                        block_k=None, mask=None):

@@ -1,0 +1,138 @@
+"""The NumPy kernels on all of a process's cores: (batch x kv heads) [x query tiles] split over
+worker threads, each running ``hpcattn.blockwise`` (or ``blockwise_backward``) on its share with
+one BLAS thread. NumPy's matmul and ufuncs release the GIL, so C threads run C tiles at once;
+one-thread BLAS on L2-sized tiles beats C-thread BLAS on the same tiles (docs/performance-notes.md).
+
+Shares are independent (a kv head's GQA group stays together; query tiles of one head only split
+the rows, whose keys and positions stay whole), and every share writes its own slice of the
+output, so the result is bit-for-bit the one-thread result. Calls with a progress callback (the
+ring progresses MPI between tiles) stay on the calling thread.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from . import blockwise, blockwise_backward, cpu_short
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hpcattn-cpu")
+    return _pools[workers]
+
+
+def _run(tasks, workers):
+    """Run the callables in ``tasks`` on ``workers`` threads; re-raises the first error."""
+    for fut in [_pool(workers).submit(t) for t in tasks]:
+        fut.result()
+
+
+def _mask_kw(mask):
+    return {} if mask is None else {"mask": mask}
+
+
+def _row_chunks(nq, shares, workers, block):
+    """Query row ranges: enough that ``shares`` x chunks keeps ``workers`` busy (4 per worker
+    for balance, e.g. causal rows differ in cost), each a whole number of tiles."""
+    want = -(-4 * workers // shares) if shares < 4 * workers else 1
+    step = max(block, -(-nq // want) // block * block)
+    return [(r, min(r + step, nq)) for r in range(0, nq, step)]
+
+
+def wide_key_tile(query_rows: int) -> int | None:
+    """Key tile for a call with few query rows (per kv head): as many keys as keep the score
+    tile at the default tile's size; None (the default) for ordinary shapes."""
+    rows = min(query_rows, blockwise.DEFAULT_BLOCK_ROWS)
+    if rows >= blockwise.DEFAULT_BLOCK_ROWS:
+        return None
+    return max(blockwise.DEFAULT_BLOCK_K, blockwise.DEFAULT_BLOCK_ROWS * blockwise.DEFAULT_BLOCK_K // rows)
+
+
+def _short(q, k, v, *, causal, scale, workers):
+    """``cpu_short`` (many queries, few keys), its (batch, head) shares split over workers."""
+    from .validate import attention_scale
+
+    scale = attention_scale(scale, q.shape[3])
+    shares = [(i, j) for i in range(q.shape[0]) for j in range(q.shape[2])]
+    if workers <= 1 or len(shares) == 1:
+        return cpu_short.attention(q, k, v, causal=causal, scale=scale)
+    out = np.empty_like(q)
+    lse = np.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype)
+
+    def part(mine):
+        return lambda: cpu_short.attention(q, k, v, causal=causal, scale=scale, shares=mine,
+                                           out=out, lse=lse)
+    _run([part(shares[w::workers]) for w in range(workers)], workers)
+    return out, lse
+
+
+def numpy_attention(q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=None, block_k=None,
+                    progress=None, mask=None, workers=1):
+    """``blockwise.attention`` on ``workers`` threads (same arguments, same result)."""
+    b, nq, h, d = q.shape
+    hkv = k.shape[2]
+    g = h // hkv
+    plain = mask is None or not mask.extended
+    default_pos = q_pos is None and k_pos is None
+    if block_q is None and block_k is None and plain and default_pos and cpu_short.applies(nq, k.shape[1]):
+        return _short(q, k, v, causal=causal if mask is None else mask.causal, scale=scale,
+                      workers=workers)
+    block_k = block_k or wide_key_tile(nq * g)
+    kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, **_mask_kw(mask))
+    if workers <= 1 or progress is not None or b * hkv * nq <= 1:
+        return blockwise.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, progress=progress, **kw)
+    positioned = causal or (mask is not None and not mask.trivial)
+    if positioned:
+        # a mask binds to the call's lengths: row chunks get explicit global positions
+        q_pos = np.arange(nq) if q_pos is None else np.asarray(q_pos)
+        k_pos = np.arange(k.shape[1]) if k_pos is None else np.asarray(k_pos)
+        if mask is not None and mask.n_q is None:
+            mask = mask.bind(nq, k.shape[1])
+            kw["mask"] = mask
+    block = block_q or max(1, blockwise.DEFAULT_BLOCK_ROWS // g)
+    rows = _row_chunks(nq, b * hkv, workers, block)
+    out = np.empty_like(q)
+    lse = np.empty((b, h, nq), dtype=q.dtype)
+
+    def share(i, j, r0, r1):
+        hs = slice(j * g, (j + 1) * g)
+
+        def run():
+            o, l = blockwise.attention(q[i:i + 1, r0:r1, hs], k[i:i + 1, :, j:j + 1],
+                                       v[i:i + 1, :, j:j + 1],
+                                       q_pos=None if q_pos is None else q_pos[r0:r1], k_pos=k_pos, **kw)
+            out[i:i + 1, r0:r1, hs] = o
+            lse[i:i + 1, hs, r0:r1] = l
+        return run
+    _run([share(i, j, r0, r1) for i in range(b) for j in range(hkv) for r0, r1 in rows], workers)
+    return out, lse
+
+
+def numpy_attention_backward(q, k, v, out, lse, dout, *, causal, scale, q_pos=None, k_pos=None,
+                             block_q=None, block_k=None, progress=None, mask=None, workers=1):
+    """``blockwise_backward.attention_backward`` on ``workers`` threads, one (batch, kv head)
+    share each (dk/dv sum over all queries, so rows are not split)."""
+    kw = dict(causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
+              block_k=block_k, check_finite=False, **_mask_kw(mask))
+    b, _, h, _ = q.shape
+    hkv = k.shape[2]
+    if workers <= 1 or progress is not None or b * hkv == 1:
+        return blockwise_backward.attention_backward(q, k, v, out, lse, dout, progress=progress, **kw)
+    g = h // hkv
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+
+    def share(i, j):
+        hs, ks = slice(j * g, (j + 1) * g), slice(j, j + 1)
+
+        def run():
+            grads = blockwise_backward.attention_backward(
+                q[i:i + 1, :, hs], k[i:i + 1, :, ks], v[i:i + 1, :, ks], out[i:i + 1, :, hs],
+                lse[i:i + 1, hs], dout[i:i + 1, :, hs], **kw)
+            dq[i:i + 1, :, hs], dk[i:i + 1, :, ks], dv[i:i + 1, :, ks] = grads
+        return run
+    _run([share(i, j) for i in range(b) for j in range(hkv)], workers)
+    return dq, dk, dv
