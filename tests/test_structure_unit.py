@@ -27,7 +27,7 @@ LAYERS = [
               "hpcattn.machine", "hpcattn.footprint"]),
     # 1: how data is laid out and moved; input checks
     ("layout", ["hpcattn.layouts", "hpcattn.masks", "hpcattn.validate", "hpcattn.exchange", "hpcattn.inputs",
-                "hpcattn.merge"]),
+                "hpcattn.merge", "hpcattn.traffic"]),
     # 2: per-rank kernels: NumPy (blockwise) and CUDA (gpu/, which never sees the ring)
     ("kernels", ["hpcattn.blockwise", "hpcattn.blockwise_backward", "hpcattn.gpu",
                  "hpcattn.cpu_kernels", "hpcattn.cpu_pool", "hpcattn.cpu_short",
