@@ -24,8 +24,8 @@ import numpy as np
 
 from . import backend
 from .errors import CollectiveError
-from .ring import check_ring_inputs, ring_attention, ring_over
-from .ring_backward import check_backward_inputs, ring_attention_backward, ring_backward_over
+from .ring import check_context_inputs, mask_spec, ring_attention, ring_over
+from .ring_backward import check_backward_context, ring_attention_backward, ring_backward_over
 from .ulysses import _Relayout, head_plan, over_heads, ulysses_attention, ulysses_attention_backward
 
 STRATEGIES = ("ring", "ulysses", "hybrid")
@@ -92,20 +92,24 @@ class _Grid:
 
 def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = False,
                      layout: str = "contiguous", scale: float | None = None,
-                     stats: dict | None = None, **block_kw):
-    """The 2-D strategy (see the module docstring); same contract as ``ring_attention``."""
+                     stats: dict | None = None, window=None, cu_seqlens=None,
+                     align: str = "top-left", **block_kw):
+    """The 2-D strategy (see the module docstring); same contract as ``ring_attention`` (masks
+    included: the ring across groups applies them by global positions)."""
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist = check_ring_inputs(q, k, v, comm, layout, be)
+    dist, mask = check_context_inputs(q, k, v, comm, layout, be,
+                                      mask_spec(causal, window, cu_seqlens, align))
     with _Grid(comm, dist, ulysses_size, q.shape[2], k.shape[2], be) as grid:
         ring_stats: dict = {}
 
         def attend(qg, kg, vg):
             return ring_over(be.to_device(qg), be.to_device(kg), be.to_device(vg), grid.across,
-                             grid.dist, be, causal=causal, scale=scale, stats=ring_stats, **block_kw)
+                             grid.dist, be, causal=causal, scale=scale, stats=ring_stats, mask=mask,
+                             **block_kw)
 
         t0 = time.perf_counter()
         out, lse, sent = over_heads(q, k, v, grid.move, attend)
@@ -118,7 +122,8 @@ def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = Fa
 
 def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_size: int,
                               causal: bool = False, layout: str = "contiguous",
-                              scale: float | None = None, stats: dict | None = None, **block_kw):
+                              scale: float | None = None, stats: dict | None = None, window=None,
+                              cu_seqlens=None, align: str = "top-left", **block_kw):
     """``(dq, dk, dv)`` of this rank's shard for the 2-D strategy: the group's all-to-all gives
     every member the group's rows of q, k, v, out, dout and lse for its heads, a backward ring
     across the groups differentiates them, and the gradients go back to the rows' owners. Same
@@ -128,7 +133,8 @@ def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_siz
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist = check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be)
+    dist, mask = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
+                                        mask_spec(causal, window, cu_seqlens, align))
     h, hkv = q.shape[2], k.shape[2]
     with _Grid(comm, dist, ulysses_size, h, hkv, be) as grid:
         move = grid.move
@@ -142,7 +148,7 @@ def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_siz
             qg, kg, vg, og, dg = (be.to_device(x) for x in (*full[:4], full[4]))
             grads = [be.to_host(g) for g in ring_backward_over(
                 qg, kg, vg, og, be.to_device(lse_full), dg, grid.across, grid.dist, be,
-                causal=causal, scale=scale, stats=ring_stats, **block_kw)]
+                causal=causal, scale=scale, stats=ring_stats, mask=mask, **block_kw)]
         else:
             grads = [np.zeros_like(full[0]), np.zeros_like(full[1]), np.zeros_like(full[2])]
         replicated = hkv < move.comm.size

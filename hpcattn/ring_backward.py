@@ -10,8 +10,10 @@ between tiles, so they hide behind compute. Partial dK/dV are carried in float32
 float64 inputs), never rounded to a lower input precision, which keeps the error flat in P; dq
 never travels.
 
-Causal: a block whose keys all lie in the future of every local query is skipped (its
-accumulator passes on unchanged). Every layout, uneven N and GQA work as in the forward.
+Masks (causal, windows, packed sequences) as in the forward: a block the mask hides from every
+local query is skipped (its accumulator passes on unchanged), and the ring runs the forward's
+number of steps (``ring.ring_plan``); when that is S < P, the last hop of each accumulator goes
+from rank ``owner + S - 1`` straight home. Every layout, uneven N and GQA work as in the forward.
 
 The backend (``hpcattn.backend``, chosen once from q) supplies the per-block state, the exchange
 and the step clock: on CPU ``blockwise_backward.BackwardState``, on GPU the backward kernels per
@@ -25,7 +27,8 @@ import time
 from . import backend, exchange
 from .blockwise_backward import backward_input_error
 from .errors import CollectiveError
-from .ring import check_ring_inputs
+from .masks import resolve
+from .ring import check_context_inputs, mask_spec, ring_plan
 
 KV_TAG, GRAD_TAG = 11, 12  # the two exchanges run at once between the same ranks
 
@@ -34,24 +37,31 @@ def check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be=None):
     """Collective validation of everything the backward reads: the same CollectiveError on every
     rank (never a hang), or the sequence's Distribution. ``be``: q's backend (default
     ``backend.select(q)``)."""
+    return check_backward_context(q, k, v, out, lse, dout, comm, layout, be)[0]
+
+
+def check_backward_context(q, k, v, out, lse, dout, comm, layout, be=None, spec=None):
+    """:func:`check_backward_inputs` plus the mask (``ring.mask_spec``): ``(dist, bound mask)``."""
     be = backend.select(q) if be is None else be
-    dist = check_ring_inputs(q, k, v, comm, layout, be)
+    dist, mask = check_context_inputs(q, k, v, comm, layout, be, spec)
     errors = exchange.allgather(comm, backward_input_error(q, k, v, out, lse, dout, allowed=be.dtypes,
                                                            xp=be.xp),
                                 "checking the ring backward's inputs")
     for r, err in enumerate(errors):
         if err:
             raise CollectiveError(f"rank {r}: {err}")
-    return dist
+    return dist, mask
 
 
 def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool = False,
                             layout: str = "contiguous", scale: float | None = None,
-                            stats: dict | None = None, **block_kw):
+                            stats: dict | None = None, window=None, cu_seqlens=None,
+                            align: str = "top-left", **block_kw):
     """``(dq, dk, dv)`` of this rank's shard, given the forward's ``out``/``lse`` shards (from
     ``ring_attention``) and ``dout = dL/dout`` for them; identical (to rounding) to single-rank
     ``attention_backward`` on the global arrays. NumPy or CuPy arrays (the backend is chosen once
-    from q). ``stats`` (a dict) receives ``compute_s``, ``wait_s`` (time not covered by compute),
+    from q). The mask (``causal``, ``window``, ``cu_seqlens``, ``align``) must be the forward's.
+    ``stats`` (a dict) receives ``compute_s``, ``wait_s`` (time not covered by compute),
     ``steps`` and ``skipped`` like the forward's.
     """
     if comm is None:
@@ -59,37 +69,41 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool 
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist = check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be)
+    dist, mask = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
+                                        mask_spec(causal, window, cu_seqlens, align))
     return ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, causal=causal, scale=scale,
-                              stats=stats, **block_kw)
+                              stats=stats, mask=mask, **block_kw)
 
 
 def ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, *, causal: bool, scale, stats=None,
-                       **block_kw):
+                       mask=None, **block_kw):
     """The backward ring on validated shards; ``dist`` as for ``hpcattn.ring.ring_over`` (any
-    value with ``counts``, ``count(r)``, ``positions(r)``, e.g. the hybrid strategy's groups)."""
+    value with ``counts``, ``count(r)``, ``positions(r)``, e.g. the hybrid strategy's groups);
+    ``mask`` as for ``ring_over`` (None: plain ``causal``)."""
     size, rank = comm.size, comm.rank
+    mask = resolve(mask, causal, dist.n, dist.n)
+    kw = backend.mask_kwargs(be, mask)
     clock = be.clock()
+    steps = size
     if size == 1:
-        pos = dist.positions(0) if causal else None
+        pos = None if mask.trivial else dist.positions(0)
         clock.start()
-        grads = be.attention_backward(q, k, v, out, lse, dout, causal=causal, scale=scale, q_pos=pos,
-                                      k_pos=pos, **block_kw)
+        grads = be.attention_backward(q, k, v, out, lse, dout, scale=scale, q_pos=pos, k_pos=pos,
+                                      **kw, **block_kw)
         clock.computed()
         timing = {"compute_s": clock.stop()[0], "wait_s": 0.0, "skipped": 0}
     else:
-        state = be.backward_state(q, out, lse, dout, k.shape[2], causal=causal, scale=scale,
-                                  q_pos=dist.positions(rank), **block_kw)
-        grads, timing = _ring(state, be, clock, k, v, comm, dist, causal)
+        state = be.backward_state(q, out, lse, dout, k.shape[2], scale=scale,
+                                  q_pos=dist.positions(rank), **kw, **block_kw)
+        steps, useful = ring_plan(dist, mask, size, rank)
+        grads, timing = _ring(state, be, clock, k, v, comm, dist, steps, useful)
     if stats is not None:
-        stats.update(steps=size, **timing)
+        stats.update(steps=steps, **timing)
     return grads
 
 
-def _ring(state, be, clock, k, v, comm, dist, causal):
+def _ring(state, be, clock, k, v, comm, dist, steps, useful):
     size, rank = comm.size, comm.rank
-    q_pos = dist.positions(rank)
-    q_last = int(q_pos.max()) if len(q_pos) else -1  # positions need not be sorted (hybrid groups)
     widest = max(dist.counts)
     xp = be.xp
     # K/V travel in the form (and precision) the state consumes; dK/dV always in acc_dtype
@@ -106,11 +120,11 @@ def _ring(state, be, clock, k, v, comm, dist, causal):
     compute_s = 0.0
     skipped = 0
     t_start = time.perf_counter()
-    for step in range(size):
+    for step in range(steps):
         src = (rank - step) % size              # whose block we hold now
         n_src = dist.count(src)
         cur, nxt = kv_bufs[step % 2], kv_bufs[(step + 1) % 2]
-        if step < size - 1:
+        if step < steps - 1:
             kv_ring.send_recv(cur[: state.packed_size(n_src)],
                               nxt[: state.packed_size(dist.count((src - 1) % size))], tag=KV_TAG,
                               step=step)
@@ -120,8 +134,7 @@ def _ring(state, be, clock, k, v, comm, dist, causal):
         k_pos = dist.positions(src)
         # step 0: nothing arrives, so this rank's share is the whole sum so far
         share = (sending if step == 0 else mine)[: state.grads_size(n_src)]
-        # else every key is in every query's future
-        visible = not (causal and (not len(k_pos) or q_last < int(k_pos.min())))
+        visible = useful[step]                  # else the mask hides every key from every query
         clock.start()
         if visible:
             share.fill(0)
@@ -139,9 +152,12 @@ def _ring(state, be, clock, k, v, comm, dist, causal):
                 clock.computed()
                 compute_s += clock.stop()[0]
             sending, arriving = arriving, sending
-    # the last hop: every rank holds the full sum of block rank+1; send it home, receive ours
-    grad_ring.send_recv(sending[: state.grads_size(dist.count((rank + 1) % size))],
-                        arriving[: state.grads_size(dist.count(rank))], tag=GRAD_TAG, step=size)
+    # the last hop: every rank holds the full sum of block rank-(steps-1) (rank+1 after all P
+    # steps); send it home, receive ours from rank+(steps-1)
+    home = (rank - (steps - 1)) % size
+    grad_ring.right, grad_ring.left = home, (rank + steps - 1) % size
+    grad_ring.send_recv(sending[: state.grads_size(dist.count(home))],
+                        arriving[: state.grads_size(dist.count(rank))], tag=GRAD_TAG, step=steps)
     clock.start()
     dq = state.dq()
     clock.computed()

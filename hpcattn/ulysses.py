@@ -176,33 +176,36 @@ def over_heads(q, k, v, move: _Relayout, attend):
 
 def ulysses_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool = False,
                                layout: str = "contiguous", scale: float | None = None,
-                               stats: dict | None = None, **block_kw):
+                               stats: dict | None = None, window=None, cu_seqlens=None,
+                               align: str = "top-left", **block_kw):
     """``(dq, dk, dv)`` of this rank's shard by all-to-all over heads: q, k, v, out, dout and lse
     go to the head-sharded layout, every rank runs the per-rank backward over the whole sequence
     for its heads, and the gradients come back (kv heads replicated for ``kv_heads < P`` have
     their copies' gradients summed). Same contract as ``hpcattn.ring_attention_backward``."""
     import time
 
-    from .ring_backward import check_backward_inputs
+    from .ring_backward import check_backward_context
 
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist = check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be)
+    dist, mask = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
+                                        mask_spec(causal, window, cu_seqlens, align))
     b, _, h, d = q.shape
     hkv = k.shape[2]
     plan = head_plan(h, hkv, comm.size)
     move = _Relayout(comm, dist.counts, plan, be)
     full = [move.to_heads(x, which) for x, which in ((q, 0), (k, 1), (v, 1), (out, 0), (dout, 0))]
     lse_full = move.lse_to_heads(lse)
-    pos = dist.global_order if causal else None
+    pos = None if mask.trivial else dist.global_order
+    kw = backend.mask_kwargs(be, mask)
     t0 = time.perf_counter()
     if len(move.mine[0]):
         dev = [be.to_device(x) for x in (*full[:4], lse_full, full[4])]
-        grads = [be.to_host(g) for g in be.attention_backward(*dev, causal=causal, scale=scale,
-                                                               q_pos=pos, k_pos=pos, **block_kw)]
+        grads = [be.to_host(g) for g in be.attention_backward(*dev, scale=scale, q_pos=pos,
+                                                               k_pos=pos, **kw, **block_kw)]
     else:
         grads = [np.zeros_like(full[0]), np.zeros_like(full[1]), np.zeros_like(full[2])]
     compute = time.perf_counter() - t0

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from hpcattn import CollectiveError, LAYOUTS, ring_attention, shard, unshard
+from hpcattn.context import context_attention, context_attention_backward
 from hpcattn.reference import naive_attention, naive_attention_backward
 from hpcattn.ring import ring_plan
+from hpcattn.ring_backward import ring_attention_backward
 from hpcattn.ulysses import ulysses_attention
 from test_masks_unit import MASKS, mask_args
 from test_ring_mpi import global_inputs  # one definition of the shared random inputs
@@ -71,6 +73,46 @@ def test_ulysses_masks_equal_reference(layout, name):
     assert np.abs(_gathered(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
 
 
+def _grads_match(local_grads, comm, layout, ref_grads, tol):
+    for got, want in zip(local_grads, ref_grads):
+        assert np.abs(_gathered(got, comm, layout) - want).max() < tol
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", RING_MASKS)
+def test_ring_backward_masks_equal_reference(layout, name):
+    comm = MPI.COMM_WORLD
+    args = mask_args(name, N)
+    q, k, v = global_inputs(N, h=4, hkv=2)
+    dout = np.random.default_rng(3).standard_normal(q.shape)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, lse = ring_attention(*local, comm, layout=layout, block_q=4, block_k=8, **args)
+    grads = ring_attention_backward(*local, out, lse, shard(dout, comm, layout), comm, layout=layout,
+                                    block_q=4, block_k=8, **args)
+    _grads_match(grads, comm, layout, naive_attention_backward(q, k, v, dout, **args), 1e-11)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "hybrid"])
+@pytest.mark.parametrize("name", ["causal-window", "varlen-causal", "causal-bottom-right"])
+def test_every_strategy_takes_masks_forward_and_backward(strategy, name):
+    comm = MPI.COMM_WORLD
+    layout = "zigzag"
+    args = mask_args(name, N)
+    grid = {"ulysses_size": 2 if comm.size % 2 == 0 else 1} if strategy == "hybrid" else {}
+    q, k, v = global_inputs(N, h=4, hkv=2)
+    dout = np.random.default_rng(4).standard_normal(q.shape)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, lse = context_attention(*local, comm, strategy=strategy, layout=layout, **grid, **args)
+    assert np.abs(_gathered(out, comm, layout) - naive_attention(q, k, v, **args)[0]).max() < 1e-12
+    grads = context_attention_backward(*local, out, lse, shard(dout, comm, layout), comm,
+                                       strategy=strategy, layout=layout, **grid, **args)
+    _grads_match(grads, comm, layout, naive_attention_backward(q, k, v, dout, **args), 1e-11)
+
+
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
 def test_a_causal_window_stops_the_contiguous_ring_early():
@@ -85,6 +127,15 @@ def test_a_causal_window_stops_the_contiguous_ring_early():
     assert np.abs(_gathered(out, comm, "contiguous") - naive_attention(q, k, v, **args)[0]).max() < 1e-12
     assert stats["steps"] == min(size, 2)
     assert stats["skipped"] == (1 if comm.rank == 0 and size > 1 else 0)
+    # the backward runs the same steps; each dK/dV accumulator's last hop goes straight home
+    dout = np.random.default_rng(2).standard_normal(q.shape)
+    local = [shard(x, comm, "contiguous") for x in (q, k, v, dout)]
+    out, lse = ring_attention(*local[:3], comm, layout="contiguous", **args)
+    bstats = {}
+    grads = ring_attention_backward(*local[:3], out, lse, local[3], comm, layout="contiguous",
+                                    stats=bstats, **args)
+    assert bstats["steps"] == min(size, 2)
+    _grads_match(grads, comm, "contiguous", naive_attention_backward(q, k, v, dout, **args), 1e-11)
 
 
 def test_ring_plan_agrees_on_every_rank_and_skips_hidden_blocks():
