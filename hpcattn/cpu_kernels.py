@@ -105,9 +105,12 @@ def expressible(q, k, *, causal, q_pos, k_pos, block_q, block_k, mask=None) -> b
     return str(q.dtype) in ("float32", "float64", *HALF_DTYPES)
 
 
-def choose(q, k, **call) -> str:
-    """The kernel name for this call under :func:`requested`."""
-    want = requested()
+def choose(q, k, kernel=None, **call) -> str:
+    """The kernel name for this call under ``kernel`` (auto|numpy|torch; default
+    :func:`requested`)."""
+    if kernel is not None and kernel not in CHOICES:
+        raise HpcattnError(f"kernel {kernel!r} is unknown; expected one of {', '.join(CHOICES)}")
+    want = kernel or requested()
     if want == "numpy":
         return NUMPY_KERNEL
     if want == "torch" and torch_reason():
@@ -161,11 +164,12 @@ def _call_kw(q, causal, scale, mask):
 
 
 def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, block_q=None,
-              block_k=None, progress=None, mask=None, workers=None):
-    """Per-rank ``(out, lse)`` on the chosen kernel (inputs validated by the caller)."""
+              block_k=None, progress=None, mask=None, workers=None, kernel=None):
+    """Per-rank ``(out, lse)`` on the chosen kernel (inputs validated by the caller); ``workers``
+    (default ``_threads.kernel_workers()``) and ``kernel`` (default ``HPCATTN_CPU_KERNEL``)."""
     _check_half(q)
     workers = kernel_workers() if workers is None else workers
-    kernel = choose(q, k, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
+    kernel = choose(q, k, kernel, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                     block_k=block_k, mask=mask)
     LAST["forward"] = kernel
     if kernel == NUMPY_KERNEL:
@@ -184,11 +188,12 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, bloc
 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, q_pos=None, k_pos=None,
-                       block_q=None, block_k=None, progress=None, mask=None, workers=None):
+                       block_q=None, block_k=None, progress=None, mask=None, workers=None,
+                       kernel=None):
     """Per-rank ``(dq, dk, dv)`` on the chosen kernel (inputs validated by the caller)."""
     _check_half(q)
     workers = kernel_workers() if workers is None else workers
-    kernel = choose(q, k, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
+    kernel = choose(q, k, kernel, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                     block_k=block_k, mask=mask)
     if kernel == TORCH_KERNEL and str(lse.dtype) != ("float64" if q.dtype == np.float64 else "float32"):
         kernel = NUMPY_KERNEL  # torch's backward reads its own lse precision

@@ -1,5 +1,5 @@
 """The measuring parts of ``hpcattn bench``, each run in its own child process: ``serial``
-(GEMM, blockwise, vanilla MHA, torch SDPA in one process), ``ring`` (under mpiexec; with the
+(GEMM, hpcattn's kernels, vanilla MHA, torch SDPA in one process, interleaved; ``bench.kernels``), ``ring`` (under mpiexec; with the
 ring forward+backward of ``bench.backward`` when that section is on) and ``maxn`` (the longest N
 vanilla MHA and the ring fit in the per-rank budget)."""
 from __future__ import annotations
@@ -43,42 +43,29 @@ def gemm_rates(cfg: BenchConfig) -> dict:
 
 
 def serial_part(cfg: BenchConfig) -> dict:
-    """GEMM, blockwise attention, vanilla MHA, torch SDPA: one process, same threads."""
+    """GEMM, hpcattn (its chosen kernel and both kernels), vanilla MHA, torch SDPA interleaved in
+    one process with the same threads; then 1 core against C cores, bfloat16 and the decode-like
+    shapes (``bench.kernels``)."""
     import numpy as np
 
-    from ..blockwise import attention
+    from .kernels import cores_rates, decode_rates, half_rates, kernel_rates
 
     res = {"gemm": gemm_rates(cfg)}
     q, k, v = _inputs(cfg, cfg.seq_len)
-    flops = cfg.flops()
-    res["blockwise"] = summarize(timed(lambda: attention(q, k, v, causal=cfg.causal), cfg.repeats),
-                                flops)
     # vanilla: one head at a time keeps the N x N matrix affordable at the bench's N (same FLOPs,
     # same passes); the all-heads form is what the max-N comparison sizes
-    res["vanilla"] = summarize(timed(lambda: vanilla_mha(q, k, v, causal=cfg.causal,
-                                                        heads_at_once=False), cfg.repeats), flops)
+    rates = kernel_rates(cfg, q, k, v, {"vanilla": lambda: vanilla_mha(
+        q, k, v, causal=cfg.causal, heads_at_once=False)})
+    res["gemm"]["square"] = rates.pop("gemm")      # interleaved with the rest: the reference
+    res["vanilla"] = rates.pop("vanilla")
     res["vanilla"]["bytes_per_n2"] = 4.0 * cfg.batch * np.dtype(cfg.dtype).itemsize
-    if cfg.torch:
-        res["torch"] = torch_sdpa(cfg, q, k, v, flops)
+    res["torch"] = rates.pop("torch", None)
+    res["kernels"] = rates
+    res["blockwise"] = rates["numpy_blockwise"]
+    res["cores"] = cores_rates(cfg, q, k, v)
+    res["half"] = half_rates(cfg, q, k, v)
+    res["decode"] = decode_rates(cfg)
     return res
-
-
-def torch_sdpa(cfg: BenchConfig, q, k, v, flops) -> dict | None:
-    """``torch.nn.functional.scaled_dot_product_attention`` on the same inputs, or None."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(cfg.threads)
-    tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (q, k, v))
-
-    def run():
-        with torch.inference_mode():
-            torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=cfg.causal)
-    out = summarize(timed(run, cfg.repeats), flops)
-    out["version"] = torch.__version__
-    return out
-
 
 
 def shard_footprint(cfg: BenchConfig, n_local: int, heads: int | None = None) -> int:

@@ -30,26 +30,88 @@ def header(cfg: BenchConfig, info: dict) -> str:
     ])
 
 
-def _row(name, s, ref=None, extra=""):
+def _row(name, s, ref=None, extra="", torch=None):
     ratio = f"{s['gflops'] / ref:8.2f}" if ref else " " * 8
-    return (f"  {name:<34s}{s['median_s']:10.3f}  {s['gflops_min']:7.1f}-{s['gflops_max']:<7.1f}"
-            f"{s['gflops']:9.1f}{ratio}{extra}")
+    vs_torch = f"{s['gflops'] / torch:9.2f}" if torch else " " * 9
+    return (f"  {name:<44s}{s['median_s']:10.3f}  {s['gflops_min']:7.1f}-{s['gflops_max']:<7.1f}"
+            f"{s['gflops']:9.1f}{ratio}{vs_torch}{extra}")
 
 
 def serial_table(cfg: BenchConfig, res: dict) -> str:
     gemm = res["gemm"]["square"]["gflops"]
-    lines = [f"\nper-rank attention ({_shape(cfg)}; {cfg.threads} thread(s))",
-             f"  {'':<34s}{'median s':>10s}  {'GFLOP/s min-max':<15s}{'GFLOP/s':>9s}{'vs GEMM':>8s}",
+    ker = res.get("kernels", {})
+    sdpa = res["torch"]["gflops"] if res.get("torch") else None
+    lines = [f"\nper-rank attention ({_shape(cfg)}; {cfg.threads} thread(s); one process, "
+             "interleaved per repeat)",
+             f"  {'':<44s}{'median s':>10s}  {'GFLOP/s min-max':<15s}{'GFLOP/s':>9s}{'vs GEMM':>8s}"
+             f"{'vs torch':>9s}",
              _row(f"GEMM {cfg.gemm_n}^3 (square)", res["gemm"]["square"], gemm),
              _row(f"GEMM 512x{cfg.head_dim}x512 (attention shape)", res["gemm"]["attention_shaped"],
-                  gemm, "  (x16 per timing)"),
-             _row("hpcattn blockwise", res["blockwise"], gemm),
-             _row("vanilla NumPy MHA (N x N scores)", res["vanilla"], gemm, "  (one head at a time)")]
+                  gemm, "  (x16 per timing; timed before the others)")]
+    if "hpcattn" in ker:
+        lines.append(_row(f"hpcattn attention [{ker['kernel']}]", ker["hpcattn"], gemm, torch=sdpa))
+    lines.append(_row("hpcattn blockwise (numpy-blockwise kernel)", res["blockwise"], gemm, torch=sdpa))
+    if "torch_flash" in ker:
+        lines.append(_row("hpcattn on torch-flash kernel", ker["torch_flash"], gemm, torch=sdpa))
+    lines.append(_row("vanilla NumPy MHA (N x N scores)", res["vanilla"], gemm, "  (one head at a time)",
+                      torch=sdpa))
     if res.get("torch"):
-        lines.append(_row(f"torch SDPA {res['torch']['version']}", res["torch"], gemm))
+        lines.append(_row(f"torch SDPA {res['torch']['version']}", res["torch"], gemm, torch=sdpa))
     elif cfg.torch:
-        lines.append("  torch SDPA                        not installed (optional comparison)")
+        lines.append("  torch SDPA                                  not installed (optional comparison)")
+    for table in (_cores_lines, _half_lines, _decode_lines):
+        lines += table(cfg, res, gemm)
     return "\n".join(lines)
+
+
+def _cores_lines(cfg: BenchConfig, res: dict, gemm) -> list:
+    cores = res.get("cores")
+    if not cores:
+        return []
+    c = cores["cores"]
+    head = f"\none process on 1 core vs {c} cores ({_shape(cfg)}; worker threads, 1 BLAS thread each)"
+    if "reason" in cores:
+        return [head, f"  not measured: {cores['reason']}"]
+    lines = [head, f"  {'kernel':<28s}{'1 core GFLOP/s':>15s}{f'{c} cores GFLOP/s':>17s}{'speed-up':>10s}"]
+    for name, key in (("numpy-blockwise (cpu_pool)", "numpy"), ("torch-flash (set_num_threads)", "torch")):
+        if f"{key}_1" in cores:
+            one, many = cores[f"{key}_1"]["gflops"], cores[f"{key}_{c}"]["gflops"]
+            lines.append(f"  {name:<28s}{one:15.1f}{many:17.1f}{many / one:9.2f}x")
+    return lines
+
+
+def _half_lines(cfg: BenchConfig, res: dict, gemm) -> list:
+    half = res.get("half")
+    if not half:
+        return []
+    if "reason" in half:
+        return [f"\nbfloat16: not run: {half['reason']}"]
+    lines = [f"\nbfloat16 ({_shape(cfg).replace(cfg.dtype, 'bfloat16')}; float32 accumulation)"]
+    torch = half["torch"]["gflops"] if "torch" in half else None
+    lines.append(_row("hpcattn attention [torch-flash]", half["hpcattn"], gemm, torch=torch))
+    if torch:
+        lines.append(_row("torch SDPA bfloat16", half["torch"], gemm, torch=torch))
+    return lines
+
+
+def _decode_lines(cfg: BenchConfig, res: dict, gemm) -> list:
+    rows = res.get("decode")
+    if not rows:
+        return []
+    square = res.get("kernels", {}).get("hpcattn", res["blockwise"])["gflops"]
+    lines = [f"\ndecode-like shapes (B={cfg.batch}, H={cfg.heads}, d={cfg.head_dim}, {cfg.dtype}, "
+             "non-causal); vs square: the GFLOP/s over hpcattn's at the square shape above",
+             f"  {'queries x keys':<18s}{'hpcattn GFLOP/s':>16s}{'vs square':>10s}"
+             f"{'default tiles':>14s}{'vs square':>10s}{'torch SDPA':>12s}{'vs square':>10s}"]
+    for r in rows:
+        cells = ""
+        for key in ("hpcattn", "blockwise_default_tiles", "torch"):
+            if key in r:
+                ref = square if key != "torch" else (res["torch"] or {}).get("gflops", square)
+                cells += f"{r[key]['gflops']:{16 if key == 'hpcattn' else 12}.1f}{r[key]['gflops'] / ref:10.2f}"
+        lines.append(f"  {r['nq']:>8,d} x {r['nk']:<7,d}{cells}")
+    lines.append("  torch SDPA's ratio is to torch SDPA's own square-shape rate")
+    return lines
 
 
 def ring_table(cfg: BenchConfig, rings: dict, gemm: float | None) -> str:
