@@ -20,7 +20,7 @@ def test_quick_prints_tables_and_writes_results(tmp_path):
     for needle in ("machine", "numpy", "threads", "GEMM", "hpcattn blockwise", "vanilla NumPy MHA",
                    "ring attention", "wall/compute", "longest sequence", "ring / vanilla",
                    "forward + backward", "hpcattn forward+backward", "ring forward + backward",
-                   "2.5 x forward"):
+                   "2.5 x forward", "context-parallel strategies", "MiB sent/rank (max) measured"):
         assert needle in text, needle
     assert "torch SDPA forward" not in text and "skipped (--no-torch)" in text
     lines = [ln.split() for ln in text.splitlines() if ln.strip()[:2] in ("1 ", "2 ")]
@@ -29,7 +29,7 @@ def test_quick_prints_tables_and_writes_results(tmp_path):
     assert [ln[0] for ln in ring_bwd] == ["P=1", "P=2"]   # one ring forward+backward row per rank count
     with h5py.File(out) as f:
         kinds = sorted(g.attrs["kind"] for g in f["cases"].values())
-        assert kinds == ["bench_backward", "bench_maxn", "bench_ring", "bench_serial"]
+        assert kinds == ["bench_backward", "bench_maxn", "bench_ring", "bench_serial", "bench_strategies"]
         bwd = f["cases/case_0003/backward"]
         serial = bwd["serial"]
         assert serial["hpcattn_fwd_bwd/median_s"][()] > serial["hpcattn_fwd/median_s"][()] > 0

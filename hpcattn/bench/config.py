@@ -6,8 +6,9 @@ import dataclasses
 from ..measure import attention_flops
 
 #: the parts a run can measure (``--parts``): per-rank rates, ring scaling, the max-N
-#: comparison, and forward+backward beside torch SDPA (serial and on the ring)
-SECTIONS = ("serial", "ring", "maxn", "backward")
+#: comparison, forward+backward beside torch SDPA (serial and on the ring), and every
+#: context-parallel strategy on the largest --ranks (``bench.strategies``)
+SECTIONS = ("serial", "ring", "maxn", "backward", "strategies")
 
 
 @dataclasses.dataclass

@@ -86,6 +86,16 @@ def run_bench(cfg: BenchConfig, echo=print) -> dict:
                                "ring": {str(p): r["ring_backward"] for p, r in rings.items()}}
         echo(backward_table(cfg, results["backward"]["serial"]))
         echo(ring_backward_table(cfg, results["backward"]["ring"]))
+    if "strategies" in cfg.sections:
+        top = max(cfg.ranks)
+        if top < 2:
+            echo(f"\ncontext-parallel strategies: skipped (the largest --ranks is {top}; they "
+                 "need at least 2 ranks)")
+        else:
+            from .strategies import strategies_table
+
+            results["strategies"] = run_child("strategies", cfg, ranks=top)
+            echo(strategies_table(cfg, results["strategies"]))
     results["machine"]["load_avg_after"] = list(os.getloadavg())
     return results
 

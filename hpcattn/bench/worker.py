@@ -17,6 +17,14 @@ def main(part: str, payload: str) -> None:
         res = ring_part(cfg, MPI.COMM_WORLD, args["maxn"])
         if MPI.COMM_WORLD.rank != 0:
             return
+    elif part == "strategies":
+        from mpi4py import MPI
+
+        from .strategies import strategies_part
+
+        res = strategies_part(cfg, MPI.COMM_WORLD)
+        if MPI.COMM_WORLD.rank != 0:
+            return
     elif part == "serial":
         res = serial_part(cfg)
     elif part == "maxn":

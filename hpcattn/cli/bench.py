@@ -63,17 +63,21 @@ def bench(quick, seq_len, batch, heads, head_dim, dtype, causal, threads, ranks,
     """Measure blockwise and ring attention side by side with this machine's GEMM rate, vanilla
     NumPy attention and (when installed) PyTorch's SDPA, in one run under one load.
 
-    Prints the machine, library versions and thread settings, then three tables: per-rank
+    Prints the machine, library versions and thread settings, then the tables: per-rank
     GFLOP/s and the ratio to the single-process GEMM rate; the ring on each --ranks count (wall
-    over compute time, peak memory over the shard footprint, scaling against 1 rank); and the
+    over compute time, peak memory over the shard footprint, scaling against 1 rank); the
     longest N vanilla MHA and the ring each fit in --max-n-budget MiB per rank, predicted from
-    measured memory and confirmed by real runs. Benchmarks report, they never fail on timings.
+    measured memory and confirmed by real runs; forward+backward beside torch SDPA; and every
+    context-parallel strategy (ring, Ulysses, hybrid grids) on the largest --ranks with the
+    bytes each rank sent, counted at the MPI calls, beside the model's prediction. Benchmarks
+    report, they never fail on timings.
 
     \b
     Examples:
       hpcattn bench --quick
       hpcattn bench --seq-len 16384 --heads 8 --head-dim 64 --ranks 1,2
       hpcattn bench --parts ring --seq-len 65536 --ranks 2 --repeats 1
+      hpcattn bench --parts strategies --ranks 4 --heads 8 --causal
     """
     from ..bench import QUICK, BenchConfig, run_bench, save
 
