@@ -161,11 +161,11 @@ def attention(attend, q, k, v, mask, *, scale=None, q_pos=None, k_pos=None, xp=n
 
 
 def attention_backward(attend_backward, q, k, v, out, lse, dout, mask, *, scale=None, q_pos=None,
-                       k_pos=None, xp=np, span: int = DEFAULT_SPAN):
+                       k_pos=None, xp=np, span: int = DEFAULT_SPAN, out_dtype=None, **attend_kw):
     """``(dq, dk, dv)`` under ``mask`` by calls of ``attend_backward(q, k, v, out, lse, dout,
-    causal=, scale=, q_pos=, k_pos=)``; every run is differentiated against the global ``out``
-    and ``lse``, so the runs' gradients add up to the exact ones (summed in float32, float64
-    for float64)."""
+    causal=, scale=, q_pos=, k_pos=, **attend_kw)``; every run is differentiated against the
+    global ``out`` and ``lse``, so the runs' gradients add up to the exact ones (summed in
+    float32, float64 for float64). ``out_dtype``: the gradients' dtype (default the inputs')."""
     nq, nk = q.shape[1], k.shape[1]
     plan = make_plan(mask, np.arange(nq) if q_pos is None else q_pos,
                      np.arange(nk) if k_pos is None else k_pos, span)
@@ -185,13 +185,14 @@ def attention_backward(attend_backward, q, k, v, out, lse, dout, mask, *, scale=
             gq, gk, gv = attend_backward(qs[:, rows], ks[:, keys], vs[:, keys], os_[:, rows],
                                          ls[:, :, rows], ds[:, rows], causal=r.kind != PLAIN,
                                          scale=scale, q_pos=None if qp is None else xp.asarray(qp),
-                                         k_pos=None if kp is None else xp.asarray(kp))
+                                         k_pos=None if kp is None else xp.asarray(kp), **attend_kw)
             dq[:, rows] += gq
             dk[:, keys] += gk
             dv[:, keys] += gv
     grads = []
     for g, order, like in ((dq, qo, q), (dk, ko, k), (dv, ko, v)):
-        back = xp.empty(g.shape, dtype=like.dtype)
-        back[:, order] = g.astype(like.dtype, copy=False)
+        dtype = like.dtype if out_dtype is None else np.dtype(out_dtype)
+        back = xp.empty(g.shape, dtype=dtype)
+        back[:, order] = g.astype(dtype, copy=False)
         grads.append(back)
     return tuple(grads)

@@ -156,3 +156,44 @@ def test_plan_with_the_cuda_kernels_under_emulation(spec):
                                          q_pos=q_pos, k_pos=k_pos, span=16)
     for name, got, want in zip(("dq", "dk", "dv"), grads, dense_attention(q, k, v, vis, dout)):
         assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-4, name
+
+
+def test_the_cuda_backend_plans_masks_for_calls_and_ring_states():
+    """hpcattn.backend.cuda with the CUDA kernels under emulation (xp NumPy): a masked call, a
+    ring rank's running state fed two key blocks, and the backward state, all equal the dense
+    definition. On a GPU the same code runs the real kernels (tests/test_gpu_*.py)."""
+    emulation = pytest.importorskip("hpcattn.emulation")
+    from hpcattn.backend.cuda import CudaBackend
+    from hpcattn.emulation.backward import attention_backward_emulated
+
+    try:
+        emulation.library()
+    except Exception as exc:
+        pytest.skip(f"the CUDA emulation cannot be built here: {exc}")
+    be = CudaBackend(attend=lambda *a, **kw: emulation.attention_emulated(*a, variant="simt", **kw),
+                     backward=attention_backward_emulated, xp=np)
+    spec = (40, 40, True, (6, -1), [0, 13, 40], "top-left", True)
+    rng = np.random.default_rng(5)
+    mask, q_pos, k_pos, vis = case(spec, rng)
+    q, k, v = inputs(rng, 40, 40, h=2, hkv=1, d=64, dtype=np.float32)
+    ref, ref_lse = dense_attention(q, k, v, vis)
+    out, lse = be.attention(q, k, v, causal=True, scale=None, q_pos=q_pos, k_pos=k_pos, mask=mask)
+    assert np.abs(out - ref).max() < 2e-5
+    part = be.partial(q, 1, causal=True, scale=None, q_pos=q_pos, mask=mask)
+    buf = np.empty(part.packed_size(40), np.float32)
+    for keys in (slice(0, 25), slice(25, 40)):   # two ring blocks
+        n = keys.stop - keys.start
+        part.pack(k[:, keys], v[:, keys], buf[: part.packed_size(n)])
+        part.add_packed(buf[: part.packed_size(n)], n, k_pos[keys])
+    got, got_lse = part.result()
+    assert np.abs(got - ref).max() < 2e-5 and np.abs(got_lse - lse).max() < 2e-5
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    want = dense_attention(q, k, v, vis, dout)
+    grads = be.attention_backward(q, k, v, out, lse, dout, causal=True, scale=None, q_pos=q_pos,
+                                  k_pos=k_pos, mask=mask)
+    state = be.backward_state(q, out, lse, dout, 1, causal=True, scale=None, q_pos=q_pos, mask=mask)
+    dk, dv = zip(*(state.block(k[:, s], v[:, s], k_pos=k_pos[s]) for s in (slice(0, 25), slice(25, 40))))
+    ring = (state.dq(), np.concatenate(dk, axis=1), np.concatenate(dv, axis=1))
+    for name, one, per_block, w in zip(("dq", "dk", "dv"), grads, ring, want):
+        assert one.dtype == np.float32 and np.abs(one - w).max() < 1e-4, name
+        assert np.abs(per_block - w).max() < 1e-4, name
