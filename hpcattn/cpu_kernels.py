@@ -221,7 +221,8 @@ def describe() -> dict:
     except HpcattnError as exc:
         return {"requested": os.environ.get(KERNEL_ENV), "error": str(exc)}
     why = torch_reason()
-    default = NUMPY_KERNEL if want == "numpy" or why else TORCH_KERNEL
-    return {"requested": want, "default": default, "torch": why or "available",
+    on_torch = [] if want == "numpy" or why else list(AUTO_TORCH_DTYPES if want == "auto"
+                                                       else CPU_ATTENTION_DTYPES)
+    return {"requested": want, "torch_dtypes": on_torch, "torch": why or "available",
             "workers": kernel_workers(), "last": dict(LAST),
             **{dt: half_reason(dt) or "available" for dt in HALF_DTYPES}}

@@ -10,7 +10,7 @@ ring progresses MPI between tiles) stay on the calling thread.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -136,3 +136,44 @@ def numpy_attention_backward(q, k, v, out, lse, dout, *, causal, scale, q_pos=No
         return run
     _run([share(i, j) for i in range(b) for j in range(hkv)], workers)
     return dq, dk, dv
+
+
+class ThreadedPartial:
+    """A ring rank's online state (``blockwise.PartialAttention``'s interface) on ``workers``
+    threads: the query rows are dealt out tile by tile (round robin, so causal work stays
+    balanced on any layout) to one state per worker, and every state reads the same packed K/V
+    block, so the ring's buffers and their layout are those of one state."""
+
+    def __init__(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None,
+                 workers=2):
+        g = q.shape[2] // kv_heads
+        block = block_q or max(1, blockwise.DEFAULT_BLOCK_ROWS // g)
+        tiles = [np.arange(s, min(s + block, q.shape[1])) for s in range(0, q.shape[1], block)]
+        self.rows = [np.concatenate(tiles[w::workers]) for w in range(min(workers, len(tiles)))]
+        self.shape, self.dtype, self.workers = q.shape, q.dtype, len(self.rows)
+        kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, **_mask_kw(mask))
+        self.parts = [blockwise.PartialAttention(q[:, r], kv_heads, q_pos=None if q_pos is None
+                                                 else np.asarray(q_pos)[r], **kw) for r in self.rows]
+
+    def packed_size(self, n: int) -> int:
+        return self.parts[0].packed_size(n)
+
+    def pack(self, k, v, buf):
+        self.parts[0].pack(k, v, buf)
+
+    def add_packed(self, buf, n, k_pos, progress=None):
+        futs = [_pool(self.workers).submit(p.add_packed, buf, n, k_pos) for p in self.parts]
+        # the ring's progress (MPI) stays on this thread, between the workers' tiles
+        while progress is not None and not all(f.done() for f in futs):
+            progress()
+            wait(futs, timeout=0.002)
+        for f in futs:
+            f.result()
+
+    def result(self):
+        b, nq, h, _ = self.shape
+        out = np.empty(self.shape, dtype=self.dtype)
+        lse = np.empty((b, h, nq), dtype=self.dtype)
+        for r, part in zip(self.rows, self.parts):
+            out[:, r], lse[:, :, r] = part.result()
+        return out, lse

@@ -212,7 +212,7 @@ def test_half_types_on_the_torch_kernel(monkeypatch, dtype):
 def test_info_reports_the_cpu_kernel():
     desc = machine.describe()
     assert set(desc["cpu_kernel"]) >= {"requested", "torch", "bfloat16", "float16"}
-    assert set(cpu_kernels.describe()) >= {"requested", "default", "torch", "workers"}
+    assert set(cpu_kernels.describe()) >= {"requested", "torch_dtypes", "torch", "workers"}
 
 
 @pytest.mark.parametrize("mask", [dict(window=(20, 0), causal=True), dict(cu_seqlens=[0, 300, 700, 1100]),
@@ -232,3 +232,26 @@ def test_masks_stay_on_numpy_and_split_over_workers(monkeypatch, mask):
     for a, b in zip(one, three):
         assert np.array_equal(a, b)
     _close(three[0], naive_attention(q, k, v, **kw)[0], np.float64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_threaded_ring_state_equals_one_state(causal):
+    """A ring rank's state on worker threads (rows dealt out tile by tile) folds the same blocks
+    to the same result as one state: zigzag-like positions, blocks straddling the diagonal, GQA."""
+    from hpcattn import blockwise
+
+    q, k, v = _qkv(13, 2, 700, 600, 4, 2, 16, np.float64)
+    q_pos = np.concatenate([np.arange(0, 350), np.arange(1050, 1400)])
+    blocks = [(slice(0, 300), np.arange(300, 600)), (slice(300, 600), np.arange(700, 1000))]
+    kw = dict(causal=causal, scale=0.25, q_pos=q_pos, block_q=64, block_k=64)
+    one = blockwise.PartialAttention(q, 2, **kw)
+    many = cpu_pool.ThreadedPartial(q, 2, workers=3, **kw)
+    calls = []
+    for rows, pos in blocks:
+        for state in (one, many):
+            buf = np.empty(state.packed_size(300))
+            state.pack(k[:, rows], v[:, rows], buf)
+            state.add_packed(buf, 300, pos, progress=lambda: calls.append(1))
+    for a, b in zip(one.result(), many.result()):
+        assert np.array_equal(a, b)
+    assert calls

@@ -45,7 +45,16 @@ class NumpyBackend:
                                      block_q=block_q, block_k=block_k, progress=progress, mask=mask)
 
     def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None):
-        """One online-softmax state that every arriving block is folded into (no merge)."""
+        """One online-softmax state that every arriving block is folded into (no merge), on the
+        process's kernel workers (``cpu_pool.ThreadedPartial``) when it has more than one."""
+        from .._threads import kernel_workers
+
+        workers = kernel_workers()
+        if workers > 1 and q.shape[1] > (block_q or blockwise.DEFAULT_BLOCK_ROWS):
+            from ..cpu_pool import ThreadedPartial
+
+            return ThreadedPartial(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
+                                   block_q=block_q, block_k=block_k, mask=mask, workers=workers)
         return blockwise.PartialAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
                                           block_q=block_q, block_k=block_k, mask=mask)
 

@@ -11,10 +11,27 @@ from . import Command
 
 
 def collect() -> dict:
+    from .. import cpu_kernels
     from ..gpu.environment import cache_report, cupy_report, mpi_report
     from ..machine import describe
 
-    return {**describe(), "mpi": mpi_report(), "gpu": cupy_report(), "kernels": cache_report()}
+    return {**describe(), "mpi": mpi_report(), "gpu": cupy_report(), "kernels": cache_report(),
+            "cpu_kernel": cpu_kernels.describe()}
+
+
+def _cpu_kernel_lines(ck: dict) -> None:
+    """The CPU kernel hpcattn uses (and how to change it), its workers, and the half types."""
+    if "error" in ck:
+        click.echo(f"CPU kernel: {ck['error']}")
+        return
+    torch = "" if ck["torch"] == "available" else f" ({ck['torch']})"
+    on_torch = (f"torch-flash for {'/'.join(ck['torch_dtypes'])} calls it can express, "
+                if ck["torch_dtypes"] else "")
+    click.echo(f"CPU kernel: {on_torch}numpy-blockwise otherwise{torch} "
+               f"(HPCATTN_CPU_KERNEL={ck['requested']}: auto|numpy|torch); "
+               f"{ck['workers']} worker thread(s) per call (HPCATTN_KERNEL_THREADS)")
+    for dt in ("bfloat16", "float16"):
+        click.echo(f"  {dt} on CPU: {ck[dt]}")
 
 
 @click.command(cls=Command)
@@ -32,6 +49,7 @@ def info(as_json):
     threads = ", ".join(f"{k}={val}" for k, val in data["thread_vars"].items() if val) or "none set"
     click.echo(f"Machine: {', '.join(data['hosts'])}, {data['cpu']} ({data['cores']} cores), {data['platform']}")
     click.echo(f"  BLAS {data['blas']}; thread variables: {threads}")
+    _cpu_kernel_lines(data["cpu_kernel"])
     if mpi.get("mpi4py") is None:  # the rest of the report stands; say what would make MPI work
         from ..launch import INSTALL_MPI
 
