@@ -128,7 +128,7 @@ def prepare_cases(job, size: int) -> list[dict]:
                 case.validate(size)
                 resolved.append(resolved_params(case, tol))
             else:
-                check = getattr(_mixer_cases(), "check_mixer_case", None)
+                check = _single_process(job.kind)[0]
                 resolved.append(dict(check(params) or params) if check else dict(params))
         except HpcattnError as exc:
             raise CollectiveError(f"{job.path}: case {i} ({label(params, job.axes)}): {exc}") from None
@@ -139,6 +139,16 @@ def _mixer_cases():
     from .mixers import cases
 
     return cases
+
+
+def _single_process(kind):
+    """(check, run) of one-rank cases: mixer cases, or training cases (``hpcattn.train.job``)."""
+    if kind == "train":
+        from .train import job
+
+        return job.check_train_case, job.run_train_case
+    cases = _mixer_cases()
+    return getattr(cases, "check_mixer_case", None), cases.run_mixer_case
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -249,7 +259,7 @@ def _run_attention(job, comm, params, pending, master, bar, stop, summary) -> No
 
 def _run_mixers(job, comm, params, pending, master, bar, stop, summary) -> None:
     """Rounds of one case per rank; rank 0 records each round's results."""
-    run_mixer_case = _mixer_cases().run_mixer_case
+    run_mixer_case = _single_process(job.kind)[1]
     size, rank = comm.size, comm.rank
     for start in range(0, len(pending), size):
         summary["stopped"] = stop.agreed(comm)
@@ -271,7 +281,7 @@ def _run_mixers(job, comm, params, pending, master, bar, stop, summary) -> None:
             bad = [it for it in items if it[3] is not None]
             try:
                 if ok:
-                    master.add_cases([{"index": c, "kind": "mixer", "params": params[c],
+                    master.add_cases([{"index": c, "kind": job.kind, "params": params[c],
                                        "results": res, "elapsed_s": el} for c, res, el, _ in ok])
             except HpcattnError as exc:
                 error, bad = str(exc), []

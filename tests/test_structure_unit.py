@@ -36,7 +36,8 @@ LAYERS = [
     ("backend", ["hpcattn.backend"]),
     # 4: distributed algorithms and the mixer zoo (no files, no command lines, no Slurm)
     ("algorithms", ["hpcattn.ring", "hpcattn.ring_backward", "hpcattn.ulysses",
-                    "hpcattn.context", "hpcattn.check", "hpcattn.mixers", "hpcattn.torch"]),
+                    "hpcattn.context", "hpcattn.check", "hpcattn.mixers", "hpcattn.torch",
+                    "hpcattn.train"]),
     # 5: the public API package and what runs cases and stores their results
     ("api", ["hpcattn"]),
     ("jobs", ["hpcattn.jobs", "hpcattn.results", "hpcattn.cases",

@@ -8,7 +8,8 @@ recurrent form (the naive reference) and the explicit P for the given input.
   (+ D on the diagonal). Forms: chunked (SSD), ``scan`` (Hillis-Steele parallel scan over the
   states, log2 N steps), ``recurrent``. (Gu & Dao 2023; Dao & Gu 2024.)
 - ``gla``: S_t = diag(a_t) S_{t-1} + k_t v_t^T, y_t = q_t S_t / sqrt(d) with a per-key-dimension
-  gate a_t = sigmoid(k_t W + b)^(1/16) (Yang et al. 2024, Gated Linear Attention).
+  gate a_t = max(sigmoid(k_t W + b)^(1/16), e^-1) (Yang et al. 2024, Gated Linear Attention; the
+  floor keeps the chunked form's factored decays finite).
 - ``deltanet``: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T with L2-normalised q, k and
   beta_t = sigmoid(k_t.w + b): the state is corrected toward each new value (Schlag et al. 2021;
   the chunked form is Yang et al. 2024's WY/UT transform: one small triangular solve per chunk).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import HpcattnError
 from .base import Param, SEED, register
 from .learned import Learned
 from .portable import logsigmoid, lower, sigmoid, softplus
@@ -31,21 +33,20 @@ def _chunks(n, chunk):
 
 def gated_prefix_sum(xp, q, k, log_g, v, chunk):
     """``y_i = sum_{j<=i} sum_c q_ic k_jc exp(L_ic - L_jc) v_j``, L = cumsum of ``log_g`` (<= 0),
-    chunkwise: exact pairwise decays inside a chunk (every exponent <= 0: no overflow whatever the
-    gates), a (d x e) state across chunks. ``log_g`` is (b, h, n, d) or (b, h, n, 1) (one gate
-    per head)."""
+    chunkwise, a (d x e) state across chunks. ``log_g`` is (b, h, n, 1) (one gate per head:
+    pairwise decays inside a chunk, every exponent <= 0 whatever the gates) or (b, h, n, d) (per
+    key dimension: the factored form, which needs the chunk's summed log gate >= -MAX_DECAY)."""
     b, h, n, d = q.shape
     state = xp.zeros((b, h, d, v.shape[-1]), dtype=v.dtype)
     outs = []
     for s0, s1 in _chunks(n, chunk):
         qc, kc, vc = q[:, :, s0:s1], k[:, :, s0:s1], v[:, :, s0:s1]
         cum = xp.cumsum(log_g[:, :, s0:s1], axis=2)
-        decay = xp.exp(xp.where(lower(xp, s1 - s0)[:, :, None],
-                                cum[:, :, :, None, :] - cum[:, :, None, :, :], -np.inf))
         if log_g.shape[-1] == 1:
-            a = (qc @ kc.swapaxes(-1, -2)) * decay[..., 0]
-        else:
-            a = xp.sum(qc[:, :, :, None, :] * kc[:, :, None, :, :] * decay, axis=-1)
+            decay = xp.exp(xp.where(lower(xp, s1 - s0), cum - cum.swapaxes(-1, -2), -np.inf))
+            a = (qc @ kc.swapaxes(-1, -2)) * decay
+        else:   # factored (FLA's form): e^-cum <= e^(MAX_DECAY): see GLA's gate floor
+            a = xp.where(lower(xp, s1 - s0), (qc * xp.exp(cum)) @ (kc * xp.exp(-cum)).swapaxes(-1, -2), 0.0)
         outs.append(a @ vc + (qc * xp.exp(cum)) @ state)
         last = cum[:, :, -1:, :]
         state = (xp.exp(last[:, :, 0, :])[..., None] * state
@@ -87,6 +88,9 @@ def gated_matrix(xp, q, k, log_g):
     return xp.sum(q[:, :, :, None, :] * k[:, :, None, :, :] * decay, axis=-1)
 
 
+MAX_DECAY = 64.0   # e^64 * |q| |k| stays far inside float32's range (e^88)
+
+
 class _Gated(Learned):
     causal_modes = (True,)
 
@@ -114,8 +118,7 @@ class _Gated(Learned):
 
     def memory_bytes(self, n, batch, heads, head_dim, itemsize):
         c = min(n, self.chunk)
-        gate = head_dim if self.name == "gla" else 1
-        return (3 * batch * heads * n * head_dim + 3 * batch * heads * c * c * gate
+        return (3 * batch * heads * n * head_dim + 3 * batch * heads * c * c
                 + 3 * batch * heads * head_dim ** 2) * itemsize
 
 
@@ -156,7 +159,7 @@ class GLA(_Gated):
     summary = "gated linear attention: state decays per key dimension by an input gate"
     reference = "Yang et al. 2024, Gated Linear Attention Transformers"
     time_complexity = "O(N c d^2 + N d^2)"
-    memory_complexity = "O(N d + c^2 d + d^2)"
+    memory_complexity = "O(N d + c^2 + d^2)"
     forms = ("recurrent",)
     params = {"chunk": CHUNK, "temperature": Param(16.0, "gate = sigmoid(.)^(1/temperature)",
                                                    minimum=1e-6), "seed": SEED}
@@ -165,9 +168,18 @@ class GLA(_Gated):
         return {"gate_w": rng.standard_normal((heads, head_dim, head_dim)) / np.sqrt(head_dim),
                 "gate_b": np.zeros((heads, 1, head_dim))}
 
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.chunk > MAX_DECAY:
+            raise HpcattnError(f"gla chunk={self.chunk} is too long for its factored chunk form; "
+                               f"expected chunk <= {MAX_DECAY:g}")
+
     def _inputs(self, xp, q, k):
+        """The log gate is floored at -1 per token (binding only for gate logits below about
+        -temperature), so a chunk of <= MAX_DECAY tokens decays by at most e^-MAX_DECAY."""
         logits = k @ self.w(xp, "gate_w", k)[None] + self.w(xp, "gate_b", k)[None]
-        return q * q.shape[-1] ** -0.5, k, logsigmoid(xp, logits) / self.temperature
+        log_g = logsigmoid(xp, logits) / self.temperature
+        return q * q.shape[-1] ** -0.5, k, xp.where(log_g > -1.0, log_g, -1.0)
 
 
 class _Delta:

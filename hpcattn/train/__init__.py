@@ -9,3 +9,14 @@
 
 Only ``model`` and ``job.run_train_case`` import torch: checking a job file does not need it.
 """
+
+EXACT = "exact"   # hpcattn's exact attention with its own backward (hpcattn.torch)
+
+
+def trainable_mixers() -> list[str]:
+    """Names a model can train: exact attention and every mixer written for any array namespace
+    (``hpcattn.mixers.learned.Learned``: learned weights, torch-runnable code)."""
+    from ..mixers import REGISTRY
+    from ..mixers.learned import Learned
+
+    return [EXACT] + [n for n, c in REGISTRY.items() if issubclass(c, Learned)]

@@ -5,7 +5,7 @@
 (what the runner records and compares on resume). Keys:
 
 - ``task``: "mqar", "context" or "local" (``hpcattn.train.tasks``); ``mixer``: "exact" or a
-  trainable registry mixer (``hpcattn.train.model.trainable_mixers``);
+  trainable registry mixer (``hpcattn.train.trainable_mixers``);
 - ``seq_len``: N; ``context``: the window C the model sees (0 = N; context and local tasks);
   ``vocab``: vocabulary (mqar) or number of values (context, local); ``pairs``: mqar's kv pairs;
 - model: ``width``, ``heads``, ``layers``; training: ``steps``, ``batch``, ``lr`` (Adam),
@@ -22,18 +22,21 @@ FFTs and elementwise work are not counted), ``wall_s`` and ``status``.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
 
+from .._threads import KERNEL_THREADS_VAR
 from ..errors import HpcattnError
 from ..mixers.cases import MIXER_PARAM_KEYS
+from . import trainable_mixers
 from .tasks import TASKS, make_task
 
 CASE_DEFAULTS = {
     "task": "mqar", "mixer": "exact", "seq_len": 64, "context": 0, "vocab": 32, "pairs": 4,
     "width": 32, "heads": 2, "layers": 2, "steps": 200, "batch": 32, "lr": 3e-3, "seed": 0,
-    "eval_size": 256, "log_every": 10,
+    "eval_size": 512, "log_every": 10,
 }
 POSITIVE = ("seq_len", "vocab", "pairs", "width", "heads", "layers", "steps", "batch", "eval_size",
             "log_every")
@@ -70,12 +73,10 @@ def check_train_case(case: dict) -> dict:
     if full["width"] % full["heads"]:
         raise HpcattnError(f"train case width={full['width']} is not a multiple of heads={full['heads']}")
     make_task(full)   # task parameters are checked by the task itself
-    from ..mixers import REGISTRY   # the mixer name and its parameters, without torch
-    if full["mixer"] != "exact":
-        if full["mixer"] not in REGISTRY:
-            raise HpcattnError(f"train case mixer={full['mixer']!r} is unknown; expected exact or "
-                               f"one of {', '.join(REGISTRY)}")
-        _mixer_params(full)
+    if full["mixer"] not in trainable_mixers():
+        raise HpcattnError(f"train case mixer={full['mixer']!r} has no training form; expected one "
+                           f"of {', '.join(trainable_mixers())}")
+    _mixer_params(full)   # the mixer checks its parameter values
     return full
 
 
@@ -85,7 +86,7 @@ def _mixer_params(case: dict) -> dict:
     if cls is None:
         return {}
     params = {k: v for k, v in case.items() if k in cls.params and k in MIXER_PARAMS}
-    cls(**params)  # checks the values
+    cls(**params)
     return params
 
 
@@ -98,12 +99,19 @@ def run_train_case(case: dict) -> dict:
         raise HpcattnError("train jobs need PyTorch; expected pip install 'hpcattn[train]'") from None
     from .model import Model, loss_and_accuracy
 
-    threads = torch.get_num_threads()
+    # one thread for torch and for hpcattn's kernels: deterministic, and what tiny tiles want
+    # (the runner gives each rank its own cases; worker threads only contend)
+    threads, workers = torch.get_num_threads(), os.environ.get(KERNEL_THREADS_VAR)
     torch.set_num_threads(1)
+    os.environ[KERNEL_THREADS_VAR] = "1"
     try:
         return _train(torch, Model, loss_and_accuracy, case)
     finally:
         torch.set_num_threads(threads)
+        if workers is None:
+            os.environ.pop(KERNEL_THREADS_VAR, None)
+        else:
+            os.environ[KERNEL_THREADS_VAR] = workers
 
 
 def _train(torch, Model, loss_and_accuracy, case):

@@ -15,14 +15,7 @@ import torch
 from .. import torch as hpcattn_torch
 from ..errors import HpcattnError
 from ..mixers import REGISTRY, get_mixer
-from ..mixers.learned import Learned
-
-EXACT = "exact"
-
-
-def trainable_mixers() -> list[str]:
-    """Names a model can train: exact attention and every mixer written for any namespace."""
-    return [EXACT] + [n for n, c in REGISTRY.items() if issubclass(c, Learned)]
+from . import EXACT, trainable_mixers
 
 
 def make_mixer(name: str, params: dict, seq_len: int, seed: int):

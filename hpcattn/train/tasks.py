@@ -9,10 +9,10 @@ model can reach from the C tokens it sees).
   first half of the vocabulary, values from the second, distinct keys) open the sequence; query
   keys, each followed by the answer position, are scattered in the rest over noise token 0. The
   answer is the value that followed the key. Chance = 2 / vocab; ceiling 1.
-- ``context``: a marker token, then a value token, sit D tokens before the last position, D
-  uniform on 2..seq_len-1; noise tokens come from the same range as values. The model sees the
-  last ``context`` = C tokens and must answer the value. The marker (D <= C - 1 needed) says which
-  token is the value, so the ceiling at C is P(D <= C-1) + (1 - P(D <= C-1)) / values.
+- ``context``: one value token (``vocab`` values) sits D tokens before the last position, D
+  uniform on 1..seq_len-1, among noise tokens (their own 8 symbols); the last token asks for it.
+  The model sees the last ``context`` = C tokens, so the value is in view when D <= C - 1 and
+  the ceiling at C is P(D <= C-1) + (1 - P(D <= C-1)) / values, chance 1 / values.
 - ``local``: y_t = (x_t + x_{t-1}) mod values at every position t >= 1: only two tokens matter,
   the ceiling is 1 at every C and longer context cannot help.
 """
@@ -70,19 +70,20 @@ class Context:
     seq_len: int
     context: int
     values: int
+    noise: int = 8
 
-    MARKER = 0
+    QUERY = 0
 
     def __post_init__(self):
-        if not 4 <= self.context <= self.seq_len:
+        if not 2 <= self.context <= self.seq_len:
             raise HpcattnError(f"context task context={self.context} is invalid; expected "
-                               f"4 <= context <= seq_len={self.seq_len}")
+                               f"2 <= context <= seq_len={self.seq_len}")
         if self.values < 2:
             raise HpcattnError(f"context task vocab={self.values} is invalid; expected >= 2 values")
 
     @property
     def vocab(self):
-        return self.values + 1
+        return 1 + self.values + self.noise
 
     @property
     def chance(self):
@@ -90,18 +91,19 @@ class Context:
 
     @property
     def ceiling(self):
-        seen = (self.context - 2) / (self.seq_len - 2)  # D in 2..C-1 of 2..N-1: the marker is seen
+        seen = (self.context - 1) / (self.seq_len - 1)  # D in 1..C-1 of 1..N-1: the value is seen
         return seen + (1 - seen) / self.values
 
     def batch(self, rng, size):
         n, c = self.seq_len, self.context
-        tokens = rng.integers(1, self.values + 1, (size, n))
-        dist = rng.integers(2, n, size)                 # the value sits dist - 1 ... before the end
+        tokens = rng.integers(1 + self.values, self.vocab, (size, n))      # noise
+        dist = rng.integers(1, n, size)
         rows = np.arange(size)
-        tokens[rows, n - 1 - dist] = self.MARKER
-        answer = tokens[rows, n - dist]
+        answer = rng.integers(0, self.values, size)
+        tokens[rows, n - 1 - dist] = 1 + answer
+        tokens[:, -1] = self.QUERY
         targets = np.full((size, c), -1, dtype=np.int64)
-        targets[:, -1] = answer - 1
+        targets[:, -1] = answer
         return tokens[:, n - c:].astype(np.int64), targets
 
 
