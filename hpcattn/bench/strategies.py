@@ -123,6 +123,7 @@ def strategies_table(cfg: BenchConfig, res: dict) -> str:
         lines.append(f"  {name:<22s}{row['wall_s']:9.3f}{row['compute_s']:11.3f}{ratio:14.2f}"
                      f"{max(row['bytes_sent']) / mib:30.2f}{max(row['bytes_predicted']) / mib:11.2f}"
                      f"{row['max_diff_from_ring']:16.1e}")
-    lines.append("  compute: time in the per-rank kernels (Ulysses: the kernel over the whole "
-                 "sequence); bytes: what this rank hands MPI for other ranks in one forward")
+    lines.append("  compute: time in the per-rank kernels (Ulysses: one call over the whole "
+                 "sequence); wall - compute: exchange not hidden behind compute; bytes: what a "
+                 "rank hands MPI for other ranks in one forward")
     return "\n".join(lines)
