@@ -18,7 +18,9 @@ from .rows import check_metrics, error_of, is_number, metric_value, param_names,
 from .tables import fmt, sort_key
 
 AGGREGATED = ("seed", "repeats", "check_rows", "tolerance")
-AXIS_LABELS = {"seq_len": "sequence length N (tokens)", "distance": "distance back to the key (tokens)"}
+AXIS_LABELS = {"seq_len": "sequence length N (tokens)", "distance": "distance back to the key (tokens)",
+               "context": "context window C (tokens the model sees)", "width": "model width",
+               "step": "training step"}
 SHORT_NAMES = {"seq_len": "context length N", "distance": "distance back to the key"}
 PLOTS = (("wall_s", "time per case (s)", True), ("mem_mib", "peak memory per rank (MiB)", True),
          ("gflops", "throughput (GFLOP/s)", True), ("error", "max abs error", True))
@@ -74,6 +76,10 @@ def standard_blocks(rows, x) -> list[Block]:
     makers = {"recall": _recall_block, "error": _error_block, "scaling": _scaling_block,
               "attention": _attention_block}
     blocks = [makers[k](kinds[k], x) for k in makers if k in kinds]
+    if "train" in kinds:
+        from .training import train_blocks   # (training imports this module)
+
+        blocks += train_blocks(kinds["train"], x)
     blocks = [b for b in blocks if b.panels]
     if not blocks:
         raise HpcattnError(f"no case has a numeric {x or 'seq_len'!r} to plot against; "
@@ -82,6 +88,8 @@ def standard_blocks(rows, x) -> list[Block]:
 
 
 def _figure_kind(row) -> str:
+    if row.get("kind") == "train":
+        return "train"
     task = row.get("task")
     if task == "recall" or "recall_accuracy" in row:
         return "recall"

@@ -27,7 +27,7 @@ REDUCE = {"wall_s": ("wall_s", np.median), "peak_alloc_bytes": ("mem_mib", lambd
           "peak_rss_bytes": ("rss_mib", lambda a: np.max(a) / MIB)}
 HIDDEN = {"compute_s", "wait_s", "counts", "skipped_blocks", "elapsed_s", "rows", "tolerance",
           "max_lse_err", "max_rel_err", "ranks", "backward_compute_s", "backward_wait_s",
-          "max_dq_rel_err", "max_dk_rel_err", "max_dv_rel_err"}
+          "max_dq_rel_err", "max_dk_rel_err", "max_dv_rel_err", "loss_curve", "accuracy_curve"}
 BOOKKEEPING = {"index", "kind", "run", "completed_at", "params_json", "record"}
 ERROR_KEYS = ("max_abs_err", "rel_err", "error", "max_err")
 # columns a row sets itself: a parameter of that name would overwrite them
