@@ -139,6 +139,7 @@ class PartialAttention:
         need = min(self.block_q, self.nq) * g * min(self.block_k, n)
         if self._s.size < need:
             self._s = np.empty(need, dtype=self.dt)
+        if self._bias.size < need and (classes == PARTIAL).any():  # only masks need it
             self._bias = np.empty(need, dtype=self.dt)
         with np.errstate(over="ignore", invalid="ignore"):
             for i, (qs, qe, _, _) in enumerate(self.q_tiles):

@@ -21,11 +21,12 @@ from . import backend, exchange
 from .check import sampled_backward_check, sampled_check
 from .context import STRATEGIES, check_grid, context_attention, hybrid_attention_backward
 from .devices import DEVICES, default_tolerance, np_dtype
-from .errors import CollectiveError
+from .errors import CollectiveError, HpcattnError
 from . import footprint
 from .footprint import MAX_REPEATS
 from .inputs import random_qkv, random_rows
 from .layouts import Distribution, check_layout
+from .masks import make_mask, parse_cu_seqlens, parse_window
 from .measure import attention_backward_flops, attention_flops, peak_rss_bytes, traced_peak
 from .ring_backward import ring_attention_backward
 from .ulysses import ulysses_attention_backward
@@ -54,6 +55,8 @@ class AttentionCase:
     strategy: str = "ring"           # "ring", "ulysses" or "hybrid" (hpcattn.context)
     ulysses_size: int | None = None  # hybrid: ranks per all-to-all group (divides the rank count)
     backward: bool = False           # also time (and check) the gradients dq, dk, dv
+    window: str | None = None        # "LEFT,RIGHT" (FlashAttention's window_size; -1 unbounded)
+    cu_seqlens: str | None = None    # "0,c1,...,N": packed variable-length sequences
 
     def validate(self, size: int) -> None:
         """Collective-safe: every rank evaluates the same case and raises the same error."""
@@ -96,11 +99,34 @@ class AttentionCase:
         if self.backward and self.strategy not in BACKWARD:
             raise CollectiveError(f"backward = true needs a strategy with a backward pass "
                                   f"({', '.join(BACKWARD)}); {self.strategy!r} has a forward only")
+        self.mask   # a bad window or cu_seqlens: the same CollectiveError on every rank
+
+    @property
+    def mask(self):
+        """The case's bound ``hpcattn.masks.Mask`` (CollectiveError: the same on every rank)."""
+        try:
+            return make_mask(self.causal, parse_window(self.window),
+                             parse_cu_seqlens(self.cu_seqlens)).bind(self.seq_len, self.seq_len)
+        except HpcattnError as exc:
+            raise CollectiveError(str(exc)) from None
+
+    @property
+    def mask_kw(self) -> dict:
+        """``window``/``cu_seqlens`` as the strategies and the check take them (none: empty)."""
+        kw = {}
+        if self.window is not None:
+            kw["window"] = parse_window(self.window)
+        if self.cu_seqlens is not None:
+            kw["cu_seqlens"] = parse_cu_seqlens(self.cu_seqlens)
+        return kw
 
     @property
     def flops(self) -> float:
-        """The FLOPs one repeat computes: the forward, plus 2.5x it with ``backward``."""
+        """The FLOPs one repeat computes: the forward, plus 2.5x it with ``backward``. With a
+        window or packed sequences, 4·B·H·d per visible (query, key) pair."""
         fwd = attention_flops(self.batch, self.seq_len, self.heads, self.head_dim, causal=self.causal)
+        if self.mask_kw:
+            fwd = 4.0 * self.batch * self.heads * self.head_dim * self.mask.visible_pairs()
         if not self.backward:
             return fwd
         return fwd + attention_backward_flops(self.batch, self.seq_len, self.heads, self.head_dim,
@@ -167,7 +193,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         dout = dout.astype(np_dtype(case.dtype), copy=False)
         xdout = be.to_device(dout)
     blocks = {key: val for key, val in (("block_q", case.block_q), ("block_k", case.block_k)) if val}
-    kw = dict(causal=case.causal, layout=case.layout, **blocks)
+    kw = dict(causal=case.causal, layout=case.layout, **case.mask_kw, **blocks)
     walls, stats, bstats = [], {}, {}
 
     def repeats():
@@ -189,7 +215,8 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
     ((out, lse), grads), peak_alloc = traced_peak(repeats)
     per_rank = exchange.allgather(comm, (peak_rss_bytes(), peak_alloc, stats.get("compute_s", 0.0),
                                stats.get("wait_s", 0.0), len(pos), stats.get("skipped", 0),
-                               bstats.get("compute_s", 0.0), bstats.get("wait_s", 0.0)),
+                               bstats.get("compute_s", 0.0), bstats.get("wait_s", 0.0),
+                               stats.get("steps", 0)),
                                   "collecting the case's figures")
     result = {
         "wall_s": walls,
@@ -202,6 +229,8 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "skipped_blocks": [p[5] for p in per_rank],
         "ranks": size,
     }
+    if case.mask_kw:   # a window can stop the ring early: the steps each rank ran
+        result["steps"] = [p[8] for p in per_rank]
     if case.backward:
         result["backward_compute_s"] = [p[6] for p in per_rank]
         result["backward_wait_s"] = [p[7] for p in per_rank]
@@ -212,11 +241,12 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         grads = dict(zip(("dq", "dk", "dv"), (be.to_host(g) for g in grads)))
     if case.check_rows:
         result.update(sampled_check(q, k, v, out, lse, comm, dist=dist, causal=case.causal,
-                                    rows=case.check_rows, seed=case.seed))
+                                    rows=case.check_rows, seed=case.seed, **case.mask_kw))
         if grads is not None:
             result.update(sampled_backward_check(q, k, v, out, lse, dout, *grads.values(), comm,
                                                  dist=dist, causal=case.causal,
-                                                 rows=case.check_rows, seed=case.seed))
+                                                 rows=case.check_rows, seed=case.seed,
+                                                 **case.mask_kw))
             # one figure the tolerance judges: the worst of out, dq, dk and dv
             result["max_out_err"] = result["max_abs_err"]
             result["max_abs_err"] = max(result["max_abs_err"], result["max_dq_err"],

@@ -14,6 +14,10 @@ does) and every rank sums its keys' share. For S sampled KEY rows, ``dv_j = Σ_i
 ``dk_j = scale·Σ_i P_ij (dP_ij - D_i) q_i`` need P over every query: each rank sums its own queries'
 share with the forward's lse and out (the forward check verifies those on its sampled rows; the
 float64 lse of every query would cost O(N²)). Rank 0 adds the shares and compares.
+
+Masks (``window``, ``cu_seqlens``, ``align`` beside ``causal``) are applied by the reference's
+own definition (``reference.visible_matrix`` on global positions), never by the kernels' tile
+classifier, so the check is independent of what it checks.
 """
 from __future__ import annotations
 
@@ -22,26 +26,32 @@ import numpy as np
 from . import exchange
 from .layouts import Distribution
 from .merge import merge_lse
-from .reference import naive_attention
+from .reference import naive_attention, visible_matrix
 
 KEY_CHUNK = 8192
 
 
-def _reference_rows(qs, s_pos, k, v, k_pos, causal, scale):
+def _spec(causal, window, cu_seqlens, align, n):
+    """The reference's mask arguments for a length-``n`` self-attention."""
+    return dict(causal=causal, window=window, cu_seqlens=cu_seqlens, align=align, n_q=n, n_k=n)
+
+
+def _reference_rows(qs, s_pos, k, v, k_pos, spec, scale):
     """float64 (out, lse) of queries ``qs`` (b, S, H, d) at ``s_pos`` over keys k/v at ``k_pos``."""
     b, S, h, d = qs.shape
     out, lse = np.zeros((b, S, h, d)), np.full((b, h, S), -np.inf)
     for c in range(0, k.shape[1], KEY_CHUNK):
-        o, l = naive_attention(qs, k[:, c:c + KEY_CHUNK], v[:, c:c + KEY_CHUNK], causal=causal,
-                               scale=scale, q_pos=s_pos, k_pos=k_pos[c:c + KEY_CHUNK])
+        o, l = naive_attention(qs, k[:, c:c + KEY_CHUNK], v[:, c:c + KEY_CHUNK], scale=scale,
+                               q_pos=s_pos, k_pos=k_pos[c:c + KEY_CHUNK], **spec)
         merge_lse(out, lse, o, l, np)
     return out, lse
 
 
 def sampled_check(q, k, v, out, lse, comm, *, dist: Distribution, causal, scale=None, rows=64,
-                  seed=0):
+                  seed=0, window=None, cu_seqlens=None, align="top-left"):
     """Max abs error of ``out`` and ``lse`` on ``rows`` sampled positions (same dict on every
-    rank); q, k, v, out, lse are this rank's host arrays, distributed as ``dist``."""
+    rank); q, k, v, out, lse are this rank's host arrays, distributed as ``dist``; the mask as
+    ``hpcattn.ring_attention`` takes it."""
     rank, n = comm.rank, dist.n
     b, _, h, d = q.shape
     sample = np.sort(np.random.default_rng([seed, 4242]).choice(n, size=min(rows, n), replace=False))
@@ -57,7 +67,8 @@ def sampled_check(q, k, v, out, lse, comm, *, dist: Distribution, causal, scale=
     ls = np.empty((b, h, S))
     for idx, qp, op, lp in pieces:
         qs[:, idx], os_[:, idx], ls[:, :, idx] = qp, op, lp
-    partial = _reference_rows(qs, sample, k, v, dist.positions(rank), causal, scale)
+    spec = _spec(causal, window, cu_seqlens, align, n)
+    partial = _reference_rows(qs, sample, k, v, dist.positions(rank), spec, scale)
     gathered = exchange.gather(comm, partial, "the check's partial sums")
     result = None
     if rank == 0:
@@ -76,7 +87,7 @@ def _grouped(x, hkv):
     return np.asarray(x, dtype=np.float64).transpose(0, 2, 1, 3).reshape(b, hkv, h // hkv, n, c)
 
 
-def _probs_and_dscores(qh, doh, lse, delta, kh, vh, q_pos, k_pos, causal):
+def _probs_and_dscores(qh, doh, lse, delta, kh, vh, q_pos, k_pos, spec):
     """float64 P and dS (b, hkv, g, n_q, n_k) of grouped, pre-scaled queries ``qh`` against keys
     kh/vh (b, hkv, 1, n_k, d); ``lse``/``delta`` (b, hkv, g, n_q). Rows with lse = -inf (no
     visible key) get P = 0."""
@@ -84,9 +95,7 @@ def _probs_and_dscores(qh, doh, lse, delta, kh, vh, q_pos, k_pos, causal):
     seen = np.isfinite(lse)
     s -= np.where(seen, lse, 0.0)[..., None]
     p = np.exp(s, out=s)
-    hidden = ~seen[..., None]
-    if causal:
-        hidden = hidden | (q_pos[:, None] < k_pos[None, :])
+    hidden = ~seen[..., None] | ~visible_matrix(q_pos, k_pos, **spec)
     np.copyto(p, 0.0, where=hidden)
     ds = np.matmul(doh, vh.swapaxes(-1, -2))
     ds -= delta[..., None]
@@ -122,7 +131,7 @@ def _errors(name, got, ref) -> dict:
             f"max_{name}_rel_err": err / max(float(np.abs(ref).max(initial=0.0)), 1e-300)}
 
 
-def _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed):
+def _query_rows(q, k, v, dout, dq, comm, dist, spec, scale, rows, seed):
     """Rank 0: (the ring's dq, float64 dq) on sampled query rows; None elsewhere."""
     rank = comm.rank
     b, n_local, h, d = q.shape
@@ -131,7 +140,7 @@ def _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed):
     sample, (qs, dos, dq_s) = _sampled_rows((q, dout, dq), comm, dist, rows, seed, 4242)
     S = len(sample)
     # lse and out of the sampled rows in float64, as the forward check computes them
-    parts = exchange.gather(comm, _reference_rows(qs, sample, k, v, pos, causal, scale),
+    parts = exchange.gather(comm, _reference_rows(qs, sample, k, v, pos, spec, scale),
                             "the gradient check's reference rows")
     if rank == 0:
         for o, l in parts[1:]:
@@ -146,7 +155,7 @@ def _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed):
     for c in range(0, n_local, KEY_CHUNK):
         sl = slice(c, c + KEY_CHUNK)
         _, ds = _probs_and_dscores(qh, doh, lse_s, delta, kh[..., sl, :], vh[..., sl, :], sample,
-                                   pos[sl], causal)
+                                   pos[sl], spec)
         share += np.matmul(ds, kh[..., sl, :])
     shares = exchange.gather(comm, share, "the gradient check's dq rows")
     if rank != 0:
@@ -155,7 +164,7 @@ def _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed):
     return dq_s, ref
 
 
-def _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, causal, scale, rows, seed):
+def _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, spec, scale, rows, seed):
     """Rank 0: (the ring's dk, dv, float64 dk, dv) on sampled key rows; None elsewhere."""
     b, n_local, h, d = q.shape
     hkv = k.shape[2]
@@ -169,7 +178,7 @@ def _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, causal, scale, rows, 
         qh, doh = _grouped(q[:, sl], hkv) * scale, _grouped(dout[:, sl], hkv)
         lse_l = np.asarray(lse[:, :, sl], dtype=np.float64).reshape(b, hkv, h // hkv, -1)
         delta = np.einsum("bkgnd,bkgnd->bkgn", doh, _grouped(out[:, sl], hkv))
-        p, ds = _probs_and_dscores(qh, doh, lse_l, delta, ksh, vsh, pos[sl], sample, causal)
+        p, ds = _probs_and_dscores(qh, doh, lse_l, delta, ksh, vsh, pos[sl], sample, spec)
         dv_share += np.matmul(p.swapaxes(-1, -2), doh).sum(axis=2)
         dk_share += np.matmul(ds.swapaxes(-1, -2), qh).sum(axis=2)
     shares = exchange.gather(comm, (dk_share, dv_share), "the gradient check's dk/dv rows")
@@ -180,18 +189,21 @@ def _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, causal, scale, rows, 
 
 
 def sampled_backward_check(q, k, v, out, lse, dout, dq, dk, dv, comm, *, dist: Distribution, causal,
-                           scale=None, rows=64, seed=0):
+                           scale=None, rows=64, seed=0, window=None, cu_seqlens=None,
+                           align="top-left"):
     """Max abs (and relative) errors of the ring's ``dq`` on ``rows`` sampled query rows and of
     its ``dk``/``dv`` on ``rows`` sampled key rows, against float64 (the same dict on every rank:
     ``rows``, ``max_dq_err``, ``max_dk_err``, ``max_dv_err`` and ``max_*_rel_err``).
 
     Collective. Every argument is this rank's host array, distributed as ``dist``: the forward's
     inputs ``q``, ``k``, ``v`` and outputs ``out``, ``lse``, the output gradient ``dout`` and the
-    gradients the ring produced. The query rows are the forward check's (same ``seed``).
+    gradients the ring produced. The query rows are the forward check's (same ``seed``); the
+    mask as for :func:`sampled_check`.
     """
     scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else float(scale)
-    queries = _query_rows(q, k, v, dout, dq, comm, dist, causal, scale, rows, seed)
-    keys = _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, causal, scale, rows, seed)
+    spec = _spec(causal, window, cu_seqlens, align, dist.n)
+    queries = _query_rows(q, k, v, dout, dq, comm, dist, spec, scale, rows, seed)
+    keys = _key_rows(q, k, v, out, lse, dout, dk, dv, comm, dist, spec, scale, rows, seed)
     result = None
     if comm.rank == 0:
         dks, dvs, ref_dk, ref_dv = keys

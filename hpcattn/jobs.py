@@ -37,6 +37,7 @@ from collections.abc import Mapping
 
 from .errors import HpcattnError
 from .layouts import LAYOUTS
+from .masks import parse_cu_seqlens, parse_window
 from .devices import ALL_DTYPES, DEVICES
 from .footprint import MAX_REPEATS
 
@@ -63,6 +64,7 @@ class Spec:
     choices: tuple | None = None
     sweepable: bool = True
     maximum: float | None = None
+    parse: object = None        # a callable that raises HpcattnError on a bad value (strings)
 
     def type_name(self) -> str:
         return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
@@ -91,6 +93,11 @@ class Spec:
             return "must be positive" if self.minimum == 1 else f"must be >= {self.minimum}"
         if self.maximum is not None and value > self.maximum:
             return f"is too large; expected at most {self.maximum}"
+        if self.parse is not None:
+            try:
+                self.parse(value)
+            except HpcattnError as exc:
+                return f"is invalid: {exc}"
         return None
 
 
@@ -107,6 +114,8 @@ ATTENTION_KEYS: dict[str, Spec] = {
     "block_q": POSITIVE, "block_k": POSITIVE,
     "strategy": Spec(str, choices=("ring", "ulysses", "hybrid")), "ulysses_size": POSITIVE,
     "backward": Spec(bool),
+    # masks as the command line writes them: "LEFT,RIGHT" and "0,c1,...,N" (a list sweeps them)
+    "window": Spec(str, parse=parse_window), "cu_seqlens": Spec(str, parse=parse_cu_seqlens),
 }
 
 TABLES: dict[str, dict[str, Spec]] = {

@@ -111,6 +111,21 @@ class Mask:
             h.update(np.ascontiguousarray(self.cu_seqlens, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
+    def visible_pairs(self) -> int:
+        """How many (query, key) pairs of the bound mask are visible (the work a kernel that
+        skips hidden pairs does), in O(n_q) time: per query, its window clipped to its sequence."""
+        q = np.arange(self.n_q, dtype=np.int64)
+        first = np.zeros(self.n_q, np.int64)
+        stop = np.full(self.n_q, self.n_k, np.int64)
+        if self.cu_seqlens is not None:
+            seg = self.segment(q)
+            first, stop = self.cu_seqlens[seg], self.cu_seqlens[seg + 1]
+        if self.lo is not None:
+            first = np.maximum(first, q + self.shift + self.lo)
+        if self.hi is not None:
+            stop = np.minimum(stop, q + self.shift + self.hi + 1)
+        return int(np.maximum(stop - first, 0).sum())
+
     # --- answering it -----------------------------------------------------------------------
 
     def segment(self, pos):
@@ -249,6 +264,32 @@ def check_cu_seqlens(cu_seqlens):
                            f"after {int(cu[i])}); expected cumulative lengths of non-empty sequences")
     cu.setflags(write=False)
     return cu
+
+
+def _ints(name, text, example):
+    try:
+        return [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise HpcattnError(f"{name}={text!r} is not a comma-separated list of integers; expected "
+                           f"e.g. {example}") from None
+
+
+def parse_window(text):
+    """``"L,R"`` (the command line's and job files' form) as ``(left, right)``; None stays None."""
+    if text is None:
+        return None
+    values = _ints("window", text, "4096,0")
+    if len(values) != 2:
+        raise HpcattnError(f"window={text!r} has {len(values)} numbers; expected LEFT,RIGHT "
+                           "(e.g. 4096,0; -1 is unbounded)")
+    return check_window(tuple(values))
+
+
+def parse_cu_seqlens(text):
+    """``"0,c1,...,N"`` as a checked int64 array; None stays None."""
+    if text is None:
+        return None
+    return check_cu_seqlens(np.array(_ints("cu_seqlens", text, "0,1000,41000,65536"), np.int64))
 
 
 def make_mask(causal: bool = False, window=None, cu_seqlens=None, align: str = "top-left") -> Mask:

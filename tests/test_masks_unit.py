@@ -188,3 +188,81 @@ def test_a_backend_without_masks_refuses_them_in_one_line():
                  make_mask(causal=True, align="bottom-right")):
         with pytest.raises(HpcattnError, match=NO_GPU_MASKS):
             mask_kwargs(Gpu(), mask.bind(8, 8) if mask.cu_seqlens is not None else mask.bind(4, 8))
+
+
+@pytest.mark.parametrize("name", MASKS)
+@pytest.mark.parametrize("nq, nk", [(40, 40), (23, 40), (40, 23)])
+def test_visible_pairs_counts_the_dense_mask(name, nq, nk):
+    args = mask_args(name, nk)
+    if args["cu_seqlens"] is not None and nq != nk:
+        pytest.skip("packed sequences are self-attention")
+    pairs = make_mask(**args).bind(nq, nk).visible_pairs()
+    assert pairs == visible_matrix(np.arange(nq), np.arange(nk), n_q=nq, n_k=nk, **args).sum()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("4096", "has 1 numbers; expected LEFT,RIGHT"), ("a,0", "not a comma-separated list"),
+    ("-3,0", "window left=-3 is below -1")])
+def test_window_text_is_checked(text, words):
+    from hpcattn.masks import parse_window
+
+    with pytest.raises(HpcattnError, match=words):
+        parse_window(text)
+    assert parse_window("4096,0") == (4096, 0)
+
+
+def test_cu_seqlens_text_is_checked():
+    from hpcattn.masks import parse_cu_seqlens
+
+    assert parse_cu_seqlens("0,1000,41000,65536").tolist() == [0, 1000, 41000, 65536]
+    with pytest.raises(HpcattnError, match="not strictly increasing"):
+        parse_cu_seqlens("0,1000,900,65536")
+    with pytest.raises(HpcattnError, match="not a comma-separated list"):
+        parse_cu_seqlens("0,1000;65536")
+
+
+# --- cases, job files and the command line ----------------------------------------------------
+
+def test_a_case_with_a_bad_mask_is_refused_in_one_line():
+    from hpcattn.cases import AttentionCase
+    from hpcattn.errors import CollectiveError
+
+    with pytest.raises(CollectiveError, match="cu_seqlens ends at 200; expected it to end at the "
+                                              "sequence length N=256"):
+        AttentionCase(seq_len=256, cu_seqlens="0,100,200").validate(1)
+    with pytest.raises(CollectiveError, match="window right=3 with causal"):
+        AttentionCase(seq_len=256, causal=True, window="16,3").validate(1)
+    AttentionCase(seq_len=256, causal=True, window="16,0", cu_seqlens="0,100,256").validate(1)
+
+
+def test_job_files_take_window_and_cu_seqlens(tmp_path):
+    from hpcattn.jobs import JobFileError, load_job
+
+    path = tmp_path / "masks.toml"
+    path.write_text('[job]\nname = "masks"\n[sweep]\nseq_len = 512\ncausal = true\n'
+                    'window = ["64,0", "-1,-1"]\ncu_seqlens = "0,100,512"\n')
+    job = load_job(path)
+    assert job.sweep["window"] == ["64,0", "-1,-1"]
+    path.write_text('[job]\nname = "masks"\n[sweep]\nseq_len = 512\ncu_seqlens = "0,300,200,512"\n')
+    with pytest.raises(JobFileError, match=r"masks.toml:5: sweep.cu_seqlens = '0,300,200,512' is "
+                                           r"invalid: cu_seqlens is not strictly increasing"):
+        load_job(path)
+
+
+@pytest.mark.parametrize("extra", [[], ["--backward", "--layout", "zigzag"]])
+def test_run_with_a_window_and_packed_sequences_passes_its_check(hpcattn_cmd, mpiexec, extra):
+    import subprocess
+
+    from conftest import ROOT
+
+    cmd = hpcattn_cmd + ["run", "--np", "2", "-N", "700", "-H", "2", "-d", "16", "--causal",
+                         "--cu-seqlens", "0,10,400,700", "--window", "50,0", "--check",
+                         "--check-rows", "32", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "mask               causal top-left, window 50,0, 3 packed sequences" in proc.stdout
+    assert "PASSED" in proc.stdout
+    bad = subprocess.run(hpcattn_cmd + ["run", "-N", "700", "--window", "50"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "window='50' has 1 numbers; expected LEFT,RIGHT" in bad.stderr

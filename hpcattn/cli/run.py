@@ -48,6 +48,13 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
         + f", head_dim {case.head_dim}, {case.dtype}, {'causal' if case.causal else 'non-causal'})",
         f"  ranks              {res['ranks']}  (layout {case.layout}, positions per rank "
         f"{min(counts):,}..{max(counts):,})",
+    ]
+    if case.mask_kw:
+        steps = res.get("steps")
+        lines.append(f"  mask               {case.mask.describe()}"
+                     + (f"; ring steps {max(steps)} of {res['ranks']}"
+                        if steps and case.strategy == "ring" else ""))
+    lines += [
         f"  wall time          {np.median(walls):.3f} s  (median of {len(walls)}; min {min(walls):.3f} s,"
         f" max {max(walls):.3f} s; slowest rank)",
         f"  compute / wait     {max(res['compute_s']):.3f} s / {max(res['wait_s']):.3f} s  "
@@ -58,8 +65,10 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
                      f"{max(res['backward_wait_s']):.3f} s  backward (slowest rank, last repeat)")
     lines += [
         f"  throughput         {res['gflops']:,.1f} GFLOP/s  ({case.flops:.3e} FLOP = "
-        + ("3.5 x " if case.backward else "") + "4*B*N^2*H*d"
-        + ("/2, causal" if case.causal else "") + ("; backward = 2.5 x forward)" if case.backward else ")"),
+        + ("3.5 x " if case.backward else "")
+        + ("4*B*H*d*(visible pairs)" if case.mask_kw else
+           "4*B*N^2*H*d" + ("/2, causal" if case.causal else ""))
+        + ("; backward = 2.5 x forward)" if case.backward else ")"),
         f"  peak memory/rank   {_fmt_bytes(max(res['peak_rss_bytes']))} RSS max, "
         f"{_fmt_bytes(min(res['peak_rss_bytes']))} min; arrays {_fmt_bytes(max(res['peak_alloc_bytes']))} max",
     ]
@@ -82,7 +91,8 @@ OVERRIDES = {"seq_len": "seq_len", "batch": "batch", "heads": "heads", "kv_heads
              "head_dim": "head_dim", "dtype": "dtype", "causal": "causal", "layout": "layout",
              "seed": "seed", "repeats": "repeats", "tolerance": "tolerance", "block_q": "block_q",
              "block_k": "block_k", "device": "device", "strategy": "strategy",
-             "ulysses_size": "ulysses_size", "backward": "backward"}
+             "ulysses_size": "ulysses_size", "backward": "backward", "window": "window",
+             "cu_seqlens": "cu_seqlens"}
 JOB_ONLY = ("output", "array_task", "array_tasks", "force")
 
 
@@ -155,12 +165,19 @@ def _load(job_file, overrides):
               help="Also compute the gradients dq, dk, dv (ring or ulysses) for a random dout and time "
                    "forward+backward; with --check, sampled rows of dq and sampled key rows of dk/dv "
                    "are checked against float64 too.")
+@click.option("--window", metavar="LEFT,RIGHT", default=None,
+              help="Sliding window (FlashAttention's window_size): query i sees keys i-LEFT..i+RIGHT; "
+                   "-1 is unbounded, with --causal RIGHT is 0 or -1. The contiguous ring stops "
+                   "early: O(N*w) work.")
+@click.option("--cu-seqlens", metavar="0,C1,...,N", default=None,
+              help="Packed variable-length sequences (FlashAttention's cu_seqlens, cumulative "
+                   "lengths from 0 to N): tokens never attend across sequences.")
 @click.option("--block-q", type=click.IntRange(min=1), default=None, help="Query tile rows (tuning).")
 @click.option("--block-k", type=click.IntRange(min=1), default=None, help="Key tile rows (tuning).")
 @click.pass_context
 def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, seq_len, batch, heads,
         kv_heads, head_dim, dtype, device, causal, layout, seed, repeats, check, check_rows,
-        tolerance, strategy, ulysses_size, backward, block_q, block_k):
+        tolerance, strategy, ulysses_size, backward, window, cu_seqlens, block_q, block_k):
     """Run exact ring attention on random inputs, or every case of a job file.
 
     Without JOB.toml: one case, and rank 0 prints N, ranks, layout, dtype, wall time, GFLOP/s
@@ -179,6 +196,7 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
     \b
     Examples:
       hpcattn run --np 4 --seq-len 65536 --heads 8 --head-dim 64 --causal --layout zigzag --check
+      hpcattn run --np 4 -N 65536 --causal --cu-seqlens 0,1000,41000,65536 --window 4096,0 --check
       mpiexec -n 4 hpcattn run -N 16384 --causal --layout striped --repeats 3
       mpiexec -n 4 hpcattn run jobs/quickstart.toml
       hpcattn run --np 2 jobs/ring-scaling.toml --array-task 0 --array-tasks 4
@@ -210,7 +228,8 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
                          head_dim=head_dim, dtype=dtype, causal=causal, layout=layout, seed=seed,
                          repeats=repeats, check_rows=check_rows if check else 0,
                          block_q=block_q, block_k=block_k, device=device, strategy=strategy,
-                         ulysses_size=ulysses_size, backward=backward)
+                         ulysses_size=ulysses_size, backward=backward, window=window,
+                         cu_seqlens=cu_seqlens)
     from ..cases import run_attention_case
 
     try:
