@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Mixer, Param, SEED, register
-from .portable import check_length, fft_causal_conv, relu, sigmoid, softmax, toeplitz
+from .portable import check_length, fft_causal_conv, lower, relu, sigmoid, softmax, toeplitz
 
 MAX_LEN = Param(None, "sequence length the position-indexed weights cover (unset: drawn for "
                       "each length; training sets it)", minimum=1, kind=int)
@@ -159,10 +159,17 @@ class _Synthesized(Learned):
 
 
 def _masked(xp, logits, causal):
-    if not causal:
-        return logits
-    i = xp.arange(logits.shape[-1])
-    return xp.where(i[:, None] >= i[None, :], logits, -np.inf)
+    return xp.where(lower(xp, logits.shape[-1]), logits, -np.inf) if causal else logits
+
+
+def _square(mixer, xp, name, q):
+    """The leading (N, N) block of a (heads, max_len, max_len) weight."""
+    n = q.shape[2]
+    return mixer.w(xp, name, q)[:, :n, :n]
+
+
+def _per_batch(xp, p, q):
+    return xp.broadcast_to(p[None], q.shape[:2] + p.shape[-2:])
 
 
 @register
@@ -202,9 +209,7 @@ class SynthesizerRandom(_Synthesized):
         return {"logits": rng.standard_normal((heads, length, length))}
 
     def _matrix(self, xp, q, k, causal):
-        n = q.shape[2]
-        p = softmax(xp, _masked(xp, self.w(xp, "logits", q)[:, :n, :n], causal))
-        return xp.broadcast_to(p[None], q.shape[:2] + (n, n))
+        return _per_batch(xp, softmax(xp, _masked(xp, _square(self, xp, "logits", q), causal)), q)
 
 
 @register
@@ -220,9 +225,5 @@ class MLPMixer(_Synthesized):
         return {"mixing": rng.standard_normal((heads, length, length)) / np.sqrt(rows)}
 
     def _matrix(self, xp, q, k, causal):
-        n = q.shape[2]
-        w = self.w(xp, "mixing", q)[:, :n, :n]
-        if causal:
-            i = xp.arange(n)
-            w = xp.where(i[:, None] >= i[None, :], w, 0.0)
-        return xp.broadcast_to(w[None], q.shape[:2] + (n, n))
+        w = _square(self, xp, "mixing", q)
+        return _per_batch(xp, xp.where(lower(xp, q.shape[2]), w, 0.0) if causal else w, q)
