@@ -133,7 +133,7 @@ def test_bad_value_range(tmp_path):
 
 def test_bad_value_kind(tmp_path):
     msg = load_err(tmp_path, GOOD.replace('kind = "attention"', 'kind = "training"'))
-    assert msg.endswith("job.toml:4: job.kind = 'training' is not one of attention, mixer")
+    assert msg.endswith("job.toml:4: job.kind = 'training' is not one of attention, mixer, train")
 
 
 def test_empty_and_repeated_axes(tmp_path):
