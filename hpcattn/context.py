@@ -90,6 +90,14 @@ class _Grid:
         self.across.Free()
 
 
+def _self_attention_only(dist, dist_k):
+    """The grid re-lays queries and keys with one plan: no cross-attention (same on every rank)."""
+    if dist_k is not dist:
+        raise CollectiveError(f"seqlen_q={dist.n} != seqlen_k={dist_k.n} with strategy 'hybrid'; "
+                              "expected self-attention, or strategy ring or ulysses for "
+                              "cross-attention")
+
+
 def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = False,
                      layout: str = "contiguous", scale: float | None = None,
                      stats: dict | None = None, window=None, cu_seqlens=None,
@@ -101,8 +109,9 @@ def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = Fa
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist, mask = check_context_inputs(q, k, v, comm, layout, be,
-                                      mask_spec(causal, window, cu_seqlens, align))
+    dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be,
+                                              mask_spec(causal, window, cu_seqlens, align))
+    _self_attention_only(dist, dist_k)
     with _Grid(comm, dist, ulysses_size, q.shape[2], k.shape[2], be) as grid:
         ring_stats: dict = {}
 
@@ -133,8 +142,9 @@ def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_siz
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist, mask = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
-                                        mask_spec(causal, window, cu_seqlens, align))
+    dist, mask, dist_k = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
+                                                mask_spec(causal, window, cu_seqlens, align))
+    _self_attention_only(dist, dist_k)
     h, hkv = q.shape[2], k.shape[2]
     with _Grid(comm, dist, ulysses_size, h, hkv, be) as grid:
         move = grid.move

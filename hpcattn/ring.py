@@ -52,9 +52,11 @@ def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
 
 
 def check_context_inputs(q, k, v, comm, layout: str, be=None, spec=None):
-    """:func:`check_ring_inputs` plus the mask: ``(Distribution, bound Mask)``, or the same
-    CollectiveError on every rank (a bad window or cu_seqlens, or ranks that disagree on them,
-    or a backend that cannot apply the mask). ``spec``: :func:`mask_spec` (default: no mask)."""
+    """:func:`check_ring_inputs` plus the mask and the keys' distribution: ``(distribution of the
+    queries, bound Mask, distribution of the keys)``, or the same CollectiveError on every rank (a
+    bad window or cu_seqlens, ranks that disagree on them, a backend that cannot apply the mask).
+    Queries and keys are sharded independently by ``layout`` (cross-attention: Nq != Nk); for
+    self-attention the two distributions are one object. ``spec``: :func:`mask_spec`."""
     check_layout(layout)
     size = comm.size
     be = backend.select(q) if be is None else be
@@ -74,37 +76,46 @@ def check_context_inputs(q, k, v, comm, layout: str, be=None, spec=None):
             raise CollectiveError(
                 f"rank {r} has q {info['q']}, k/v {info['kv']}, {info['dtype']} but rank 0 has q {ref['q']}, "
                 f"k/v {ref['kv']}, {ref['dtype']}; expected equal batch, heads, head_dim and dtype on every rank")
-        if info["q"][1] != info["kv"][1]:
-            raise CollectiveError(f"rank {r} holds {info['q'][1]} query rows but {info['kv'][1]} key rows; "
-                                  "expected q, k and v sharded alike")
-    counts = [info["q"][1] for info in infos]
-    n = sum(counts)
-    if n < size:
-        raise CollectiveError(f"sequence length N={n} is smaller than the number of ranks P={size}; "
-                              "expected N >= P")
-    dist = Distribution(n, size, layout)
-    if (problem := dist.mismatch(counts)) is not None:
-        raise CollectiveError(f"{problem}; shard inputs with hpcattn.shard")
-    try:   # every rank holds the same spec and N here: the same outcome everywhere
-        mask = make_mask(**spec).bind(n, n)
+    dists = []
+    for what, key in (("sequence", "q"), ("key sequence", "kv")):
+        counts = [info[key][1] for info in infos]
+        n = sum(counts)
+        if n < size:
+            raise CollectiveError(f"{what} length N={n} is smaller than the number of ranks P={size}; "
+                                  "expected N >= P")
+        dist = Distribution(n, size, layout)
+        if (problem := dist.mismatch(counts)) is not None:
+            raise CollectiveError(f"{problem}{'' if key == 'q' else ' (keys)'}; shard inputs with "
+                                  "hpcattn.shard")
+        dists.append(dist)
+    dist, dist_k = dists[0], (dists[0] if dists[1] == dists[0] else dists[1])
+    try:   # every rank holds the same spec and lengths here: the same outcome everywhere
+        mask = make_mask(**spec).bind(dist.n, dist_k.n)
         backend.mask_kwargs(be, mask)
     except HpcattnError as exc:
         raise CollectiveError(str(exc)) from None
-    return dist, mask
+    return dist, mask, dist_k
 
 
-def ring_plan(dist, mask, size: int, rank: int) -> tuple[int, list]:
+def ring_plan(dist, mask, size: int, rank: int, dist_k=None) -> tuple[int, list]:
     """``(steps, useful)``: how many ring steps every rank runs, and for each of ``rank``'s steps
     whether its key block may hold a key visible to its queries. The same on every rank (computed
-    from the distribution and the mask alone): the ring stops after the last step any rank can
-    use, and a rank computes nothing on a step whose block the mask hides from it entirely."""
+    from the distributions of queries and keys (``dist_k``, default ``dist``) and the mask alone):
+    the ring stops after the last step any rank can use, and a rank computes nothing on a step
+    whose block the mask hides from it entirely."""
     if mask.trivial:
         return size, [True] * size
-    bounds = [np.asarray(chunk_bounds(dist.positions(r), 16), np.int64).reshape(-1, 4)
-              for r in range(size)]
+    dist_k = dist if dist_k is None else dist_k
+
+    def bounds_of(d):
+        return [np.asarray(chunk_bounds(d.positions(r), 16), np.int64).reshape(-1, 4)
+                for r in range(size)]
+
+    q_bounds = bounds_of(dist)
+    k_bounds = q_bounds if dist_k is dist else bounds_of(dist_k)
 
     def useful(r, step):
-        qb, kb = bounds[r], bounds[(r - step) % size]
+        qb, kb = q_bounds[r], k_bounds[(r - step) % size]
         if not len(qb) or not len(kb):
             return False
         return bool((mask.classify(qb[:, 2, None], qb[:, 3, None], kb[None, :, 2],
@@ -134,50 +145,53 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist, mask = check_context_inputs(q, k, v, comm, layout, be,
-                                      mask_spec(causal, window, cu_seqlens, align))
+    dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be,
+                                              mask_spec(causal, window, cu_seqlens, align))
     return ring_over(q, k, v, comm, dist, be, causal=causal, scale=scale, stats=stats, mask=mask,
-                     **block_kw)
+                     dist_k=dist_k, **block_kw)
 
 
-def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=None, **block_kw):
+def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=None, dist_k=None,
+              **block_kw):
     """The ring loop on validated shards. ``dist`` says which rows rank r of ``comm`` holds:
     ``counts``, ``count(r)``, ``positions(r)`` (a ``layouts.Distribution``, or any value with
-    those, e.g. the groups of ranks of the hybrid strategy; positions need not be sorted).
+    those, e.g. the groups of ranks of the hybrid strategy; positions need not be sorted);
+    ``dist_k`` the same for the keys (default ``dist``; cross-attention when they differ).
     ``mask``: a ``hpcattn.masks.Mask`` (bound to the global lengths unless it is); None: plain
     ``causal``."""
     size, rank = comm.size, comm.rank
-    mask = resolve(mask, causal, dist.n, dist.n)
+    dist_k = dist if dist_k is None else dist_k
+    mask = resolve(mask, causal, dist.n, dist_k.n)
     kw = backend.mask_kwargs(be, mask)
     t_compute = t_wait = 0.0
     skipped = 0
     steps = size
     clock = be.clock()
     if size == 1:
-        pos = None if mask.trivial else dist.positions(0)
+        q_pos, k_pos = (None, None) if mask.trivial else (dist.positions(0), dist_k.positions(0))
         clock.start()
-        out, lse = be.attention(q, k, v, scale=scale, q_pos=pos, k_pos=pos, **kw, **block_kw)
+        out, lse = be.attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, **kw, **block_kw)
         clock.computed()
         t_compute, _ = clock.stop()
     else:
-        steps, useful = ring_plan(dist, mask, size, rank)
+        steps, useful = ring_plan(dist, mask, size, rank, dist_k)
         ring = be.ring_comm(comm)
         q_pos = dist.positions(rank)
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
         # per head), and every block is folded into one running state: no per-step output
         part = be.partial(q, k.shape[2], scale=scale, q_pos=q_pos, **kw, **block_kw)
-        bufs = [be.xp.empty(part.packed_size(max(dist.counts)), dtype=k.dtype) for _ in range(2)]
+        bufs = [be.xp.empty(part.packed_size(max(dist_k.counts)), dtype=k.dtype) for _ in range(2)]
         part.pack(k, v, bufs[0])
         for step in range(steps):
             src = (rank - step) % size          # whose block we hold now
             cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
-            n_src = dist.count(src)
+            n_src = dist_k.count(src)
             if step < steps - 1:
-                n_next = dist.count((src - 1) % size)
+                n_next = dist_k.count((src - 1) % size)
                 ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)], step=step)
             clock.start()
             if useful[step]:
-                part.add_packed(cur[: part.packed_size(n_src)], n_src, dist.positions(src),
+                part.add_packed(cur[: part.packed_size(n_src)], n_src, dist_k.positions(src),
                                 progress=ring.progress)
             else:
                 skipped += 1                     # the mask hides every key from every query

@@ -41,16 +41,17 @@ def check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be=None):
 
 
 def check_backward_context(q, k, v, out, lse, dout, comm, layout, be=None, spec=None):
-    """:func:`check_backward_inputs` plus the mask (``ring.mask_spec``): ``(dist, bound mask)``."""
+    """:func:`check_backward_inputs` plus the mask (``ring.mask_spec``): ``(dist, bound mask,
+    dist_k)`` as ``ring.check_context_inputs`` gives them."""
     be = backend.select(q) if be is None else be
-    dist, mask = check_context_inputs(q, k, v, comm, layout, be, spec)
+    dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be, spec)
     errors = exchange.allgather(comm, backward_input_error(q, k, v, out, lse, dout, allowed=be.dtypes,
                                                            xp=be.xp),
                                 "checking the ring backward's inputs")
     for r, err in enumerate(errors):
         if err:
             raise CollectiveError(f"rank {r}: {err}")
-    return dist, mask
+    return dist, mask, dist_k
 
 
 def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool = False,
@@ -69,40 +70,42 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool 
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist, mask = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
-                                        mask_spec(causal, window, cu_seqlens, align))
+    dist, mask, dist_k = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
+                                                mask_spec(causal, window, cu_seqlens, align))
     return ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, causal=causal, scale=scale,
-                              stats=stats, mask=mask, **block_kw)
+                              stats=stats, mask=mask, dist_k=dist_k, **block_kw)
 
 
 def ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, *, causal: bool, scale, stats=None,
-                       mask=None, **block_kw):
+                       mask=None, dist_k=None, **block_kw):
     """The backward ring on validated shards; ``dist`` as for ``hpcattn.ring.ring_over`` (any
     value with ``counts``, ``count(r)``, ``positions(r)``, e.g. the hybrid strategy's groups);
-    ``mask`` as for ``ring_over`` (None: plain ``causal``)."""
+    ``mask`` and ``dist_k`` (the keys' distribution) as for ``ring_over``."""
     size, rank = comm.size, comm.rank
-    mask = resolve(mask, causal, dist.n, dist.n)
+    dist_k = dist if dist_k is None else dist_k
+    mask = resolve(mask, causal, dist.n, dist_k.n)
     kw = backend.mask_kwargs(be, mask)
     clock = be.clock()
     steps = size
     if size == 1:
-        pos = None if mask.trivial else dist.positions(0)
+        q_pos, k_pos = (None, None) if mask.trivial else (dist.positions(0), dist_k.positions(0))
         clock.start()
-        grads = be.attention_backward(q, k, v, out, lse, dout, scale=scale, q_pos=pos, k_pos=pos,
+        grads = be.attention_backward(q, k, v, out, lse, dout, scale=scale, q_pos=q_pos, k_pos=k_pos,
                                       **kw, **block_kw)
         clock.computed()
         timing = {"compute_s": clock.stop()[0], "wait_s": 0.0, "skipped": 0}
     else:
         state = be.backward_state(q, out, lse, dout, k.shape[2], scale=scale,
                                   q_pos=dist.positions(rank), **kw, **block_kw)
-        steps, useful = ring_plan(dist, mask, size, rank)
-        grads, timing = _ring(state, be, clock, k, v, comm, dist, steps, useful)
+        steps, useful = ring_plan(dist, mask, size, rank, dist_k)
+        grads, timing = _ring(state, be, clock, k, v, comm, dist_k, steps, useful)
     if stats is not None:
         stats.update(steps=steps, **timing)
     return grads
 
 
 def _ring(state, be, clock, k, v, comm, dist, steps, useful):
+    """The loop; ``dist`` is the KEYS' distribution (the queries stay in ``state``)."""
     size, rank = comm.size, comm.rank
     widest = max(dist.counts)
     xp = be.xp

@@ -132,13 +132,13 @@ def ulysses_attention(q, k, v, comm=None, *, causal: bool = False, layout: str =
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist, mask = check_context_inputs(q, k, v, comm, layout, be,
-                                      mask_spec(causal, window, cu_seqlens, align))
+    dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be,
+                                              mask_spec(causal, window, cu_seqlens, align))
     b, _, h, d = q.shape
     plan = head_plan(h, k.shape[2], comm.size)
-    move = _Relayout(comm, dist.counts, plan, be)
+    move, move_k = _relayouts(comm, dist, dist_k, plan, be)
     # the received rows are in rank order; positions say where they sit
-    pos = None if mask.trivial else dist.global_order
+    q_pos, k_pos = (None, None) if mask.trivial else (dist.global_order, dist_k.global_order)
     kw = backend.mask_kwargs(be, mask)
 
     compute = [0.0]  # the per-rank kernel alone, not the all-to-alls around it
@@ -146,26 +146,34 @@ def ulysses_attention(q, k, v, comm=None, *, causal: bool = False, layout: str =
     def attend(qf, kf, vf):
         t = time.perf_counter()
         res = be.attention(be.to_device(qf), be.to_device(kf), be.to_device(vf), scale=scale,
-                           q_pos=pos, k_pos=pos, **kw, **block_kw)
+                           q_pos=q_pos, k_pos=k_pos, **kw, **block_kw)
         be.synchronize()
         compute[0] += time.perf_counter() - t
         return res
 
     t0 = time.perf_counter()
-    out, lse, sent = over_heads(q, k, v, move, attend)
+    out, lse, sent = over_heads(q, k, v, move, attend, move_k)
     if stats is not None:
         stats.update(wall_s=time.perf_counter() - t0, compute_s=compute[0], bytes_sent=sent,
                      steps=2, skipped=0)
     return out, lse
 
 
-def over_heads(q, k, v, move: _Relayout, attend):
-    """Re-shard q/k/v to heads with ``move``, ``attend(q, k, v) -> (out, lse)`` on the rows of
-    every rank of ``move.comm`` for this rank's heads, shard back. Returns ``(out, lse, bytes
-    this rank sent)`` (including the share it keeps)."""
+def _relayouts(comm, dist, dist_k, plan, be):
+    """The re-layouts of the query-side and the key-side tensors (one object for self-attention)."""
+    move = _Relayout(comm, dist.counts, plan, be)
+    return move, (move if dist_k is dist else _Relayout(comm, dist_k.counts, plan, be))
+
+
+def over_heads(q, k, v, move: _Relayout, attend, move_k: _Relayout | None = None):
+    """Re-shard q/k/v to heads with ``move`` (k/v with ``move_k``, default ``move``: their rows
+    may differ in cross-attention), ``attend(q, k, v) -> (out, lse)`` on the rows of every rank
+    of ``move.comm`` for this rank's heads, shard back. Returns ``(out, lse, bytes this rank
+    sent)`` (including the share it keeps)."""
     be = move.be
+    move_k = move if move_k is None else move_k
     b, _, h, d = q.shape
-    qf, kf, vf = move.to_heads(q, 0), move.to_heads(k, 1), move.to_heads(v, 1)
+    qf, kf, vf = move.to_heads(q, 0), move_k.to_heads(k, 1), move_k.to_heads(v, 1)
     n_all = sum(move.counts)
     if len(move.mine[0]):
         o, l = attend(qf, kf, vf)
@@ -176,7 +184,7 @@ def over_heads(q, k, v, move: _Relayout, attend):
     out = move.to_rows(o, 0, h)
     lse = move.lse_to_rows(l, h)
     item = q.dtype.itemsize
-    sent = q.shape[1] * b * d * item * (h + 2 * sum(len(p[1]) for p in move.plan)) \
+    sent = b * d * item * (q.shape[1] * h + k.shape[1] * 2 * sum(len(p[1]) for p in move.plan)) \
         + n_all * b * len(move.mine[0]) * (d * item + l.dtype.itemsize)
     return be.to_device(out), be.to_device(lse), int(sent)
 
@@ -198,28 +206,29 @@ def ulysses_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bo
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
-    dist, mask = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
-                                        mask_spec(causal, window, cu_seqlens, align))
+    dist, mask, dist_k = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
+                                                mask_spec(causal, window, cu_seqlens, align))
     b, _, h, d = q.shape
     hkv = k.shape[2]
     plan = head_plan(h, hkv, comm.size)
-    move = _Relayout(comm, dist.counts, plan, be)
-    full = [move.to_heads(x, which) for x, which in ((q, 0), (k, 1), (v, 1), (out, 0), (dout, 0))]
+    move, move_k = _relayouts(comm, dist, dist_k, plan, be)
+    full = [m.to_heads(x, which) for x, which, m in ((q, 0, move), (k, 1, move_k), (v, 1, move_k),
+                                                     (out, 0, move), (dout, 0, move))]
     lse_full = move.lse_to_heads(lse)
-    pos = None if mask.trivial else dist.global_order
+    q_pos, k_pos = (None, None) if mask.trivial else (dist.global_order, dist_k.global_order)
     kw = backend.mask_kwargs(be, mask)
     t0 = time.perf_counter()
     if len(move.mine[0]):
         dev = [be.to_device(x) for x in (*full[:4], lse_full, full[4])]
-        grads = [be.to_host(g) for g in be.attention_backward(*dev, scale=scale, q_pos=pos,
-                                                               k_pos=pos, **kw, **block_kw)]
+        grads = [be.to_host(g) for g in be.attention_backward(*dev, scale=scale, q_pos=q_pos,
+                                                               k_pos=k_pos, **kw, **block_kw)]
     else:
         grads = [np.zeros_like(full[0]), np.zeros_like(full[1]), np.zeros_like(full[2])]
     compute = time.perf_counter() - t0
     replicated = hkv < comm.size
     dq = move.to_rows(grads[0], 0, h)
-    dk = move.to_rows(grads[1], 1, hkv, add=replicated)
-    dv = move.to_rows(grads[2], 1, hkv, add=replicated)
+    dk = move_k.to_rows(grads[1], 1, hkv, add=replicated)
+    dv = move_k.to_rows(grads[2], 1, hkv, add=replicated)
     if stats is not None:
         stats.update(compute_s=compute, steps=2, skipped=0)
     return be.to_device(dq), be.to_device(dk), be.to_device(dv)

@@ -187,3 +187,51 @@ def test_bad_masks_give_one_collective_error(spoil, message, strategy):
     with pytest.raises(CollectiveError, match=message) as exc:
         run(q, k, v, comm, layout="zigzag", **kw)
     assert "\n" not in str(exc.value)
+
+
+def _lse_match(got, want, tol):
+    seen = np.isfinite(want)
+    assert (np.isfinite(got) == seen).all()   # rows that see no key: -inf on both sides
+    assert not seen.any() or np.abs(got[seen] - want[seen]).max() < tol
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+@pytest.mark.parametrize("nq, args", [
+    (23, dict()), (23, dict(causal=True, align="bottom-right")),
+    (80, dict(causal=True, align="bottom-right", window=(9, 0))), (80, dict(window=(5, 5))),
+    (37, dict(causal=True)),
+])
+def test_cross_attention_across_ranks(layout, strategy, nq, args):
+    """Queries and keys sharded independently (Nq != Nk), forward and backward; with Nq > Nk and
+    bottom-right causal the first rows see no key (out 0, lse -inf, no gradient)."""
+    comm = MPI.COMM_WORLD
+    q = global_inputs(nq, h=4, hkv=2)[0]
+    _, k, v = global_inputs(N, h=4, hkv=2)
+    dout = np.random.default_rng(6).standard_normal(q.shape)
+    lq, ldout = shard(q, comm, layout), shard(dout, comm, layout)
+    lk, lv = shard(k, comm, layout), shard(v, comm, layout)
+    out, lse = context_attention(lq, lk, lv, comm, strategy=strategy, layout=layout, block_q=4,
+                                 block_k=8, **args)
+    ref, ref_lse = naive_attention(q, k, v, **args)
+    assert np.abs(_gathered(out, comm, layout) - ref).max() < 1e-12
+    _lse_match(_gathered(lse, comm, layout, axis=2), ref_lse, 1e-12)
+    dq, dk, dv = context_attention_backward(lq, lk, lv, out, lse, ldout, comm, strategy=strategy,
+                                            layout=layout, block_q=4, block_k=8, **args)
+    rdq, rdk, rdv = naive_attention_backward(q, k, v, dout, **args)
+    for got, want in ((dq, rdq), (dk, rdk), (dv, rdv)):
+        assert np.abs(_gathered(got, comm, layout) - want).max() < 1e-11
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_cross_attention_refusals_are_collective():
+    comm = MPI.COMM_WORLD
+    q = shard(global_inputs(23)[0], comm, "zigzag")
+    k, v = (shard(x, comm, "zigzag") for x in global_inputs(N)[1:])
+    with pytest.raises(CollectiveError, match="cu_seqlens with seqlen_q=23 != seqlen_k=61"):
+        ring_attention(q, k, v, comm, layout="zigzag", cu_seqlens=[0, 30, N])
+    with pytest.raises(CollectiveError, match="seqlen_q=23 != seqlen_k=61 with strategy 'hybrid'"):
+        context_attention(q, k, v, comm, strategy="hybrid", ulysses_size=1, layout="zigzag")
