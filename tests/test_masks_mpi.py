@@ -33,11 +33,15 @@ def _gathered(x, comm, layout, axis=1):
 @pytest.mark.parametrize("name", RING_MASKS)
 @pytest.mark.parametrize("h, hkv", [(4, 2), (3, 3)])
 def test_ring_masks_equal_reference(layout, name, h, hkv):
+    _forward_equals_reference(ring_attention, layout, name, h, hkv)
+
+
+def _forward_equals_reference(run, layout, name, h, hkv):
     comm = MPI.COMM_WORLD
     args = mask_args(name, N)
     q, k, v = global_inputs(N, h=h, hkv=hkv)
     local = [shard(x, comm, layout) for x in (q, k, v)]
-    out, lse = ring_attention(*local, comm, layout=layout, block_q=4, block_k=8, **args)
+    out, lse = run(*local, comm, layout=layout, block_q=4, block_k=8, **args)
     ref, ref_lse = naive_attention(q, k, v, **args)
     assert np.abs(_gathered(out, comm, layout) - ref).max() < 1e-12
     assert np.abs(_gathered(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
@@ -63,14 +67,7 @@ def test_ring_masks_float32(layout, name):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["causal-bottom-right", "window", "varlen-causal-window"])
 def test_ulysses_masks_equal_reference(layout, name):
-    comm = MPI.COMM_WORLD
-    args = mask_args(name, N)
-    q, k, v = global_inputs(N, h=6, hkv=2)
-    local = [shard(x, comm, layout) for x in (q, k, v)]
-    out, lse = ulysses_attention(*local, comm, layout=layout, block_q=4, block_k=8, **args)
-    ref, ref_lse = naive_attention(q, k, v, **args)
-    assert np.abs(_gathered(out, comm, layout) - ref).max() < 1e-12
-    assert np.abs(_gathered(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
+    _forward_equals_reference(ulysses_attention, layout, name, 6, 2)
 
 
 def _grads_match(local_grads, comm, layout, ref_grads, tol):

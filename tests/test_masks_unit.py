@@ -37,6 +37,14 @@ def mask_args(name, n):
                 align=align)
 
 
+def cross_args(name, nq, nk):
+    """``mask_args`` for Nq queries and Nk keys; skips packed sequences when Nq != Nk."""
+    args = mask_args(name, nk)
+    if args["cu_seqlens"] is not None and nq != nk:
+        pytest.skip("packed sequences are self-attention")
+    return args
+
+
 def inputs(nq, nk, h=4, hkv=2, d=8, dtype="float64", seed=0):
     rng = np.random.default_rng([seed, nq, nk])
     return (rng.standard_normal((2, nq, h, d)).astype(dtype),
@@ -79,9 +87,7 @@ def test_cu_seqlens_must_end_at_n_and_be_self_attention():
 @pytest.mark.parametrize("name", MASKS)
 @pytest.mark.parametrize("nq, nk", [(40, 40), (23, 40), (40, 23)])
 def test_visible_matches_the_independent_definition(name, nq, nk):
-    args = mask_args(name, nk)
-    if args["cu_seqlens"] is not None and nq != nk:
-        pytest.skip("packed sequences are self-attention")
+    args = cross_args(name, nq, nk)
     mask = make_mask(**args).bind(nq, nk)
     rng = np.random.default_rng(1)
     qp, kp = np.sort(rng.choice(nq, 17, replace=False)), rng.permutation(nk)
@@ -122,9 +128,7 @@ def test_tile_classes_are_sound(name, layout):
 @pytest.mark.parametrize("nq, nk", [(53, 53), (29, 53), (53, 29)])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 def test_blockwise_masks_equal_reference(name, nq, nk, dtype, tol):
-    args = mask_args(name, nk)
-    if args["cu_seqlens"] is not None and nq != nk:
-        pytest.skip("packed sequences are self-attention")
+    args = cross_args(name, nq, nk)
     q, k, v = inputs(nq, nk, dtype=dtype)
     ref, ref_lse = naive_attention(q, k, v, **args)
     out, lse = hpcattn.attention(q, k, v, block_q=4, block_k=8, **args)
@@ -193,9 +197,7 @@ def test_a_backend_without_masks_refuses_them_in_one_line():
 @pytest.mark.parametrize("name", MASKS)
 @pytest.mark.parametrize("nq, nk", [(40, 40), (23, 40), (40, 23)])
 def test_visible_pairs_counts_the_dense_mask(name, nq, nk):
-    args = mask_args(name, nk)
-    if args["cu_seqlens"] is not None and nq != nk:
-        pytest.skip("packed sequences are self-attention")
+    args = cross_args(name, nq, nk)
     pairs = make_mask(**args).bind(nq, nk).visible_pairs()
     assert pairs == visible_matrix(np.arange(nq), np.arange(nk), n_q=nq, n_k=nk, **args).sum()
 
