@@ -124,3 +124,10 @@ def test_train_job_runs_records_and_resumes(tmp_path):
     with results.open_results(tmp_path / "t.h5") as f:
         case = f["cases"]["case_0001"]
         assert case.attrs["kind"] == "train" and "loss_curve" in case
+    from hpcattn import analysis as an
+
+    rows = an.load_rows([str(tmp_path / "t.h5")])
+    text = an.table(rows, an.columns(rows))
+    assert "accuracy vs context window C, task local" in text and "ceiling (best achievable)" in text
+    drawn = an.plot(rows, str(tmp_path / "t.png"))
+    assert "accuracy (local)" in drawn and any(k.startswith("loss") for k in drawn)

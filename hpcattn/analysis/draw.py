@@ -8,6 +8,7 @@ from .figures import (AXIS_LABELS, Block, Panel, facet_title, facets_of, metric_
                       standard_blocks)
 from .rows import MIB, is_number, param_names, varying
 from .tables import fmt, sort_key
+from .training import CEILING, is_train, train_blocks
 
 NAMED_BY_VALUE = ("file", "mixer", "layout")     # legend shows the value alone
 MARKERS = "osD^vP*X<>ph"
@@ -26,7 +27,9 @@ def plot(rows, path: str, *, x: str | None = None, series=None, metrics=(),
     if metrics:
         blocks = [metric_block(rows, x or "seq_len", metrics)]
     else:
-        blocks = standard_blocks(rows, x)
+        others = [r for r in rows if not is_train(r)]
+        blocks = (standard_blocks(others, x) if others else []) + train_blocks(
+            [r for r in rows if is_train(r)], x)
     for b in blocks:
         b.series = list(series) if series else series_keys(
             [r for p in b.panels for r in p.rows], b.x, facets_of(b))
@@ -90,6 +93,8 @@ def _styles(rows, blocks) -> dict:
         if lab.startswith("exact"):
             out[lab] = (("black", "0.5")[n_exact % 2], MARKERS[i % len(MARKERS)])
             n_exact += 1
+        elif lab == CEILING:   # a training task's best achievable accuracy: a reference, not a mixer
+            out[lab] = ("0.75", "_")
         else:
             out[lab] = (colours[(i - n_exact) % len(colours)], MARKERS[i % len(MARKERS)])
     return out

@@ -75,11 +75,7 @@ def standard_blocks(rows, x) -> list[Block]:
         kinds.setdefault(_figure_kind(r), []).append(r)
     makers = {"recall": _recall_block, "error": _error_block, "scaling": _scaling_block,
               "attention": _attention_block}
-    blocks = [makers[k](kinds[k], x) for k in makers if k in kinds]
-    if "train" in kinds:
-        from .training import train_blocks   # (training imports this module)
-
-        blocks += train_blocks(kinds["train"], x)
+    blocks = [makers[k](kinds[k], x) for k in makers if k in kinds]   # (train: training.py)
     blocks = [b for b in blocks if b.panels]
     if not blocks:
         raise HpcattnError(f"no case has a numeric {x or 'seq_len'!r} to plot against; "

@@ -85,10 +85,6 @@ def table(rows, cols, group_by=()) -> str:
             out.append(" ".join(f"{printable(k)}={fmt(v)}" for k, v in zip(group_by, gkey)))
         out.append(line(heads))
         out.extend(line([fmt(r.get(c)) for c in cols]) for r in grows)
-    if any(r.get("kind") == "train" for r in rows):   # training cases: their accuracy grids too
-        from .training import summary_tables   # (training imports this module)
-
-        out += ["", summary_tables(rows)]
     return "\n".join(out)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import tables
+from .figures import Block, Panel
 from .rows import is_number
 from .tables import fmt
 
@@ -36,9 +38,7 @@ def _ceiling_rows(rows, x):
     return list(out.values())
 
 
-def train_blocks(rows, x):
-    from .figures import Block, Panel
-
+def train_blocks(rows, x) -> list:
     blocks = []
     windowed = _with_window([r for r in rows if r.get("task") in WINDOW_TASKS])
     if windowed:
@@ -90,6 +90,13 @@ def _curve_rows(rows):
                   for r in chosen for i, loss in enumerate(r["_data"]["loss_curve"])]
         out.append((f"{task}, N = {n}, width {width}, C = {window}", points))
     return out
+
+
+def table(rows, cols, group_by=()) -> str:
+    """``tables.table``, followed by the accuracy grids when there are training cases."""
+    text = tables.table(rows, cols, group_by)
+    grids = summary_tables(rows)
+    return f"{text}\n\n{grids}" if grids else text
 
 
 def summary_tables(rows) -> str:
