@@ -13,8 +13,8 @@ Two kernels compute the same ``(out, lse)`` (and the same gradients):
 
 ``HPCATTN_CPU_KERNEL=auto|numpy|torch`` (default auto: torch where it can express the call and
 the dtype is in :data:`AUTO_TORCH_DTYPES`, see docs/performance-notes.md; ``torch``: torch for
-every call it can express, a missing torch an error; ``numpy`` never uses torch). Every call records the kernel it used in :data:`LAST`; torch is
-imported only when first needed, never by ``import hpcattn``.
+every call it can express, a missing torch an error; ``numpy`` never uses torch). Every call records the kernel it used in :data:`LAST`; torch
+is imported only when first needed, never by ``import hpcattn``.
 
 Both kernels use all of the process's kernel workers (``hpcattn._threads.kernel_workers``): torch
 through ``torch.set_num_threads``, NumPy through ``hpcattn.cpu_pool`` (batch x heads [x query
@@ -145,7 +145,8 @@ def _torch_threads(workers):
 def _view(x):
     """(b, N, h, d) array -> torch (b, h, N, d) view of the same memory (bf16 through its bits)."""
     if str(x.dtype) == "bfloat16":
-        return _torch.from_numpy(np.ascontiguousarray(x).view(np.uint16)).view(_torch.bfloat16).transpose(1, 2)
+        bits = _torch.from_numpy(np.ascontiguousarray(x).view(np.uint16))
+        return bits.view(_torch.bfloat16).transpose(1, 2)
     return _torch.from_numpy(x).transpose(1, 2)
 
 

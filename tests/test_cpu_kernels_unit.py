@@ -183,7 +183,8 @@ def test_half_types_refused_without_the_instructions(monkeypatch):
 
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
     q, k, v = (x.astype(ml_dtypes.bfloat16) for x in _qkv(10, 1, 16, 16, 2, 2, 16, np.float32))
-    with pytest.raises(HpcattnError, match=r"^q has dtype bfloat16; expected one of float32, float64 \(bfloat16 on CPU needs "
+    with pytest.raises(HpcattnError, match=r"^q has dtype bfloat16; expected one of float32, float64 "
+                                           r"\(bfloat16 on CPU needs "
                                            r"AMX_BF16 or AVX512_BF16 and this CPU \(.*\) has neither\)$"):
         hpcattn.attention(q, k, v)
     assert "float16 on CPU needs" in machine.cpu_half_reason("float16", frozenset())

@@ -108,7 +108,8 @@ def _decode_lines(cfg: BenchConfig, res: dict, gemm) -> list:
         for key in ("hpcattn", "blockwise_default_tiles", "torch"):
             if key in r:
                 ref = square if key != "torch" else (res["torch"] or {}).get("gflops", square)
-                cells += f"{r[key]['gflops']:{16 if key == 'hpcattn' else 12}.1f}{r[key]['gflops'] / ref:10.2f}"
+                width = 16 if key == "hpcattn" else 12
+                cells += f"{r[key]['gflops']:{width}.1f}{r[key]['gflops'] / ref:10.2f}"
         lines.append(f"  {r['nq']:>8,d} x {r['nk']:<7,d}{cells}")
     lines.append("  torch SDPA's ratio is to torch SDPA's own square-shape rate")
     return lines
