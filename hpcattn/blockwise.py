@@ -165,16 +165,22 @@ class PartialAttention:
                         progress()
 
     def result(self):
-        """``(out, lse)`` in the caller's layouts; rows that saw no key: out 0, lse -inf."""
+        """``(out, lse)`` in the caller's layouts; rows that saw no key: out 0, lse -inf.
+
+        The state is spent: the scaled queries are dropped first and the output is divided
+        straight into the caller's layout, so the result phase never holds a second copy of
+        the output beside the accumulator (each copy is sequence length lost at max N)."""
         b, hkv, nq, g, d = self.b, self.hkv, self.nq, self.g, self.d
+        self.qa = None
         l = self.acc[:, :, d]
         seen = l > 0
         l_safe = np.where(seen, l, 1)
-        out = np.empty((self.slabs, nq * g, d), dtype=self.dt)
-        np.divide(self.acc[:, :, :d], l_safe[..., None], out=out)
+        out = np.empty((b, nq, self.h, d), dtype=self.dt)
+        np.divide(self.acc.reshape(b, hkv, nq, g, d + 1)[..., :d],
+                  l_safe.reshape(b, hkv, nq, g, 1),
+                  out=out.reshape(b, nq, hkv, g, d).transpose(0, 2, 1, 3, 4))
         # in float64: m may be large, and m + log(l) must not lose log(l)'s digits
         lse = np.where(seen, self.m + np.log(l_safe, dtype=np.float64), -np.inf).astype(self.dt)
-        out = out.reshape(b, hkv, nq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nq, self.h, d)
         lse = lse.reshape(b, hkv, nq, g).transpose(0, 1, 3, 2).reshape(b, self.h, nq)
         return out, lse
 

@@ -123,7 +123,7 @@ def choose(q, k, kernel=None, **call) -> str:
     return NUMPY_KERNEL
 
 
-def _check_half(q):
+def check_half(q):
     """The dtype check of ``validate.check_qkv`` for the half types, with the reason."""
     if str(q.dtype) in HALF_DTYPES:
         why = half_reason(str(q.dtype))
@@ -168,7 +168,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, bloc
               block_k=None, progress=None, mask=None, workers=None, kernel=None):
     """Per-rank ``(out, lse)`` on the chosen kernel (inputs validated by the caller); ``workers``
     (default ``_threads.kernel_workers()``) and ``kernel`` (default ``HPCATTN_CPU_KERNEL``)."""
-    _check_half(q)
+    check_half(q)
     workers = kernel_workers() if workers is None else workers
     kernel = choose(q, k, kernel, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                     block_k=block_k, mask=mask)
@@ -192,7 +192,7 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, q_p
                        block_q=None, block_k=None, progress=None, mask=None, workers=None,
                        kernel=None):
     """Per-rank ``(dq, dk, dv)`` on the chosen kernel (inputs validated by the caller)."""
-    _check_half(q)
+    check_half(q)
     workers = kernel_workers() if workers is None else workers
     kernel = choose(q, k, kernel, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                     block_k=block_k, mask=mask)

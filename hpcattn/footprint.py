@@ -11,8 +11,9 @@ The model follows what a ring rank really allocates (``hpcattn.cases``, ``hpcatt
 * ``packing``: the CPU layout's extra column of ones per key and value row (``[k, 1]``, ``[v, 1]``);
 * ``state``: the running state: on CPU the scaled query copy ``[scale*q, -m]``, the accumulator
   ``[acc, l]`` and ``m``; on GPU each block's kernel output and the log-sum-exp merge's temporaries;
-* ``result``: what finishing allocates while the state is still alive (CPU: the output before
-  its transpose, lse in float64);
+* ``result``: what finishing holds beside the outputs (CPU: the ring buffers and the scaled
+  query copy are dropped first, so the accumulator, ``m`` and lse's float64 temporaries; GPU:
+  the buffers and the merged state, which stay until the call returns);
 * ``scratch``: fixed per rank: score tiles, one chunk of random rows;
 * ``check``: the sampled float64 check (after the ring: its peak is not added to the ring's).
 
@@ -52,9 +53,11 @@ class RankMemory:
 
     @property
     def total(self) -> int:
-        """The peak: the sampled check runs after the ring has freed its buffers and state."""
-        ring_phase = self.ring + self.packing + self.state + self.result
-        return self.inputs + self.outputs + self.scratch + max(ring_phase, self.check)
+        """The peak of three phases: the ring (buffers and state, no output yet), finishing
+        (the outputs beside ``result``) and the sampled check (after both are freed)."""
+        ring_phase = self.ring + self.packing + self.state
+        finish = self.outputs + self.result
+        return self.inputs + self.scratch + max(ring_phase, finish, self.outputs + self.check)
 
     def parts(self) -> str:
         """'inputs 1.0 GiB, ring 2.0 GiB, ...' (the non-zero parts)."""
@@ -74,10 +77,12 @@ def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int,
     if backward:
         extra = backward_bytes(n, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                dtype=dtype, n_max=n_max, ranks=ranks)
+        # the gradients run beside the forward's outputs: counted in both phases (an upper bound)
         if device == "cpu":
-            host = dataclasses.replace(host, state=host.state + extra)
+            host = dataclasses.replace(host, state=host.state + extra, result=host.result + extra)
         else:
-            device_mem = dataclasses.replace(device_mem, state=device_mem.state + extra)
+            device_mem = dataclasses.replace(device_mem, state=device_mem.state + extra,
+                                             result=device_mem.result + extra)
     return host, device_mem
 
 
@@ -118,17 +123,17 @@ def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: 
             inputs=qkv * item, outputs=n * (q_row + lse_row) * item, ring=kv_data,
             packing=buffers * 2 * n_max * b * hkv * item,
             state=n * (2 * b * h * (d + 1) + lse_row) * item,
-            # one rank frees its single buffer before finishing; a ring rank still holds both
-            result=max(0, n * (q_row * item + lse_row * (3 * 8 + item))
-                       - (0 if ranks > 1 else kv_data + buffers * 2 * n_max * b * hkv * item)),
+            # finishing: the accumulator [acc, l] and m stay; seen, l_safe and lse in float64
+            result=n * (b * h * (d + 1) + lse_row) * item + n * lse_row * 3 * 8,
             scratch=gen + tile, check=check)
         return host, RankMemory()
     gen_item = 4                                                    # drawn as float32, then cast
     host = RankMemory(inputs=qkv * (gen_item + item), outputs=n * (q_row * item + lse_row * 4),
                       ring=kv_data,                                 # pinned staging (no CUDA-aware MPI)
-                      scratch=b * GEN_CHUNK * h * d * gen_item, check=check)
+                      result=kv_data, scratch=b * GEN_CHUNK * h * d * gen_item, check=check)
+    state = n * (2 * q_row * item + 6 * lse_row * 4)
     device_mem = RankMemory(inputs=qkv * item, outputs=n * (q_row * item + lse_row * 4),
-                            ring=kv_data, state=n * (2 * q_row * item + 6 * lse_row * 4))
+                            ring=kv_data, state=state, result=kv_data + state)
     return host, device_mem
 
 

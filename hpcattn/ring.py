@@ -200,6 +200,8 @@ def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=
             busy, idle = clock.stop()
             t_compute += busy
             t_wait += idle
+        del cur, nxt
+        bufs.clear()  # the ring buffers are free before the output exists (peak memory)
         clock.start()
         out, lse = part.result()
         clock.computed()

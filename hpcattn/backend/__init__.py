@@ -138,6 +138,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: 
     float64). Bad input raises HpcattnError with a one-line message.
     """
     be = select(q)
+    if hasattr(be, "check_dtype"):  # CPU: a half type this CPU cannot run, with the reason, first
+        be.check_dtype(q)
     err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite,
                                allowed=getattr(be, "attention_dtypes", be.dtypes),
                                xp=be.xp)

@@ -39,6 +39,11 @@ class NumpyBackend:
     head_dims = None  # any
     masks = True      # the kernels take mask= (hpcattn.masks.Mask)
 
+    @staticmethod
+    def check_dtype(q):
+        """HpcattnError (with the reason) for a half type this CPU has no instructions for."""
+        cpu_kernels.check_half(q)
+
     def attention(self, q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=None,
                   block_k=None, progress=None, mask=None):
         return cpu_kernels.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
