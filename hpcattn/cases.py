@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from . import backend, exchange
+from . import backend, cpu_kernels, exchange
 from .check import sampled_backward_check, sampled_check
 from .context import STRATEGIES, check_grid, context_attention, hybrid_attention_backward
 from .devices import DEVICES, default_tolerance, np_dtype
@@ -212,6 +212,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
                                             op=_max_op()))
         return res, grads
 
+    cpu_kernels.LAST.clear()  # which CPU kernel this case's per-rank calls ran (provenance)
     ((out, lse), grads), peak_alloc = traced_peak(repeats)
     per_rank = exchange.allgather(comm, (peak_rss_bytes(), peak_alloc, stats.get("compute_s", 0.0),
                                stats.get("wait_s", 0.0), len(pos), stats.get("skipped", 0),
@@ -229,6 +230,10 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "skipped_blocks": [p[5] for p in per_rank],
         "ranks": size,
     }
+    if case.device == "cpu":  # ring states always fold blocks on the NumPy kernel
+        result["cpu_kernel"] = cpu_kernels.LAST.get("forward", cpu_kernels.NUMPY_KERNEL)
+        if case.backward:
+            result["cpu_kernel_backward"] = cpu_kernels.LAST.get("backward", cpu_kernels.NUMPY_KERNEL)
     if case.mask_kw:   # a window can stop the ring early: the steps each rank ran
         result["steps"] = [p[8] for p in per_rank]
     if case.backward:

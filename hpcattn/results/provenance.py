@@ -29,6 +29,9 @@ def provenance(comm=None, argv=None) -> dict:
         "h5py_mpi": have_mpio(),
         "platform": machine.os_platform(),
         "command": " ".join(sys.argv if argv is None else argv),
+        # HPCATTN_CPU_KERNEL as asked (auto: torch-flash where installed and it can express the
+        # call, float64/half types; each case records the kernel it ran as cpu_kernel)
+        "cpu_kernel_requested": machine.cpu_kernel_settings()["requested"] or "auto",
     }
     mpi = machine.mpi_library()
     if mpi["mpi4py"] is not None:
