@@ -1,9 +1,12 @@
 """The CPU backend's per-rank kernels and the choice between them.
 
-Two kernels compute the same ``(out, lse)`` (and the same gradients):
+Three kernels compute the same ``(out, lse)`` (the first and last also the gradients):
 
-* ``numpy-blockwise``: ``hpcattn.blockwise`` / ``blockwise_backward``, the dependency-free default,
-  which takes every mask (causal on any positions, windows, packed sequences);
+* ``numpy-blockwise``: ``hpcattn.blockwise`` / ``blockwise_backward``, the dependency-free
+  fallback, which takes every mask (causal on any positions, windows, packed sequences) and dtype;
+* ``cpp-fused``: ``hpcattn.cpu_fused``, the same blockwise forward with its tile loop compiled at
+  run time (g++; GEMMs through NumPy's own BLAS), float32, every mask: auto's float32 forward
+  wherever it builds (its reason is shown where it does not);
 * ``torch-flash``: PyTorch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``
   and its backward), where torch is installed. It returns the log-sum-exp hpcattn needs, takes
   GQA as it is and reads hpcattn's (batch, N, heads, d) arrays as zero-copy transposed views
@@ -11,10 +14,13 @@ Two kernels compute the same ``(out, lse)`` (and the same gradients):
   ``out`` is a view too. It can express no mask but top-left causal, so it is used only for
   unmasked or plain causal calls on default positions (0..N-1) with no tile sizes asked for.
 
-``HPCATTN_CPU_KERNEL=auto|numpy|torch`` (default auto: torch where it can express the call and
-the dtype is in :data:`AUTO_TORCH_DTYPES`, see docs/performance-notes.md; ``torch``: torch for
-every call it can express, a missing torch an error; ``numpy`` never uses torch). Every call records the kernel it used in :data:`LAST`; torch
-is imported only when first needed, never by ``import hpcattn``.
+``HPCATTN_CPU_KERNEL=auto|numpy|torch|fused`` (default auto: the fused kernel for float32
+forwards where it builds, torch where it can express the call and the dtype is in
+:data:`AUTO_TORCH_DTYPES`, see docs/performance-notes.md; ``torch``: torch for every call it can
+express, a missing torch an error; ``fused``: the fused kernel for every float32 forward, a
+failed build an error, else as auto; ``numpy`` never uses torch or the fused kernel). Every call
+records the kernel it used in :data:`LAST`; torch is imported only when first needed, never by
+``import hpcattn``.
 
 Both kernels use all of the process's kernel workers (``hpcattn._threads.kernel_workers``): torch
 through ``torch.set_num_threads``, NumPy through ``hpcattn.cpu_pool`` (batch x heads [x query
@@ -34,12 +40,12 @@ from .errors import HpcattnError
 from .machine import cpu_half_reason
 from .validate import attention_scale
 
-NUMPY_KERNEL, TORCH_KERNEL = "numpy-blockwise", "torch-flash"
+NUMPY_KERNEL, TORCH_KERNEL, FUSED_KERNEL = "numpy-blockwise", "torch-flash", "cpp-fused"
 KERNEL_ENV = "HPCATTN_CPU_KERNEL"
-CHOICES = ("auto", "numpy", "torch")
+CHOICES = ("auto", "numpy", "torch", "fused")
 #: dtypes ``auto`` sends to torch where it can express the call. Not float32: torch's CPU kernel
-#: (fast exp) is ~1.3-1.5x faster there but misses FlashAttention's accuracy rule (error <= 2x a
-#: same-precision reference: 2.3x at b=4, sq=113, sk=211, H=6, d=96, causal; NumPy 1.47x), so
+#: misses FlashAttention's accuracy rule there (error <= 2x a same-precision reference: 2.3x at
+#: b=4, sq=113, sk=211, H=6, d=96, causal; NumPy and the fused kernel 1.47x and 1.46x), so
 #: float32 takes it only on request (HPCATTN_CPU_KERNEL=torch). float64: exact to 1e-15 and ~1.1x.
 AUTO_TORCH_DTYPES = ("float64", *HALF_DTYPES)
 #: the kernel each kind of call used last in this process ("forward", "backward")
@@ -105,14 +111,37 @@ def expressible(q, k, *, causal, q_pos, k_pos, block_q, block_k, mask=None) -> b
     return str(q.dtype) in ("float32", "float64", *HALF_DTYPES)
 
 
-def choose(q, k, kernel=None, **call) -> str:
-    """The kernel name for this call under ``kernel`` (auto|numpy|torch; default
-    :func:`requested`)."""
+def fused_reason() -> str | None:
+    """None when the fused kernel (``hpcattn.cpu_fused``) runs here, else why not."""
+    from . import cpu_fused
+
+    return cpu_fused.reason()
+
+
+def fused_expressible(q, k, *, block_q, block_k, **_) -> bool:
+    """Whether the fused kernel takes this call: a float32 forward with keys and queries, no
+    tile sizes asked for (those are the NumPy kernel's); every mask and position is its own."""
+    return (str(q.dtype) == "float32" and block_q is None and block_k is None and k.shape[1] > 0
+            and q.shape[1] > 0)
+
+
+def choose(q, k, kernel=None, *, backward=False, **call) -> str:
+    """The kernel name for this call under ``kernel`` (auto|numpy|torch|fused; default
+    :func:`requested`); ``backward``: for the gradients (the fused kernel has no backward)."""
     if kernel is not None and kernel not in CHOICES:
         raise HpcattnError(f"kernel {kernel!r} is unknown; expected one of {', '.join(CHOICES)}")
     want = kernel or requested()
     if want == "numpy":
         return NUMPY_KERNEL
+    if want in ("auto", "fused") and not backward and fused_expressible(q, k, **call):
+        why = fused_reason()
+        if why is None:
+            return FUSED_KERNEL
+        if want == "fused":
+            raise HpcattnError(f"{KERNEL_ENV}=fused but {why}; expected g++ (or $CXX) and NumPy on "
+                               "OpenBLAS, or auto/numpy")
+    if want == "fused":
+        want = "auto"
     if want == "torch" and torch_reason():
         raise HpcattnError(f"{KERNEL_ENV}=torch but {torch_reason()}; expected torch installed "
                            "(pip install torch) or auto/numpy")
@@ -173,6 +202,14 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, bloc
     kernel = choose(q, k, kernel, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                     block_k=block_k, mask=mask)
     LAST["forward"] = kernel
+    if kernel == FUSED_KERNEL:
+        from . import cpu_fused
+
+        res = cpu_fused.attention(q, k, v, causal=causal, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                                  mask=mask, workers=workers)
+        if progress is not None:
+            progress()
+        return res
     if kernel == NUMPY_KERNEL:
         from .cpu_pool import numpy_attention
 
@@ -194,8 +231,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None, q_p
     """Per-rank ``(dq, dk, dv)`` on the chosen kernel (inputs validated by the caller)."""
     check_half(q)
     workers = kernel_workers() if workers is None else workers
-    kernel = choose(q, k, kernel, causal=causal, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
-                    block_k=block_k, mask=mask)
+    kernel = choose(q, k, kernel, backward=True, causal=causal, q_pos=q_pos, k_pos=k_pos,
+                    block_q=block_q, block_k=block_k, mask=mask)
     if kernel == TORCH_KERNEL and str(lse.dtype) != ("float64" if q.dtype == np.float64 else "float32"):
         kernel = NUMPY_KERNEL  # torch's backward reads its own lse precision
     LAST["backward"] = kernel
@@ -222,8 +259,9 @@ def describe() -> dict:
     except HpcattnError as exc:
         return {"requested": os.environ.get(KERNEL_ENV), "error": str(exc)}
     why = torch_reason()
-    on_torch = [] if want == "numpy" or why else list(AUTO_TORCH_DTYPES if want == "auto"
+    on_torch = [] if want == "numpy" or why else list(AUTO_TORCH_DTYPES if want in ("auto", "fused")
                                                        else CPU_ATTENTION_DTYPES)
-    return {"requested": want, "torch_dtypes": on_torch, "torch": why or "available",
+    fused = "not used (numpy requested)" if want == "numpy" else (fused_reason() or "available")
+    return {"requested": want, "torch_dtypes": on_torch, "torch": why or "available", "fused": fused,
             "workers": kernel_workers(), "last": dict(LAST),
             **{dt: half_reason(dt) or "available" for dt in HALF_DTYPES}}

@@ -25,7 +25,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _pools[workers]
 
 
-def _run(tasks, workers):
+def run_tasks(tasks, workers):
     """Run the callables in ``tasks`` on ``workers`` threads; re-raises the first error."""
     for fut in [_pool(workers).submit(t) for t in tasks]:
         fut.result()
@@ -35,7 +35,7 @@ def _mask_kw(mask):
     return {} if mask is None else {"mask": mask}
 
 
-def _row_chunks(nq, shares, workers, block):
+def row_chunks(nq, shares, workers, block):
     """Query row ranges: enough that ``shares`` x chunks keeps ``workers`` busy (4 per worker
     for balance, e.g. causal rows differ in cost), each a whole number of tiles."""
     want = -(-4 * workers // shares) if shares < 4 * workers else 1
@@ -66,7 +66,7 @@ def _short(q, k, v, *, causal, scale, workers):
     def part(mine):
         return lambda: cpu_short.attention(q, k, v, causal=causal, scale=scale, shares=mine,
                                            out=out, lse=lse)
-    _run([part(shares[w::workers]) for w in range(workers)], workers)
+    run_tasks([part(shares[w::workers]) for w in range(workers)], workers)
     return out, lse
 
 
@@ -94,7 +94,7 @@ def numpy_attention(q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=N
             mask = mask.bind(nq, k.shape[1])
             kw["mask"] = mask
     block = block_q or max(1, blockwise.DEFAULT_BLOCK_ROWS // g)
-    rows = _row_chunks(nq, b * hkv, workers, block)
+    rows = row_chunks(nq, b * hkv, workers, block)
     out = np.empty_like(q)
     lse = np.empty((b, h, nq), dtype=q.dtype)
 
@@ -108,7 +108,7 @@ def numpy_attention(q, k, v, *, causal, scale, q_pos=None, k_pos=None, block_q=N
             out[i:i + 1, r0:r1, hs] = o
             lse[i:i + 1, hs, r0:r1] = l
         return run
-    _run([share(i, j, r0, r1) for i in range(b) for j in range(hkv) for r0, r1 in rows], workers)
+    run_tasks([share(i, j, r0, r1) for i in range(b) for j in range(hkv) for r0, r1 in rows], workers)
     return out, lse
 
 
@@ -134,7 +134,7 @@ def numpy_attention_backward(q, k, v, out, lse, dout, *, causal, scale, q_pos=No
                 lse[i:i + 1, hs], dout[i:i + 1, :, hs], **kw)
             dq[i:i + 1, :, hs], dk[i:i + 1, :, ks], dv[i:i + 1, :, ks] = grads
         return run
-    _run([share(i, j) for i in range(b) for j in range(hkv)], workers)
+    run_tasks([share(i, j) for i in range(b) for j in range(hkv)], workers)
     return dq, dk, dv
 
 

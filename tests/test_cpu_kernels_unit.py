@@ -74,8 +74,9 @@ def test_auto_and_numpy_choices(monkeypatch):
     hpcattn.attention(q, k, v)
     assert cpu_kernels.LAST["forward"] == cpu_kernels.NUMPY_KERNEL
     monkeypatch.delenv(cpu_kernels.KERNEL_ENV)
-    hpcattn.attention(q, k, v)   # float32 stays NumPy under auto (accuracy rule, see AUTO_TORCH_DTYPES)
-    assert cpu_kernels.LAST["forward"] == cpu_kernels.NUMPY_KERNEL
+    hpcattn.attention(q, k, v)   # float32 never goes to torch under auto (accuracy rule, see AUTO_TORCH_DTYPES)
+    want = cpu_kernels.FUSED_KERNEL if cpu_kernels.fused_reason() is None else cpu_kernels.NUMPY_KERNEL
+    assert cpu_kernels.LAST["forward"] == want
     hpcattn.attention(*(x.astype(np.float64) for x in (q, k, v)))
     want = cpu_kernels.TORCH_KERNEL if cpu_kernels.torch_reason() is None else cpu_kernels.NUMPY_KERNEL
     assert cpu_kernels.LAST["forward"] == want
@@ -86,7 +87,7 @@ def test_bad_kernel_value_is_one_line_error(monkeypatch):
     monkeypatch.setenv(cpu_kernels.KERNEL_ENV, "fast")
     q, k, v = _qkv(4, 1, 8, 8, 1, 1, 8, np.float32)
     with pytest.raises(HpcattnError, match=r"HPCATTN_CPU_KERNEL='fast' is unknown; expected one of "
-                                           r"auto, numpy, torch$"):
+                                           r"auto, numpy, torch, fused$"):
         hpcattn.attention(q, k, v)
 
 

@@ -1,0 +1,256 @@
+"""hpcattn's fused CPU forward kernel (``fused-c``): ``kernels/cpu/attention_fwd.cpp``, built at
+run time with the host C++ compiler and loaded with ctypes.
+
+It computes what ``hpcattn.blockwise`` computes (float32, every mask, GQA, global positions) with
+the tile loop in compiled code: per (query tile x key tile) two GEMMs through the sgemm of the
+BLAS NumPy itself loaded (found in this process, passed to the kernel as a function pointer), and
+one fused pass for mask, row max, exp and sums, where the NumPy kernel makes several passes from
+Python. A call holds no GIL (ctypes releases it), so the (batch x kv head x query rows) shares run
+on all the process's kernel workers at once, each with one BLAS thread.
+
+Built once per (source, compiler, flags, CPU) under ``$HPCATTN_CPU_KERNEL_CACHE`` (default
+``~/.cache/hpcattn/cpu-kernel``) with ``-O3 -march=native``; the build writes a temporary file and
+renames it, so concurrent ranks never load half a library. :func:`reason` says why the kernel
+cannot run here (no compiler, no CBLAS sgemm found in NumPy's BLAS, a failed build or a failed
+self-check against float64), and ``hpcattn.cpu_kernels`` then uses the NumPy kernel and records
+that it did.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import HpcattnError
+from .masks import resolve
+from .validate import attention_scale, causal_positions
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu" / "attention_fwd.cpp"
+CACHE_ENV = "HPCATTN_CPU_KERNEL_CACHE"
+CXXFLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-Wall")
+#: query rows (positions x GQA group) and keys per tile: a 256 x 512 float32 score tile is
+#: 512 KiB, one core's L2 with the Q tile and the key rows beside it (docs/performance-notes.md)
+BLOCK_ROWS = 256
+BLOCK_K = 512
+#: CBLAS sgemm symbols tried in the libraries this process has loaded, with their integer width
+SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("cblas_sgemm", False))
+
+
+class _Call(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "out", "lse")] + [
+        (name, ctypes.c_int64) for name in ("nq", "nk", "g", "d", "q_stride", "k_stride",
+                                             "v_stride", "o_stride", "lse_head_stride",
+                                             "block_q", "block_k")] + [
+        ("scale", ctypes.c_float), ("has_lo", ctypes.c_int32), ("has_hi", ctypes.c_int32),
+        ("lo", ctypes.c_int64), ("hi", ctypes.c_int64), ("shift", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("q_pos", "k_pos", "q_seg", "k_seg", "gemm")] + [
+        ("ilp64", ctypes.c_int32)]
+
+
+_state: dict = {}
+
+
+def _loaded_libraries() -> list[str]:
+    """Shared libraries mapped into this process whose name says BLAS (NumPy's among them)."""
+    np.dot(np.ones((2, 2)), np.ones((2, 2)))  # NumPy has loaded its BLAS
+    found = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                name = os.path.basename(path).lower()
+                if path.startswith("/") and "blas" in name and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    found += [str(p) for p in sorted(libs.glob("*blas*"))] if libs.is_dir() else []
+    return found
+
+
+def find_sgemm() -> tuple[int, bool, str]:
+    """(address, ilp64, library) of a CBLAS sgemm in NumPy's BLAS; HpcattnError if none."""
+    for path in _loaded_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol, ilp64 in SGEMM_SYMBOLS:
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                return ctypes.cast(fn, ctypes.c_void_p).value, ilp64, f"{os.path.basename(path)}:{symbol}"
+    raise HpcattnError("no CBLAS sgemm found in the BLAS NumPy loaded (looked for "
+                       f"{', '.join(s for s, _ in SGEMM_SYMBOLS)}); expected NumPy built on OpenBLAS")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hpcattn" / "cpu-kernel")
+
+
+def _cpu_key() -> bytes:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine.encode()
+    keep = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags",
+                                                                           "Features", "CPU part")]
+    return "\n".join(sorted(set(keep))).encode()
+
+
+def _flags(cxx: str) -> list[str]:
+    probe = subprocess.run([cxx, "-march=native", "-E", "-x", "c++", "-"], input="", text=True,
+                           capture_output=True)
+    return [*CXXFLAGS, "-march=native"] if probe.returncode == 0 else list(CXXFLAGS)
+
+
+def build() -> ctypes.CDLL:
+    """The compiled kernel (built once per source, compiler, flags and CPU); HpcattnError if the
+    compiler is missing or the build fails."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise HpcattnError(f"C++ compiler {cxx!r} not found; expected g++ (or set CXX) to build "
+                           "the fused CPU kernel")
+    cmd = [cxx, *_flags(cxx)]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    h = hashlib.sha256("\0".join(cmd).encode() + version.encode() + _cpu_key() + SOURCE.read_bytes())
+    root = _cache_dir()
+    target = root / f"fused-{h.hexdigest()[:16]}.so"
+    if not target.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            so = Path(tmp) / "fused.so"
+            res = subprocess.run([*cmd, "-o", str(so), str(SOURCE)], capture_output=True, text=True)
+            if res.returncode:
+                raise HpcattnError(f"fused CPU kernel build failed: {' '.join(cmd)} "
+                                   f"({res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no output'})")
+            os.replace(so, target)  # atomic: concurrent builders write the same bytes
+    info = os.lstat(target)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        raise HpcattnError(f"{target} is not a regular file of this user; expected the kernel "
+                           f"library built here (remove it, or set {CACHE_ENV})")
+    lib = ctypes.CDLL(str(target))
+    lib.hpcattn_cpu_forward_f32.restype = ctypes.c_int
+    lib.hpcattn_cpu_forward_f32.argtypes = [ctypes.POINTER(_Call)]
+    return lib
+
+
+def _self_check():
+    """A small masked GQA call against float64 attention written here: wrong symbol widths or a
+    bad build show up as a reason, not as wrong numbers."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 37, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 29, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 29, 2, 16)).astype(np.float32)
+    out, lse = attention(q, k, v, causal=True, scale=0.25, block_rows=8, block_k=8, _checked=True)
+    kk, vv = np.repeat(k, 2, axis=2).astype(np.float64), np.repeat(v, 2, axis=2).astype(np.float64)
+    s = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), kk) * 0.25
+    s = np.where(np.arange(29)[None, :] <= np.arange(37)[:, None], s, -np.inf)
+    ref_lse = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+    ref = np.einsum("bhqk,bkhd->bqhd", np.exp(s - ref_lse[..., None]), vv)
+    err = max(float(np.abs(out - ref).max()), float(np.abs(lse - ref_lse).max()))
+    if not err < 1e-4:
+        raise HpcattnError(f"fused CPU kernel self-check failed (max error {err:.3g}; expected "
+                           "< 1e-4 against float64)")
+
+
+def _load():
+    if not _state:
+        try:
+            _state["gemm"] = find_sgemm()
+            _state["lib"] = build()
+            _self_check()
+            _state["why"] = None
+        except (HpcattnError, OSError, subprocess.SubprocessError) as exc:
+            _state["why"] = f"the fused CPU kernel is unavailable ({str(exc).splitlines()[0]})"
+    return _state
+
+
+def reason() -> str | None:
+    """None when the fused kernel runs here, else why not (one line)."""
+    return _load()["why"]
+
+
+def blas() -> str | None:
+    """The library and symbol the kernel's GEMMs call (None when unavailable)."""
+    st = _load()
+    return st["gemm"][2] if st.get("gemm") and st["why"] is None else None
+
+
+def _strided(x, inner):
+    """``x`` (b, n, h, d) float32 whose last ``inner`` axes are contiguous (else a copy)."""
+    need = x.itemsize
+    for axis in range(3, 3 - inner, -1):
+        if x.strides[axis] != need:
+            return np.ascontiguousarray(x)
+        need *= x.shape[axis]
+    return x
+
+
+def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask=None, workers=1,
+              block_rows=None, block_k=None, _checked=False):
+    """``(out, lse)`` of float32 ``q`` (b, Nq, h, d), ``k``/``v`` (b, Nk, kv_heads, d) as
+    ``hpcattn.blockwise.attention`` defines them, on ``workers`` threads (inputs validated by the
+    caller). ``block_rows`` (query rows of a tile, GQA group included) and ``block_k`` default to
+    :data:`BLOCK_ROWS` / :data:`BLOCK_K`."""
+    st = _state if _checked else _load()
+    if st.get("why"):
+        raise HpcattnError(st["why"])
+    if q.dtype != np.float32 or k.dtype != np.float32 or v.dtype != np.float32:
+        raise HpcattnError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; the fused CPU "
+                           "kernel expects float32")
+    b, nq, h, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    q, k, v = _strided(q, 2), _strided(k, 1), _strided(v, 1)
+    mask = resolve(mask, causal, nq, nk)
+    segs = (None, None)
+    if not mask.trivial:
+        q_pos, k_pos = causal_positions(q_pos, k_pos, nq, nk)
+        q_pos, k_pos = np.ascontiguousarray(q_pos), np.ascontiguousarray(k_pos)
+        if mask.cu_seqlens is not None:
+            segs = (np.ascontiguousarray(mask.segment(q_pos)), np.ascontiguousarray(mask.segment(k_pos)))
+    else:
+        q_pos = k_pos = None
+    out = np.empty((b, nq, h, d), dtype=np.float32)
+    lse = np.empty((b, h, nq), dtype=np.float32)
+    bq = max(1, (block_rows or BLOCK_ROWS) // g)
+    gemm, ilp64, _ = st["gemm"]
+    base = dict(nk=nk, g=g, d=d, q_stride=q.strides[1] // 4, k_stride=k.strides[1] // 4,
+                v_stride=v.strides[1] // 4, o_stride=h * d, lse_head_stride=nq, block_q=bq,
+                block_k=block_k or BLOCK_K, scale=attention_scale(scale, d),
+                has_lo=mask.lo is not None, has_hi=mask.hi is not None, lo=mask.lo or 0,
+                hi=mask.hi or 0, shift=mask.shift, gemm=gemm, ilp64=ilp64)
+
+    def ptr(arr, offset_elems=0):
+        return None if arr is None else arr.ctypes.data + offset_elems * arr.itemsize
+
+    def call(i, j, r0, r1):
+        c = _Call(q=q.ctypes.data + i * q.strides[0] + j * g * q.strides[2] + r0 * q.strides[1],
+                  k=k.ctypes.data + i * k.strides[0] + j * k.strides[2],
+                  v=v.ctypes.data + i * v.strides[0] + j * v.strides[2],
+                  out=ptr(out, (i * nq + r0) * h * d + j * g * d),
+                  lse=ptr(lse, (i * h + j * g) * nq + r0), nq=r1 - r0,
+                  q_pos=ptr(q_pos, r0), k_pos=ptr(k_pos), q_seg=ptr(segs[0], r0),
+                  k_seg=ptr(segs[1]), **base)
+        if st["lib"].hpcattn_cpu_forward_f32(ctypes.byref(c)):
+            raise MemoryError("the fused CPU kernel could not allocate its tiles")
+
+    if workers <= 1:
+        for i in range(b):
+            for j in range(hkv):
+                call(i, j, 0, nq)
+        return out, lse
+    from .cpu_pool import row_chunks, run_tasks
+
+    rows = row_chunks(nq, b * hkv, workers, bq)
+    run_tasks([(lambda i=i, j=j, r0=r0, r1=r1: call(i, j, r0, r1))
+               for i in range(b) for j in range(hkv) for r0, r1 in rows], workers)
+    return out, lse

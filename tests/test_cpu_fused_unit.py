@@ -1,0 +1,191 @@
+"""The fused CPU forward (hpcattn.cpu_fused, kernels/cpu/attention_fwd.cpp): the float64
+reference's results for every mask, layout and GQA shape, FlashAttention's accuracy rule, the
+same bits on any number of worker threads, and a clear reason (never wrong numbers) where it
+cannot be built or its library is not what was built."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import hpcattn
+from hpcattn import cpu_fused, cpu_kernels
+from hpcattn.errors import HpcattnError
+from hpcattn.layouts import positions
+from hpcattn.masks import make_mask
+from hpcattn.reference import naive_attention
+
+# Only a missing compiler skips: a failed build or self-check must fail these tests, not skip them.
+HAVE_CXX = shutil.which(os.environ.get("CXX", "g++")) is not None
+needs_fused = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler (g++ or $CXX)")
+TOL = 2e-5
+
+
+def _qkv(seed, b, nq, nk, h, hkv, d):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((b, nq, h, d)).astype(np.float32),
+            rng.standard_normal((b, nk, hkv, d)).astype(np.float32),
+            rng.standard_normal((b, nk, hkv, d)).astype(np.float32))
+
+
+def _check(got, want):
+    out, lse = got
+    ref_out, ref_lse = want
+    assert out.dtype == np.float32 and lse.dtype == np.float32
+    assert np.abs(out - ref_out).max() <= TOL
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    seen = np.isfinite(ref_lse)
+    if seen.any():
+        assert np.abs(lse[seen] - ref_lse[seen]).max() <= TOL
+    assert (out.transpose(0, 2, 1, 3)[~seen] == 0).all()   # rows that see no key: out 0
+
+
+@needs_fused
+def test_available_where_a_compiler_is():
+    """With g++ and NumPy on OpenBLAS (CI), the kernel builds and passes its self-check."""
+    assert cpu_fused.reason() is None
+    assert cpu_fused.blas()
+
+
+SHAPES = [(2, 70, 70, 4, 4, 32), (1, 300, 257, 6, 2, 64), (2, 130, 90, 4, 1, 24), (1, 5, 700, 2, 1, 128),
+          (1, 700, 5, 2, 2, 16), (1, 1, 1, 1, 1, 8)]
+
+
+@needs_fused
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tiles", [None, (16, 32), (7, 5)])
+def test_matches_float64_reference(causal, shape, tiles):
+    q, k, v = _qkv(sum(shape), *shape)
+    kw = {} if tiles is None else dict(block_rows=tiles[0], block_k=tiles[1])
+    got = cpu_fused.attention(q, k, v, causal=causal, scale=0.3, **kw)
+    _check(got, naive_attention(q, k, v, causal=causal, scale=0.3))
+
+
+MASKS = [dict(window=(20, 0), causal=True), dict(window=(5, 9)), dict(window=(-1, 3)),
+         dict(cu_seqlens=[0, 100, 101, 260, 400]), dict(cu_seqlens=[0, 150, 400], window=(30, 0), causal=True),
+         dict(causal=True, align="bottom-right"), dict(window=(7, 7), align="bottom-right")]
+
+
+@needs_fused
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_masks_on_global_positions(mask, layout):
+    """A rank's share of a layout (positions not 0..N-1), every mask, partial and hidden tiles
+    (small tiles, so all three tile classes occur), against the reference built from the definition."""
+    n, ranks, rank = 400, 4, 1
+    nk = 400 if "cu_seqlens" in mask else 430
+    pos = positions(n, ranks, rank, layout)
+    q, k, v = _qkv(7, 1, n, nk, 4, 2, 32)
+    q = q[:, : len(pos)]
+    kw = dict(mask)
+    m = make_mask(**{key: (np.array(val) if key == "cu_seqlens" else val) for key, val in kw.items()})
+    m = m.bind(n, nk)
+    got = cpu_fused.attention(q, k, v, q_pos=pos, mask=m, block_rows=16, block_k=24)
+    want = naive_attention(q, k, v, q_pos=pos, n_q=n, n_k=nk,
+                           **{key: (np.array(val) if key == "cu_seqlens" else val) for key, val in kw.items()})
+    _check(got, want)
+
+
+@needs_fused
+@pytest.mark.parametrize("causal", [False, True])
+def test_worker_threads_give_the_one_thread_result(causal):
+    q, k, v = _qkv(3, 2, 1100, 900, 4, 2, 16)
+    one = cpu_fused.attention(q, k, v, causal=causal, workers=1)
+    for workers in (2, 3):
+        many = cpu_fused.attention(q, k, v, causal=causal, workers=workers)
+        for a, b in zip(one, many):
+            assert np.array_equal(a, b)
+
+
+@needs_fused
+def test_strided_inputs_are_read_in_place_or_copied():
+    """Views (a slice of heads, a transposed array) give the contiguous arrays' result."""
+    q, k, v = _qkv(5, 1, 90, 80, 8, 4, 16)
+    qv, kv, vv = q[:, :, 2:6], k[:, :, 1:3], np.asfortranarray(v)[:, :, 1:3]
+    want = naive_attention(np.ascontiguousarray(qv), np.ascontiguousarray(kv), np.ascontiguousarray(vv))
+    _check(cpu_fused.attention(qv, kv, vv), want)
+
+
+@needs_fused
+def test_flashattention_accuracy_rule():
+    """float32 error <= 2x that of a float32 reference (FlashAttention's failing case)."""
+    for seed in range(3):
+        q, k, v = _qkv(seed, 4, 113, 211, 6, 6, 96)
+        exact = naive_attention(q, k, v, causal=True)[0]
+        same = naive_attention(q, k, v, causal=True, dtype=np.float32)[0]
+        got = cpu_fused.attention(q, k, v, causal=True)[0]
+        assert np.abs(got - exact).max() <= 2 * np.abs(same - exact).max()
+
+
+@needs_fused
+def test_auto_takes_it_for_float32_and_records_it(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
+    q, k, v = _qkv(4, 1, 64, 64, 2, 1, 16)
+    out = hpcattn.attention(q, k, v, causal=True, window=(8, 0))
+    assert cpu_kernels.LAST["forward"] == cpu_kernels.FUSED_KERNEL
+    _check(out, naive_attention(q, k, v, causal=True, window=(8, 0)))
+    hpcattn.attention(q, k, v, block_q=16)                      # tile sizes: the NumPy kernel's
+    assert cpu_kernels.LAST["forward"] == cpu_kernels.NUMPY_KERNEL
+    monkeypatch.setenv(cpu_kernels.KERNEL_ENV, "numpy")
+    hpcattn.attention(q, k, v)
+    assert cpu_kernels.LAST["forward"] == cpu_kernels.NUMPY_KERNEL
+    monkeypatch.setenv(cpu_kernels.KERNEL_ENV, "fused")
+    hpcattn.attention(q, k, v)
+    assert cpu_kernels.LAST["forward"] == cpu_kernels.FUSED_KERNEL
+    assert cpu_kernels.describe()["fused"] == "available"
+
+
+def test_no_compiler_is_a_reason_and_auto_uses_numpy(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-hpcattn")
+    monkeypatch.setenv(cpu_fused.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "_state", {})
+    why = cpu_fused.reason()
+    assert why and "C++ compiler 'no-such-compiler-hpcattn' not found" in why and "\n" not in why
+    monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
+    q, k, v = _qkv(4, 1, 32, 32, 2, 2, 16)
+    out = hpcattn.attention(q, k, v, causal=True)
+    assert cpu_kernels.LAST["forward"] == cpu_kernels.NUMPY_KERNEL
+    _check(out, naive_attention(q, k, v, causal=True))
+    monkeypatch.setenv(cpu_kernels.KERNEL_ENV, "fused")
+    with pytest.raises(HpcattnError, match="HPCATTN_CPU_KERNEL=fused but the fused CPU kernel is "
+                                           "unavailable .C.. compiler"):
+        hpcattn.attention(q, k, v)
+    with pytest.raises(HpcattnError, match="fused CPU kernel is unavailable"):
+        cpu_fused.attention(q, k, v)
+
+
+def test_no_sgemm_is_a_reason(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_fused, "SGEMM_SYMBOLS", (("no_such_sgemm_symbol", True),))
+    monkeypatch.setattr(cpu_fused, "_state", {})
+    assert "no CBLAS sgemm found" in cpu_fused.reason()
+
+
+@needs_fused
+def test_a_planted_symlink_in_the_cache_is_refused(monkeypatch, tmp_path):
+    """The cache holds the library this user built; a symlink there is never loaded through."""
+    monkeypatch.setenv(cpu_fused.CACHE_ENV, str(tmp_path))
+    cpu_fused.build()
+    (built,) = tmp_path.glob("fused-*.so")
+    target = tmp_path / "elsewhere.so"
+    os.replace(built, target)
+    os.symlink(target, built)
+    with pytest.raises(HpcattnError, match="is not a regular file of this user"):
+        cpu_fused.build()
+
+
+@needs_fused
+def test_build_is_cached_and_written_whole(monkeypatch, tmp_path):
+    monkeypatch.setenv(cpu_fused.CACHE_ENV, str(tmp_path))
+    cpu_fused.build()
+    first = sorted(p.name for p in tmp_path.iterdir())
+    cpu_fused.build()
+    assert sorted(p.name for p in tmp_path.iterdir()) == first
+    assert len(first) == 1 and first[0].startswith("fused-")   # no temporary left behind
+
+
+@needs_fused
+def test_wrong_dtype_is_one_line_error():
+    q, k, v = _qkv(4, 1, 8, 8, 1, 1, 8)
+    with pytest.raises(HpcattnError, match="the fused CPU kernel expects float32"):
+        cpu_fused.attention(q.astype(np.float64), k, v)
