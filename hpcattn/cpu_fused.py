@@ -35,9 +35,10 @@ from .validate import attention_scale, causal_positions
 SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu" / "attention_fwd.cpp"
 CACHE_ENV = "HPCATTN_CPU_KERNEL_CACHE"
 CXXFLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-Wall")
-#: query rows (positions x GQA group) and keys per tile: a 256 x 512 float32 score tile is
-#: 512 KiB, one core's L2 with the Q tile and the key rows beside it (docs/performance-notes.md)
-BLOCK_ROWS = 256
+#: query rows (positions x GQA group) and keys per tile: 512 x 512 measured fastest at N=16384,
+#: H=8, d=64 among 256..1024 x 256..1024 (a 1 MiB score tile; the tile GEMMs run at ~0.8 of a
+#: square GEMM there, and the kernel at ~0.95 of what its GEMMs alone take; performance notes)
+BLOCK_ROWS = 512
 BLOCK_K = 512
 #: CBLAS sgemm symbols tried in the libraries this process has loaded, with their integer width
 SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("cblas_sgemm", False))

@@ -70,19 +70,26 @@ MASKS = [dict(window=(20, 0), causal=True), dict(window=(5, 9)), dict(window=(-1
 @needs_fused
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-def test_masks_on_global_positions(mask, layout):
-    """A rank's share of a layout (positions not 0..N-1), every mask, partial and hidden tiles
-    (small tiles, so all three tile classes occur), against the reference built from the definition."""
+@pytest.mark.parametrize("keys", ["all", "shard"])
+def test_masks_on_global_positions(mask, layout, keys):
+    """A rank's share of a layout (positions not 0..N-1) against all keys or another rank's
+    share (key positions not consecutive: the per-element mask; consecutive: the per-row runs),
+    every mask, partial and hidden tiles (small tiles, so all three tile classes occur), against
+    the reference built from the definition."""
     n, ranks, rank = 400, 4, 1
     nk = 400 if "cu_seqlens" in mask else 430
     pos = positions(n, ranks, rank, layout)
     q, k, v = _qkv(7, 1, n, nk, 4, 2, 32)
     q = q[:, : len(pos)]
+    k_pos = None
+    if keys == "shard":
+        k_pos = positions(nk, ranks, 2, layout)
+        k, v = k[:, : len(k_pos)], v[:, : len(k_pos)]
     kw = dict(mask)
     m = make_mask(**{key: (np.array(val) if key == "cu_seqlens" else val) for key, val in kw.items()})
     m = m.bind(n, nk)
-    got = cpu_fused.attention(q, k, v, q_pos=pos, mask=m, block_rows=16, block_k=24)
-    want = naive_attention(q, k, v, q_pos=pos, n_q=n, n_k=nk,
+    got = cpu_fused.attention(q, k, v, q_pos=pos, k_pos=k_pos, mask=m, block_rows=16, block_k=24)
+    want = naive_attention(q, k, v, q_pos=pos, k_pos=k_pos, n_q=n, n_k=nk,
                            **{key: (np.array(val) if key == "cu_seqlens" else val) for key, val in kw.items()})
     _check(got, want)
 

@@ -2,9 +2,11 @@
 drift and the other work on the machine hit all of them alike:
 
 * ``kernel_rates``: hpcattn's per-rank attention (the kernel it chooses) beside the NumPy
-  blockwise kernel, PyTorch's CPU flash kernel called by hpcattn, torch SDPA and a square GEMM;
-* ``cores_rates``: one process on 1 core against C cores (``hpcattn.cpu_pool``'s worker threads
-  with one BLAS thread each; torch's ``set_num_threads``), C = the cores this process may use;
+  blockwise kernel, the fused kernel, PyTorch's CPU flash kernel called by hpcattn, torch SDPA
+  and a square GEMM;
+* ``cores_rates``: one process on 1 core against C cores (worker threads with one BLAS thread
+  each for the NumPy and fused kernels; torch's ``set_num_threads``), C = the cores this process
+  may use;
 * ``half_rates``: bfloat16 on the torch kernel beside torch SDPA bf16, or the one-line reason it
   is unavailable here;
 * ``decode_rates``: decode-like shapes (many queries against 16 keys, 16 queries against many
@@ -65,6 +67,8 @@ def kernel_rates(cfg: BenchConfig, q, k, v, extra: dict) -> dict:
     runs = {"gemm": lambda: np.matmul(a, a, out=c),
             "hpcattn": lambda: attention(q, k, v, causal=cfg.causal),
             "numpy_blockwise": _kernel(q, k, v, cfg.causal, "numpy")}
+    if cpu_kernels.fused_reason() is None and str(q.dtype) == "float32":
+        runs["fused"] = _kernel(q, k, v, cfg.causal, "fused")
     if cpu_kernels.torch_reason() is None:
         runs["torch_flash"] = _kernel(q, k, v, cfg.causal, "torch")
     sdpa = _sdpa(cfg, q, k, v)
@@ -82,8 +86,9 @@ def kernel_rates(cfg: BenchConfig, q, k, v, extra: dict) -> dict:
 
 
 def cores_rates(cfg: BenchConfig, q, k, v) -> dict:
-    """1 core against C cores in this one process: the NumPy kernel on 1 and C workers, the torch
-    kernel on 1 and C threads (interleaved); {'cores': C, 'reason': ...} where it cannot run."""
+    """1 core against C cores in this one process: the NumPy and fused kernels on 1 and C
+    workers, the torch kernel on 1 and C threads (interleaved); {'cores': C, 'reason': ...} where
+    it cannot run."""
     from .. import cpu_kernels
     from .._threads import cores_available
 
@@ -94,6 +99,9 @@ def cores_rates(cfg: BenchConfig, q, k, v) -> dict:
         return {"cores": cores, "reason": why}
     runs = {"numpy_1": _kernel(q, k, v, cfg.causal, "numpy", 1),
             f"numpy_{cores}": _kernel(q, k, v, cfg.causal, "numpy", cores)}
+    if cpu_kernels.fused_reason() is None and str(q.dtype) == "float32":
+        runs.update({"fused_1": _kernel(q, k, v, cfg.causal, "fused", 1),
+                     f"fused_{cores}": _kernel(q, k, v, cfg.causal, "fused", cores)})
     if cpu_kernels.torch_reason() is None:
         runs.update({"torch_1": _kernel(q, k, v, cfg.causal, "torch", 1),
                      f"torch_{cores}": _kernel(q, k, v, cfg.causal, "torch", cores)})

@@ -51,6 +51,8 @@ def serial_table(cfg: BenchConfig, res: dict) -> str:
     if "hpcattn" in ker:
         lines.append(_row(f"hpcattn attention [{ker['kernel']}]", ker["hpcattn"], gemm, torch=sdpa))
     lines.append(_row("hpcattn blockwise (numpy-blockwise kernel)", res["blockwise"], gemm, torch=sdpa))
+    if "fused" in ker:
+        lines.append(_row("hpcattn on cpp-fused kernel", ker["fused"], gemm, torch=sdpa))
     if "torch_flash" in ker:
         lines.append(_row("hpcattn on torch-flash kernel", ker["torch_flash"], gemm, torch=sdpa))
     lines.append(_row("vanilla NumPy MHA (N x N scores)", res["vanilla"], gemm, "  (one head at a time)",
@@ -73,7 +75,8 @@ def _cores_lines(cfg: BenchConfig, res: dict, gemm) -> list:
     if "reason" in cores:
         return [head, f"  not measured: {cores['reason']}"]
     lines = [head, f"  {'kernel':<28s}{'1 core GFLOP/s':>15s}{f'{c} cores GFLOP/s':>17s}{'speed-up':>10s}"]
-    for name, key in (("numpy-blockwise (cpu_pool)", "numpy"), ("torch-flash (set_num_threads)", "torch")):
+    for name, key in (("numpy-blockwise (cpu_pool)", "numpy"), ("cpp-fused (cpu_pool)", "fused"),
+                      ("torch-flash (set_num_threads)", "torch")):
         if f"{key}_1" in cores:
             one, many = cores[f"{key}_1"]["gflops"], cores[f"{key}_{c}"]["gflops"]
             lines.append(f"  {name:<28s}{one:15.1f}{many:17.1f}{many / one:9.2f}x")

@@ -191,6 +191,7 @@ inline float exp_row(float* s, i64 n, float m) {
 #endif
 
 enum { kNone = 0, kPartial = 1, kFull = 2 };
+constexpr i64 kSubBlocks = 4;  // row blocks a partial tile is split into
 
 struct Range {
     i64 pmin, pmax, smin, smax;
@@ -237,9 +238,33 @@ int classify(const hpcattn_cpu_call& c, const Range& q, const Range& k) {
 inline i64 qpos(const hpcattn_cpu_call& c, i64 n) { return c.q_pos ? c.q_pos[n] : n; }
 inline i64 kpos(const hpcattn_cpu_call& c, i64 j) { return c.k_pos ? c.k_pos[j] : j; }
 
+// whether key j is hidden from every query of the tile (its positions and segments in q)
+inline bool hidden_from_all(const hpcattn_cpu_call& c, const Range& q, i64 j) {
+    const i64 kp = kpos(c, j);
+    if (c.has_hi && kp - q.pmax - c.shift > c.hi) return true;
+    if (c.has_lo && kp - q.pmin - c.shift < c.lo) return true;
+    return c.q_seg && (c.k_seg[j] < q.smin || c.k_seg[j] > q.smax);
+}
+
 // hidden scores of a partial tile -> -inf
 void apply_mask(const hpcattn_cpu_call& c, float* s, i64 t0, i64 t1, i64 j0, i64 j1) {
     const i64 nkt = j1 - j0, g = c.g;
+    bool runs = !c.q_seg;  // consecutive key positions and no segments: each row sees one run
+    for (i64 j = j0 + 1; runs && j < j1; ++j) runs = kpos(c, j) == kpos(c, j - 1) + 1;
+    if (runs) {
+        const i64 kp0 = kpos(c, j0);
+        for (i64 n = t0; n < t1; ++n) {
+            const i64 base = qpos(c, n) + c.shift - kp0;   // column x has diag = x - base
+            const i64 first = c.has_lo ? std::clamp<i64>(base + c.lo, 0, nkt) : 0;
+            const i64 stop = c.has_hi ? std::clamp<i64>(base + c.hi + 1, first, nkt) : nkt;
+            for (i64 gi = 0; gi < g; ++gi) {
+                float* row = s + ((n - t0) * g + gi) * nkt;
+                std::fill(row, row + first, kNegInf);
+                std::fill(row + stop, row + nkt, kNegInf);
+            }
+        }
+        return;
+    }
     for (i64 n = t0; n < t1; ++n) {
         const i64 base = qpos(c, n) + c.shift;
         const i64 qs = c.q_seg ? c.q_seg[n] : 0;
@@ -261,6 +286,35 @@ void* alloc(i64 floats) {
     void* p = nullptr;
     if (posix_memalign(&p, 64, size_t(std::max<i64>(floats, 16)) * sizeof(float))) return nullptr;
     return p;
+}
+
+// Fold keys [j0, j1) into the state of query positions [t0, t1) (their scaled rows qt, their
+// accumulator acc, running max m and sum l): S = qt K^T, the mask when masked, per row the max,
+// exp(s - max) and its sum (rescaling the row's accumulator when its max grew), then acc += P V.
+void fold(const hpcattn_cpu_call& c, i64 t0, i64 t1, i64 j0, i64 j1, bool masked, const float* qt,
+          float* acc, float* m, double* l, float* s) {
+    const i64 d = c.d, rows = (t1 - t0) * c.g, nkt = j1 - j0;
+    gemm(c, true, rows, nkt, d, 1.0f, qt, d, c.k + j0 * c.k_stride, c.k_stride, 0.0f, s, nkt);
+    if (masked) apply_mask(c, s, t0, t1, j0, j1);
+    for (i64 r = 0; r < rows; ++r) {
+        float* sr = s + r * nkt;
+        const float mnew = std::max(m[r], row_max(sr, nkt));
+        if (mnew == kNegInf) {  // nothing visible yet: this row adds nothing
+            std::memset(sr, 0, size_t(nkt) * sizeof(float));
+            continue;
+        }
+        const float sum = exp_row(sr, nkt, mnew);
+        if (mnew != m[r]) {
+            const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mnew);
+            float* ar = acc + r * d;
+#pragma omp simd
+            for (i64 x = 0; x < d; ++x) ar[x] *= alpha;
+            l[r] *= alpha;
+            m[r] = mnew;
+        }
+        l[r] += sum;
+    }
+    gemm(c, false, rows, d, nkt, 1.0f, s, nkt, c.v + j0 * c.v_stride, c.v_stride, 1.0f, acc, d);
 }
 
 }  // namespace
@@ -300,30 +354,30 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
         for (i64 t = 0; t < n_ktiles; ++t) {
             const int cls = classify(c, qr, kr[t]);
             if (cls == kNone) continue;
-            const i64 j0 = t * bk, j1 = std::min(c.nk, j0 + bk), nkt = j1 - j0;
-            gemm(c, true, rows, nkt, d, 1.0f, qt, d, c.k + j0 * c.k_stride, c.k_stride, 0.0f, s,
-                 nkt);
-            if (cls == kPartial) apply_mask(c, s, t0, t1, j0, j1);
-            for (i64 r = 0; r < rows; ++r) {
-                float* sr = s + r * nkt;
-                const float mnew = std::max(m[r], row_max(sr, nkt));
-                if (mnew == kNegInf) {  // nothing visible yet: this row adds nothing
-                    std::memset(sr, 0, size_t(nkt) * sizeof(float));
-                    continue;
-                }
-                const float sum = exp_row(sr, nkt, mnew);
-                if (mnew != m[r]) {
-                    const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mnew);
-                    float* ar = acc + r * d;
-#pragma omp simd
-                    for (i64 x = 0; x < d; ++x) ar[x] *= alpha;
-                    l[r] *= alpha;
-                    m[r] = mnew;
-                }
-                l[r] += sum;
+            const i64 j0 = t * bk, j1 = std::min(c.nk, j0 + bk);
+            if (cls == kFull) {
+                fold(c, t0, t1, j0, j1, false, qt, acc, m, l, s);
+                continue;
             }
-            gemm(c, false, rows, d, nkt, 1.0f, s, nkt, c.v + j0 * c.v_stride, c.v_stride, 1.0f, acc,
-                 d);
+            // a partial tile (a diagonal, a window edge, a sequence boundary): in row blocks of
+            // a quarter tile, each classified again and cut to the columns it can see, so a
+            // causal diagonal computes ~1/8 of a tile it cannot use instead of ~1/2
+            const i64 sub = std::max<i64>(1, (bq + kSubBlocks - 1) / kSubBlocks);
+            for (i64 u0 = t0; u0 < t1; u0 += sub) {
+                const i64 u1 = std::min(t1, u0 + sub);
+                const Range ur = range_of(c.q_pos, c.q_seg, u0, u1);
+                const int ucls = classify(c, ur, kr[t]);
+                if (ucls == kNone) continue;
+                i64 a = j0, b = j1;
+                if (ucls == kPartial) {  // drop the edge columns no row of the block can see
+                    while (a < b && hidden_from_all(c, ur, a)) ++a;
+                    while (b > a && hidden_from_all(c, ur, b - 1)) --b;
+                    if (a == b) continue;
+                }
+                const i64 off = (u0 - t0) * g;
+                fold(c, u0, u1, a, b, ucls == kPartial, qt + off * d, acc + off * d, m + off,
+                     l + off, s);
+            }
         }
         for (i64 r = 0; r < rows; ++r) {
             const i64 n = t0 + r / g, gi = r % g;
