@@ -35,11 +35,20 @@ from .validate import attention_scale, causal_positions
 SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu" / "attention_fwd.cpp"
 CACHE_ENV = "HPCATTN_CPU_KERNEL_CACHE"
 CXXFLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-Wall")
-#: query rows (positions x GQA group) and keys per tile: 512 x 512 measured fastest at N=16384,
-#: H=8, d=64 among 256..1024 x 256..1024 (a 1 MiB score tile; the tile GEMMs run at ~0.8 of a
-#: square GEMM there, and the kernel at ~0.95 of what its GEMMs alone take; performance notes)
+#: query rows (positions x GQA group) per tile, and the most keys per tile: the AVX2 path keeps
+#: a tile's packed keys and values (2 x keys x d floats) in 256 KiB of one core's L2, i.e. 512
+#: keys at d=64 and 256 at d=128 (measured fastest among 128..1024 at N=8192 and 16384, H=8;
+#: docs/performance-notes.md)
 BLOCK_ROWS = 512
 BLOCK_K = 512
+L2_TILE_BYTES = 256 * 1024
+
+
+def key_tile(d: int) -> int:
+    """Keys per tile for head dim ``d``: :data:`BLOCK_K`, fewer where the packed tile would not
+    fit :data:`L2_TILE_BYTES` (a multiple of 16, the AVX2 path's panel width)."""
+    d16 = -(-d // 16) * 16
+    return max(16, min(BLOCK_K, L2_TILE_BYTES // (2 * 4 * d16) // 16 * 16))
 #: CBLAS sgemm symbols tried in the libraries this process has loaded, with their integer width
 SGEMM_SYMBOLS = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("cblas_sgemm", False))
 
@@ -106,20 +115,23 @@ def _cpu_key() -> bytes:
     return "\n".join(sorted(set(keep))).encode()
 
 
-def _flags(cxx: str) -> list[str]:
+def _flags(cxx: str, native: bool) -> list[str]:
+    if not native:
+        return list(CXXFLAGS)
     probe = subprocess.run([cxx, "-march=native", "-E", "-x", "c++", "-"], input="", text=True,
                            capture_output=True)
     return [*CXXFLAGS, "-march=native"] if probe.returncode == 0 else list(CXXFLAGS)
 
 
-def build() -> ctypes.CDLL:
+def build(native: bool = True) -> ctypes.CDLL:
     """The compiled kernel (built once per source, compiler, flags and CPU); HpcattnError if the
-    compiler is missing or the build fails."""
+    compiler is missing or the build fails. ``native``: for this CPU (``-march=native``: on
+    AVX2+FMA the register-blocked path), else the portable build (its GEMMs through sgemm)."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise HpcattnError(f"C++ compiler {cxx!r} not found; expected g++ (or set CXX) to build "
                            "the fused CPU kernel")
-    cmd = [cxx, *_flags(cxx)]
+    cmd = [cxx, *_flags(cxx, native)]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256("\0".join(cmd).encode() + version.encode() + _cpu_key() + SOURCE.read_bytes())
     root = _cache_dir()
@@ -200,7 +212,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
     """``(out, lse)`` of float32 ``q`` (b, Nq, h, d), ``k``/``v`` (b, Nk, kv_heads, d) as
     ``hpcattn.blockwise.attention`` defines them, on ``workers`` threads (inputs validated by the
     caller). ``block_rows`` (query rows of a tile, GQA group included) and ``block_k`` default to
-    :data:`BLOCK_ROWS` / :data:`BLOCK_K`."""
+    :data:`BLOCK_ROWS` / :func:`key_tile`."""
     st = _state if _checked else _load()
     if st.get("why"):
         raise HpcattnError(st["why"])
@@ -226,7 +238,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
     gemm, ilp64, _ = st["gemm"]
     base = dict(nk=nk, g=g, d=d, q_stride=q.strides[1] // 4, k_stride=k.strides[1] // 4,
                 v_stride=v.strides[1] // 4, o_stride=h * d, lse_head_stride=nq, block_q=bq,
-                block_k=block_k or BLOCK_K, scale=attention_scale(scale, d),
+                block_k=block_k or key_tile(d), scale=attention_scale(scale, d),
                 has_lo=mask.lo is not None, has_hi=mask.hi is not None, lo=mask.lo or 0,
                 hi=mask.hi or 0, shift=mask.shift, gemm=gemm, ilp64=ilp64)
 

@@ -196,3 +196,25 @@ def test_wrong_dtype_is_one_line_error():
     q, k, v = _qkv(4, 1, 8, 8, 1, 1, 8)
     with pytest.raises(HpcattnError, match="the fused CPU kernel expects float32"):
         cpu_fused.attention(q.astype(np.float64), k, v)
+
+
+@needs_fused
+@pytest.mark.parametrize("mask", [None, dict(causal=True), dict(window=(9, 4)), dict(cu_seqlens=[0, 40, 41, 150])])
+def test_portable_build_matches_reference(monkeypatch, tmp_path, mask):
+    """The build without -march=native (its products through NumPy's sgemm) computes the same:
+    GQA, partial tiles, rows that see nothing, packed sequences."""
+    monkeypatch.setenv(cpu_fused.CACHE_ENV, str(tmp_path))
+    state = dict(cpu_fused._load())
+    monkeypatch.setattr(cpu_fused, "_state", {**state, "lib": cpu_fused.build(native=False)})
+    q, k, v = _qkv(21, 2, 150, 150, 6, 2, 40)
+    kw = {} if mask is None else {key: (np.array(val) if key == "cu_seqlens" else val) for key, val in mask.items()}
+    m = make_mask(**kw).bind(150, 150) if kw else None
+    got = cpu_fused.attention(q, k, v, mask=m, block_rows=24, block_k=32, workers=2)
+    _check(got, naive_attention(q, k, v, **kw))
+
+
+def test_key_tile_keeps_the_packed_tile_in_l2():
+    assert cpu_fused.key_tile(64) == 512 and cpu_fused.key_tile(128) == 256
+    assert cpu_fused.key_tile(8) == 512 and cpu_fused.key_tile(1024) == 32
+    for d in (1, 24, 96, 200):
+        assert cpu_fused.key_tile(d) % 16 == 0

@@ -1,11 +1,15 @@
 // hpcattn's fused CPU forward (float32): blockwise online-softmax attention of one (batch, kv
 // head) slab and a range of its query positions, in compiled code.
 //
-// Per (query tile x key tile) it costs two BLAS GEMMs (S = (scale Q) K^T, then ACC += P V, both
-// through the sgemm of the BLAS NumPy already loaded, passed in as a function pointer) and ONE
-// fused pass over the score tile per row: the mask (partial tiles only), the row max, exp(s - m)
-// and its sum, and the rescale of the row's accumulator when its max grew. No Python runs between
-// tiles, so the call holds no GIL (ctypes releases it) and the tiles stay in one core's cache.
+// Per (query tile x key tile) it computes S = (scale Q) K^T, then per row the mask (partial
+// tiles only), the row max, exp(s - m) and its sum, the rescale of the row's accumulator when its
+// max grew, and ACC += P V. Two paths compute the products:
+//  * AVX2+FMA (built with -march=native on such a CPU): 6 x 16 register-blocked kernels, six
+//    query rows at a time from scores to accumulator (their score rows stay in L1), keys and
+//    values packed once per call into 16-wide panels (the tile in L2);
+//  * elsewhere: two sgemm calls per tile through the BLAS NumPy already loaded (a function
+//    pointer), and the row pass between them.
+// No Python runs between tiles, so the call holds no GIL (ctypes releases it).
 //
 // Masks are answered from global positions exactly as hpcattn.masks.Mask does: with
 // diag = k_pos - (q_pos + shift), a key is visible when lo <= diag (if has_lo), diag <= hi (if
@@ -104,11 +108,13 @@ inline float exp_nonpos(float x) {
 #if defined(__AVX2__) && defined(__FMA__)
 // the same function, eight lanes at a time (the compiler does not vectorise it reliably)
 inline __m256 exp_nonpos8(__m256 x) {
-    const __m256 lim = _mm256_set1_ps(-87.0f);
-    const __m256 xc = _mm256_max_ps(x, lim);
-    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f),
-                                                     _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), xc);
+    // n = round(x log2 e) by the 1.5 * 2^23 shifter, whose low mantissa bits then hold n, so
+    // 2^n is (those bits << 23) + the exponent bias; x < -87 (and -inf, whose NaN the mask
+    // hides) gives 0
+    const __m256 shifter = _mm256_set1_ps(12582912.0f);
+    const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+    const __m256 n = _mm256_sub_ps(t, shifter);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
     r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
     __m256 p = _mm256_set1_ps(1.9875691500e-4f);
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
@@ -117,10 +123,10 @@ inline __m256 exp_nonpos8(__m256 x) {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                            _mm256_set1_epi32(127)), 23);
+    const __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
+                                          _mm256_set1_epi32(127 << 23));
     const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, lim, _CMP_LT_OQ), y);  // 0 below -87 (and -inf)
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
 }
 
 inline float hsum(__m256 x) {
@@ -247,39 +253,54 @@ inline bool hidden_from_all(const hpcattn_cpu_call& c, const Range& q, i64 j) {
 }
 
 // hidden scores of a partial tile -> -inf
-void apply_mask(const hpcattn_cpu_call& c, float* s, i64 t0, i64 t1, i64 j0, i64 j1) {
-    const i64 nkt = j1 - j0, g = c.g;
-    bool runs = !c.q_seg;  // consecutive key positions and no segments: each row sees one run
+// whether keys [j0, j1) have consecutive positions and there are no segments: then each query
+// row sees one run of them
+bool key_runs(const hpcattn_cpu_call& c, i64 j0, i64 j1) {
+    bool runs = !c.q_seg;
     for (i64 j = j0 + 1; runs && j < j1; ++j) runs = kpos(c, j) == kpos(c, j - 1) + 1;
+    return runs;
+}
+
+// hidden scores of query position n's row over keys [j0, j1) -> -inf
+inline void mask_row(const hpcattn_cpu_call& c, float* row, i64 n, i64 j0, i64 j1, bool runs) {
+    const i64 nkt = j1 - j0;
     if (runs) {
-        const i64 kp0 = kpos(c, j0);
-        for (i64 n = t0; n < t1; ++n) {
-            const i64 base = qpos(c, n) + c.shift - kp0;   // column x has diag = x - base
-            const i64 first = c.has_lo ? std::clamp<i64>(base + c.lo, 0, nkt) : 0;
-            const i64 stop = c.has_hi ? std::clamp<i64>(base + c.hi + 1, first, nkt) : nkt;
-            for (i64 gi = 0; gi < g; ++gi) {
-                float* row = s + ((n - t0) * g + gi) * nkt;
-                std::fill(row, row + first, kNegInf);
-                std::fill(row + stop, row + nkt, kNegInf);
-            }
-        }
+        const i64 base = qpos(c, n) + c.shift - kpos(c, j0);   // column x has diag = x - base
+        const i64 first = c.has_lo ? std::clamp<i64>(base + c.lo, 0, nkt) : 0;
+        const i64 stop = c.has_hi ? std::clamp<i64>(base + c.hi + 1, first, nkt) : nkt;
+        std::fill(row, row + first, kNegInf);
+        std::fill(row + stop, row + nkt, kNegInf);
         return;
     }
-    for (i64 n = t0; n < t1; ++n) {
-        const i64 base = qpos(c, n) + c.shift;
-        const i64 qs = c.q_seg ? c.q_seg[n] : 0;
-        for (i64 gi = 0; gi < g; ++gi) {
-            float* row = s + ((n - t0) * g + gi) * nkt;
-            for (i64 j = j0; j < j1; ++j) {
-                const i64 diag = kpos(c, j) - base;
-                bool vis = true;
-                if (c.has_lo) vis = vis && diag >= c.lo;
-                if (c.has_hi) vis = vis && diag <= c.hi;
-                if (c.q_seg) vis = vis && c.k_seg[j] == qs;
-                if (!vis) row[j - j0] = kNegInf;
-            }
-        }
+    const i64 base = qpos(c, n) + c.shift;
+    const i64 qs = c.q_seg ? c.q_seg[n] : 0;
+    for (i64 j = j0; j < j1; ++j) {
+        const i64 diag = kpos(c, j) - base;
+        bool vis = true;
+        if (c.has_lo) vis = vis && diag >= c.lo;
+        if (c.has_hi) vis = vis && diag <= c.hi;
+        if (c.q_seg) vis = vis && c.k_seg[j] == qs;
+        if (!vis) row[j - j0] = kNegInf;
     }
+}
+
+// one row's online-softmax step over its nkt scores: max, exp(s - max) in place, the sum, and
+// the rescale of the row's accumulator (d of acc_row) when its max grew
+inline void softmax_row(float* sr, i64 nkt, float& m, double& l, float* acc_row, i64 d) {
+    const float mnew = std::max(m, row_max(sr, nkt));
+    if (mnew == kNegInf) {  // nothing visible yet: this row adds nothing
+        std::memset(sr, 0, size_t(nkt) * sizeof(float));
+        return;
+    }
+    const float sum = exp_row(sr, nkt, mnew);
+    if (mnew != m) {
+        const float alpha = m == kNegInf ? 0.0f : std::exp(m - mnew);
+#pragma omp simd
+        for (i64 x = 0; x < d; ++x) acc_row[x] *= alpha;
+        l *= alpha;
+        m = mnew;
+    }
+    l += sum;
 }
 
 void* alloc(i64 floats) {
@@ -288,33 +309,132 @@ void* alloc(i64 floats) {
     return p;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define HPCATTN_MICRO 1
+// Register-blocked products for the AVX2 path: MR rows x 16 columns in 2*MR ymm accumulators.
+constexpr i64 kNR = 16;
+
+// Kp <- K[j0..j1) as panels of 16 keys: Kp[panel][p][0..16), zero past j1
+void pack_k(const hpcattn_cpu_call& c, i64 j0, i64 j1, float* kp) {
+    const i64 d = c.d, n = j1 - j0, panels = (n + kNR - 1) / kNR;
+    for (i64 pn = 0; pn < panels; ++pn) {
+        float* dst = kp + pn * d * kNR;
+        const i64 w = std::min(kNR, n - pn * kNR);
+        for (i64 jj = 0; jj < w; ++jj) {
+            const float* src = c.k + (j0 + pn * kNR + jj) * c.k_stride;
+            for (i64 p = 0; p < d; ++p) dst[p * kNR + jj] = src[p];
+        }
+        for (i64 jj = w; jj < kNR; ++jj)
+            for (i64 p = 0; p < d; ++p) dst[p * kNR + jj] = 0.0f;
+    }
+}
+
+// Vp <- V[j0..j1) as rows of d16 = d rounded up to 16 floats, zero past d
+void pack_v(const hpcattn_cpu_call& c, i64 j0, i64 j1, i64 d16, float* vp) {
+    for (i64 j = j0; j < j1; ++j) {
+        float* dst = vp + (j - j0) * d16;
+        std::memcpy(dst, c.v + j * c.v_stride, size_t(c.d) * sizeof(float));
+        std::fill(dst + c.d, dst + d16, 0.0f);
+    }
+}
+
+// Six rows at a time (callers pad to a multiple of 6 rows), the accumulators in named registers:
+// arrays of __m256 make GCC store them to the stack on every iteration.
+#define HPCATTN_ROW(i) __m256 x##i##0 = _mm256_setzero_ps(), x##i##1 = x##i##0;
+#define HPCATTN_FMA(i, src)                                        \
+    {                                                              \
+        const __m256 a = _mm256_broadcast_ss(src);                 \
+        x##i##0 = _mm256_fmadd_ps(a, b0, x##i##0);                 \
+        x##i##1 = _mm256_fmadd_ps(a, b1, x##i##1);                 \
+    }
+
+// S[6 rows][16] = Q[6 rows][0..d) . Kpanel   (q rows d floats apart, S rows ld apart)
+inline void micro_qk(const float* q, i64 d, const float* kpanel, float* s, i64 ld) {
+    HPCATTN_ROW(0) HPCATTN_ROW(1) HPCATTN_ROW(2) HPCATTN_ROW(3) HPCATTN_ROW(4) HPCATTN_ROW(5)
+    for (i64 p = 0; p < d; ++p) {
+        const __m256 b0 = _mm256_load_ps(kpanel + p * kNR), b1 = _mm256_load_ps(kpanel + p * kNR + 8);
+        HPCATTN_FMA(0, q + p) HPCATTN_FMA(1, q + d + p) HPCATTN_FMA(2, q + 2 * d + p)
+        HPCATTN_FMA(3, q + 3 * d + p) HPCATTN_FMA(4, q + 4 * d + p) HPCATTN_FMA(5, q + 5 * d + p)
+    }
+#define HPCATTN_STORE(i) _mm256_storeu_ps(s + i * ld, x##i##0), _mm256_storeu_ps(s + i * ld + 8, x##i##1);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+
+// ACC[6 rows][16 cols] += P[6 rows][0..n) . Vp[0..n)[16 cols]  (P rows ld apart, Vp/ACC rows d16)
+inline void micro_pv(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, float* acc) {
+#define HPCATTN_LOAD(i) __m256 x##i##0 = _mm256_loadu_ps(acc + i * d16), x##i##1 = _mm256_loadu_ps(acc + i * d16 + 8);
+    HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
+#undef HPCATTN_LOAD
+    for (i64 j = 0; j < n; ++j) {
+        const __m256 b0 = _mm256_load_ps(vcol + j * d16), b1 = _mm256_load_ps(vcol + j * d16 + 8);
+        HPCATTN_FMA(0, p + j) HPCATTN_FMA(1, p + ld + j) HPCATTN_FMA(2, p + 2 * ld + j)
+        HPCATTN_FMA(3, p + 3 * ld + j) HPCATTN_FMA(4, p + 4 * ld + j) HPCATTN_FMA(5, p + 5 * ld + j)
+    }
+#define HPCATTN_STORE(i) _mm256_storeu_ps(acc + i * d16, x##i##0), _mm256_storeu_ps(acc + i * d16 + 8, x##i##1);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+#undef HPCATTN_ROW
+#undef HPCATTN_FMA
+
+constexpr i64 kMR = 6;
+
+#endif
+
+// Scratch of one call: the scaled Q tile, the score tile, the packed key/value tile (AVX2 path)
+struct Work {
+    float* qt;
+    float* s;
+    float* kp;
+    float* vp;
+    i64 da;  // accumulator row stride: d, or d rounded up to 16 on the AVX2 path
+    const float* kp_all;  // every key of the slab packed once (AVX2 path, when it fits), or NULL
+    const float* vp_all;
+};
+
 // Fold keys [j0, j1) into the state of query positions [t0, t1) (their scaled rows qt, their
 // accumulator acc, running max m and sum l): S = qt K^T, the mask when masked, per row the max,
 // exp(s - max) and its sum (rescaling the row's accumulator when its max grew), then acc += P V.
-void fold(const hpcattn_cpu_call& c, i64 t0, i64 t1, i64 j0, i64 j1, bool masked, const float* qt,
-          float* acc, float* m, double* l, float* s) {
-    const i64 d = c.d, rows = (t1 - t0) * c.g, nkt = j1 - j0;
-    gemm(c, true, rows, nkt, d, 1.0f, qt, d, c.k + j0 * c.k_stride, c.k_stride, 0.0f, s, nkt);
-    if (masked) apply_mask(c, s, t0, t1, j0, j1);
-    for (i64 r = 0; r < rows; ++r) {
-        float* sr = s + r * nkt;
-        const float mnew = std::max(m[r], row_max(sr, nkt));
-        if (mnew == kNegInf) {  // nothing visible yet: this row adds nothing
-            std::memset(sr, 0, size_t(nkt) * sizeof(float));
-            continue;
-        }
-        const float sum = exp_row(sr, nkt, mnew);
-        if (mnew != m[r]) {
-            const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mnew);
-            float* ar = acc + r * d;
-#pragma omp simd
-            for (i64 x = 0; x < d; ++x) ar[x] *= alpha;
-            l[r] *= alpha;
-            m[r] = mnew;
-        }
-        l[r] += sum;
+void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 j1, bool masked,
+          const float* qt, float* acc, float* m, double* l) {
+    const i64 d = c.d, g = c.g, rows = (t1 - t0) * g, nkt = j1 - j0, da = w.da;
+    const bool runs = masked && key_runs(c, j0, j1);
+    float* s = w.s;
+#ifdef HPCATTN_MICRO
+    // six query rows at a time from scores to output: their score rows stay in L1, the packed
+    // key and value tile in L2
+    const i64 panels = (nkt + kNR - 1) / kNR, ld = panels * kNR;
+    const float* kp = w.kp;
+    const float* vp = w.vp;
+    if (w.kp_all && j0 % kNR == 0) {  // panels past j1 hold later keys: columns nobody reads
+        kp = w.kp_all + j0 / kNR * d * kNR;
+        vp = w.vp_all + j0 * da;
+    } else {
+        pack_k(c, j0, j1, w.kp);
+        pack_v(c, j0, j1, da, w.vp);
     }
-    gemm(c, false, rows, d, nkt, 1.0f, s, nkt, c.v + j0 * c.v_stride, c.v_stride, 1.0f, acc, d);
+    for (i64 r0 = 0; r0 < rows; r0 += kMR) {
+        const i64 nr = std::min(kMR, rows - r0);
+        for (i64 pn = 0; pn < panels; ++pn) micro_qk(qt + r0 * d, d, kp + pn * d * kNR, s + pn * kNR, ld);
+        for (i64 i = 0; i < nr; ++i) {
+            const i64 r = r0 + i;
+            if (masked) mask_row(c, s + i * ld, t0 + r / g, j0, j1, runs);
+            softmax_row(s + i * ld, nkt, m[r], l[r], acc + r * da, d);
+        }
+        // rows past the block add 0 to the rows after it (they belong to the next block)
+        std::memset(s + nr * ld, 0, size_t((kMR - nr) * ld) * sizeof(float));
+        for (i64 cp = 0; cp < da; cp += kNR) micro_pv(s, ld, nkt, vp + cp, da, acc + r0 * da + cp);
+    }
+#else
+    const i64 ld = nkt;
+    gemm(c, true, rows, nkt, d, 1.0f, qt, d, c.k + j0 * c.k_stride, c.k_stride, 0.0f, s, ld);
+    for (i64 r = 0; r < rows; ++r) {
+        if (masked) mask_row(c, s + r * ld, t0 + r / g, j0, j1, runs);
+        softmax_row(s + r * ld, nkt, m[r], l[r], acc + r * da, d);
+    }
+    gemm(c, false, rows, d, nkt, 1.0f, s, ld, c.v + j0 * c.v_stride, c.v_stride, 1.0f, acc, da);
+#endif
 }
 
 }  // namespace
@@ -324,17 +444,40 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
     const i64 g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = std::max<i64>(1, c.block_k);
     const i64 rows_max = std::min(bq, std::max<i64>(c.nq, 1)) * g;
     const i64 cols_max = std::min(bk, std::max<i64>(c.nk, 1));
-    float* qt = static_cast<float*>(alloc(rows_max * d));
-    float* s = static_cast<float*>(alloc(rows_max * cols_max));
-    float* acc = static_cast<float*>(alloc(rows_max * d));
+#ifdef HPCATTN_MICRO
+    const i64 da = (d + kNR - 1) / kNR * kNR, ld_max = (cols_max + kNR - 1) / kNR * kNR;
+#else
+    const i64 da = d, ld_max = cols_max;
+#endif
+    const i64 rows_pad = rows_max + 8;  // the AVX2 path runs whole 6-row blocks past a tile's end
+    Work w{static_cast<float*>(alloc(rows_pad * d)), static_cast<float*>(alloc(rows_pad * ld_max)),
+           static_cast<float*>(alloc(ld_max * d)), static_cast<float*>(alloc(cols_max * da)), da,
+           nullptr, nullptr};
+    float* packed = nullptr;
+#ifdef HPCATTN_MICRO
+    // keys and values packed once for every query tile, where that takes at most 64 MiB
+    const i64 nk16 = (c.nk + kNR - 1) / kNR * kNR;
+    if (2 * nk16 * da * i64(sizeof(float)) <= (i64(64) << 20) && (packed = static_cast<float*>(alloc(2 * nk16 * da)))) {
+        pack_k(c, 0, c.nk, packed);
+        pack_v(c, 0, c.nk, da, packed + nk16 * da);
+        w.kp_all = packed;
+        w.vp_all = packed + nk16 * da;
+    }
+#endif
+    float* acc = static_cast<float*>(alloc(rows_pad * da));
     float* m = static_cast<float*>(alloc(rows_max));
     double* l = static_cast<double*>(alloc(2 * rows_max));
     const i64 n_ktiles = (c.nk + bk - 1) / bk;
     Range* kr = static_cast<Range*>(std::malloc(sizeof(Range) * size_t(std::max<i64>(n_ktiles, 1))));
-    if (!qt || !s || !acc || !m || !l || !kr) {
-        std::free(qt), std::free(s), std::free(acc), std::free(m), std::free(l), std::free(kr);
+    auto release = [&] {
+        std::free(w.qt), std::free(w.s), std::free(w.kp), std::free(w.vp);
+        std::free(acc), std::free(m), std::free(l), std::free(kr), std::free(packed);
+    };
+    if (!w.qt || !w.s || !w.kp || !w.vp || !acc || !m || !l || !kr) {
+        release();
         return 1;
     }
+    std::fill(w.qt, w.qt + rows_pad * d, 0.0f);  // padding rows: finite, never read back
     for (i64 t = 0; t < n_ktiles; ++t)
         kr[t] = range_of(c.k_pos, c.k_seg, t * bk, std::min(c.nk, (t + 1) * bk));
 
@@ -344,19 +487,19 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
         // than the GEMM's alpha (FlashAttention's rule: 1.31x vs 1.72x a float32 reference)
         for (i64 n = t0; n < t1; ++n) {
             const float* src = c.q + n * c.q_stride;
-            float* dst = qt + (n - t0) * g * d;
+            float* dst = w.qt + (n - t0) * g * d;
             for (i64 x = 0; x < g * d; ++x) dst[x] = src[x] * c.scale;
         }
         std::fill(m, m + rows, kNegInf);
         std::fill(l, l + rows, 0.0);
-        std::fill(acc, acc + rows * d, 0.0f);
+        std::fill(acc, acc + (rows + 6) * da, 0.0f);
         const Range qr = range_of(c.q_pos, c.q_seg, t0, t1);
         for (i64 t = 0; t < n_ktiles; ++t) {
             const int cls = classify(c, qr, kr[t]);
             if (cls == kNone) continue;
             const i64 j0 = t * bk, j1 = std::min(c.nk, j0 + bk);
             if (cls == kFull) {
-                fold(c, t0, t1, j0, j1, false, qt, acc, m, l, s);
+                fold(c, w, t0, t1, j0, j1, false, w.qt, acc, m, l);
                 continue;
             }
             // a partial tile (a diagonal, a window edge, a sequence boundary): in row blocks of
@@ -375,14 +518,14 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
                     if (a == b) continue;
                 }
                 const i64 off = (u0 - t0) * g;
-                fold(c, u0, u1, a, b, ucls == kPartial, qt + off * d, acc + off * d, m + off,
-                     l + off, s);
+                fold(c, w, u0, u1, a, b, ucls == kPartial, w.qt + off * d, acc + off * da, m + off,
+                     l + off);
             }
         }
         for (i64 r = 0; r < rows; ++r) {
             const i64 n = t0 + r / g, gi = r % g;
             float* o = c.out + n * c.o_stride + gi * d;
-            const float* ar = acc + r * d;
+            const float* ar = acc + r * da;
             if (l[r] > 0) {
                 const float lr = float(l[r]);
                 for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
@@ -393,6 +536,6 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
             }
         }
     }
-    std::free(qt), std::free(s), std::free(acc), std::free(m), std::free(l), std::free(kr);
+    release();
     return 0;
 }
