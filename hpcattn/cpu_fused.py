@@ -152,6 +152,10 @@ def build(native: bool = True) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.hpcattn_cpu_forward_f32.restype = ctypes.c_int
     lib.hpcattn_cpu_forward_f32.argtypes = [ctypes.POINTER(_Call)]
+    lib.hpcattn_cpu_fold_f32.restype = ctypes.c_int
+    lib.hpcattn_cpu_fold_f32.argtypes = [ctypes.POINTER(_Call)] + [ctypes.c_void_p] * 3
+    lib.hpcattn_cpu_acc_stride.restype = ctypes.c_int64
+    lib.hpcattn_cpu_acc_stride.argtypes = [ctypes.c_int64]
     return lib
 
 
@@ -267,3 +271,121 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
     run_tasks([(lambda i=i, j=j, r0=r0, r1=r1: call(i, j, r0, r1))
                for i in range(b) for j in range(hkv) for r0, r1 in rows], workers)
     return out, lse
+
+
+class FusedPartial:
+    """A ring rank's online state on the fused kernel (``blockwise.PartialAttention``'s interface
+    and packed-block layout, so the ring's buffers, its traffic and its memory model are the
+    NumPy state's): every arriving block is folded into per-(slab, row chunk) states by
+    ``hpcattn_cpu_fold_f32`` on the kernel workers, while the calling thread keeps MPI
+    progressing. Float32; no scaled copy of q is kept (each query tile is scaled as it is read)."""
+
+    def __init__(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None,
+                 workers=1):
+        from .blockwise import PartialAttention
+        from .cpu_pool import row_chunks
+
+        st = _load()
+        if st["why"]:
+            raise HpcattnError(st["why"])
+        self.lib, (self.gemm, self.ilp64, _) = st["lib"], st["gemm"]
+        b, nq, h, d = q.shape
+        self.q, self.b, self.nq, self.h, self.d = _strided(q, 2), b, nq, h, d
+        self.hkv, self.g = kv_heads, h // kv_heads
+        self.packing = PartialAttention.__new__(PartialAttention)   # pack()/packed_size() only
+        self.packing.b, self.packing.hkv, self.packing.d = b, kv_heads, d
+        self.packing.slabs = b * kv_heads
+        self.mask = resolve(mask, causal)
+        self.positioned = not self.mask.trivial
+        self.q_pos = (np.ascontiguousarray(causal_positions(q_pos, None, nq, 0)[0])
+                      if self.positioned else None)
+        self.q_seg = (np.ascontiguousarray(self.mask.segment(self.q_pos))
+                      if self.mask.cu_seqlens is not None else None)
+        self.scale = attention_scale(scale, d)
+        self.bq = max(1, (block_q * self.g if block_q else BLOCK_ROWS) // self.g)
+        self.bk = block_k or key_tile(d)
+        self.workers = max(1, workers)
+        self.da = int(self.lib.hpcattn_cpu_acc_stride(d))
+        self.chunks = row_chunks(nq, b * kv_heads, self.workers, self.bq)
+        self.states = {}
+        for i in range(b):
+            for j in range(kv_heads):
+                for r0, r1 in self.chunks:
+                    rows = (r1 - r0) * self.g
+                    self.states[i, j, r0] = (np.zeros((rows + 8, self.da), np.float32),
+                                             np.full(rows, -np.inf, np.float32), np.zeros(rows))
+
+    def packed_size(self, n: int) -> int:
+        return self.packing.packed_size(n)
+
+    def pack(self, k, v, buf):
+        self.packing.pack(k, v, buf)
+
+    def add_packed(self, buf, n, k_pos, progress=None):
+        """Fold in the key block packed in ``buf`` (``n`` keys at global positions ``k_pos``)."""
+        from concurrent.futures import wait
+
+        from .cpu_pool import pool
+
+        if n == 0:
+            return
+        if buf.dtype != np.float32 or not buf.flags.c_contiguous:
+            raise HpcattnError(f"packed block has dtype {buf.dtype}; the fused CPU kernel expects "
+                               "contiguous float32")
+        d, g, mask = self.d, self.g, self.mask
+        k_pos = (np.ascontiguousarray(causal_positions(None, k_pos, 0, n)[1])
+                 if self.positioned else None)
+        k_seg = np.ascontiguousarray(mask.segment(k_pos)) if self.q_seg is not None else None
+        half = self.packing.slabs * n * (d + 1)
+        q = self.q
+
+        def call(i, j, r0, r1):
+            acc, m, l = self.states[i, j, r0]
+            sl = i * self.hkv + j
+            c = _Call(q=q.ctypes.data + i * q.strides[0] + j * g * q.strides[2] + r0 * q.strides[1],
+                      k=buf.ctypes.data + sl * n * (d + 1) * 4,
+                      v=buf.ctypes.data + (half + sl * n * (d + 1)) * 4, out=None, lse=None,
+                      nq=r1 - r0, nk=n, g=g, d=d, q_stride=q.strides[1] // 4, k_stride=d + 1,
+                      v_stride=d + 1, o_stride=0, lse_head_stride=0, block_q=self.bq,
+                      block_k=self.bk, scale=self.scale, has_lo=mask.lo is not None,
+                      has_hi=mask.hi is not None, lo=mask.lo or 0, hi=mask.hi or 0,
+                      shift=mask.shift, q_pos=None if self.q_pos is None else self.q_pos[r0:].ctypes.data,
+                      k_pos=None if k_pos is None else k_pos.ctypes.data,
+                      q_seg=None if self.q_seg is None else self.q_seg[r0:].ctypes.data,
+                      k_seg=None if k_seg is None else k_seg.ctypes.data, gemm=self.gemm,
+                      ilp64=self.ilp64)
+            if self.lib.hpcattn_cpu_fold_f32(ctypes.byref(c), acc.ctypes.data_as(ctypes.c_void_p),
+                                             m.ctypes.data_as(ctypes.c_void_p),
+                                             l.ctypes.data_as(ctypes.c_void_p)):
+                raise MemoryError("the fused CPU kernel could not allocate its tiles")
+
+        tasks = [(i, j, r0, r1) for i in range(self.b) for j in range(self.hkv) for r0, r1 in self.chunks]
+        if progress is None and self.workers == 1:
+            for t in tasks:
+                call(*t)
+            return
+        # on worker threads (one at least), so that this thread keeps the ring's MPI moving
+        futs = [pool(self.workers).submit(call, *t) for t in tasks]
+        while progress is not None and not all(f.done() for f in futs):
+            progress()
+            wait(futs, timeout=0.002)
+        for f in futs:
+            f.result()
+
+    def result(self):
+        """``(out, lse)`` as ``PartialAttention.result`` gives them (rows that saw no key: out 0,
+        lse -inf); the state is spent."""
+        b, nq, h, d, g = self.b, self.nq, self.h, self.d, self.g
+        out = np.empty((b, nq, h, d), np.float32)
+        lse = np.empty((b, h, nq), np.float32)
+        for (i, j, r0), (acc, m, l) in self.states.items():
+            r1 = r0 + len(m) // g
+            seen = l > 0
+            l_safe = np.where(seen, l, 1.0)
+            o = acc[: len(m), :d] / l_safe[:, None].astype(np.float32)
+            o[~seen] = 0
+            out[i, r0:r1, j * g:(j + 1) * g] = o.reshape(r1 - r0, g, d)
+            val = np.where(seen, m + np.log(l_safe), -np.inf).astype(np.float32)
+            lse[i, j * g:(j + 1) * g, r0:r1] = val.reshape(r1 - r0, g).T
+        self.states = {}
+        return out, lse

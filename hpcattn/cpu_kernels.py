@@ -152,6 +152,23 @@ def choose(q, k, kernel=None, *, backward=False, **call) -> str:
     return NUMPY_KERNEL
 
 
+def partial_kernel(q, *, block_q=None, block_k=None) -> str:
+    """The kernel of a ring rank's online state for queries ``q`` (recorded as the forward's):
+    the fused kernel where :func:`choose` would take it for a forward, else the NumPy kernel
+    (torch's kernel has no state to fold blocks into)."""
+    want = requested()
+    kernel = NUMPY_KERNEL
+    if want in ("auto", "fused") and str(q.dtype) == "float32" and block_q is None and block_k is None:
+        why = fused_reason()
+        if why is None:
+            kernel = FUSED_KERNEL
+        elif want == "fused":
+            raise HpcattnError(f"{KERNEL_ENV}=fused but {why}; expected g++ (or $CXX) and NumPy on "
+                               "OpenBLAS, or auto/numpy")
+    LAST["forward"] = kernel
+    return kernel
+
+
 def check_half(q):
     """The dtype check of ``validate.check_qkv`` for the half types, with the reason."""
     if str(q.dtype) in HALF_DTYPES:

@@ -19,7 +19,7 @@ from . import blockwise, blockwise_backward, cpu_short
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+def pool(workers: int) -> ThreadPoolExecutor:
     if workers not in _pools:
         _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="hpcattn-cpu")
     return _pools[workers]
@@ -27,7 +27,7 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def run_tasks(tasks, workers):
     """Run the callables in ``tasks`` on ``workers`` threads; re-raises the first error."""
-    for fut in [_pool(workers).submit(t) for t in tasks]:
+    for fut in [pool(workers).submit(t) for t in tasks]:
         fut.result()
 
 
@@ -162,7 +162,7 @@ class ThreadedPartial:
         self.parts[0].pack(k, v, buf)
 
     def add_packed(self, buf, n, k_pos, progress=None):
-        futs = [_pool(self.workers).submit(p.add_packed, buf, n, k_pos) for p in self.parts]
+        futs = [pool(self.workers).submit(p.add_packed, buf, n, k_pos) for p in self.parts]
         # the ring's progress (MPI) stays on this thread, between the workers' tiles
         while progress is not None and not all(f.done() for f in futs):
             progress()

@@ -218,3 +218,42 @@ def test_key_tile_keeps_the_packed_tile_in_l2():
     assert cpu_fused.key_tile(8) == 512 and cpu_fused.key_tile(1024) == 32
     for d in (1, 24, 96, 200):
         assert cpu_fused.key_tile(d) % 16 == 0
+
+
+@needs_fused
+@pytest.mark.parametrize("mask", [None, dict(causal=True), dict(causal=True, window=(50, 0)),
+                                  dict(cu_seqlens=[0, 100, 333, 600])])
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ring_state_folds_blocks_to_the_reference(mask, workers):
+    """A ring rank's state (FusedPartial) fed three key blocks at zigzag-like positions, in the
+    NumPy state's packed layout, equals float64 attention over all keys; progress is called."""
+    from hpcattn.blockwise import PartialAttention
+
+    n = 600
+    q, k, v = _qkv(31, 2, n, n, 4, 2, 16)
+    q_pos = np.concatenate([np.arange(0, 150), np.arange(450, 600)])
+    kw = {} if mask is None else {key: (np.array(val) if key == "cu_seqlens" else val) for key, val in mask.items()}
+    m = make_mask(**kw).bind(n, n) if kw else None
+    state = cpu_fused.FusedPartial(q[:, q_pos], 2, causal=False, scale=None, q_pos=q_pos, mask=m,
+                                   workers=workers)
+    assert state.packed_size(200) == PartialAttention(q[:, :4], 2, causal=False, scale=None,
+                                                      q_pos=None).packed_size(200)
+    calls = []
+    for keys in (np.arange(400, 600), np.arange(0, 200), np.arange(200, 400)):
+        buf = np.empty(state.packed_size(len(keys)), np.float32)
+        state.pack(k[:, keys], v[:, keys], buf)
+        state.add_packed(buf, len(keys), keys, progress=lambda: calls.append(1))
+    got = state.result()
+    _check(got, naive_attention(q[:, q_pos], k, v, q_pos=q_pos, **kw))
+    assert calls
+
+
+@needs_fused
+def test_ring_state_of_one_block_is_the_forward_bit_for_bit():
+    q, k, v = _qkv(32, 1, 700, 650, 6, 3, 32)
+    state = cpu_fused.FusedPartial(q, 3, causal=True, scale=0.2, q_pos=None, workers=2)
+    buf = np.empty(state.packed_size(650), np.float32)
+    state.pack(k, v, buf)
+    state.add_packed(buf, 650, np.arange(650))
+    for a, b in zip(state.result(), cpu_fused.attention(q, k, v, causal=True, scale=0.2, workers=2)):
+        assert np.array_equal(a, b)

@@ -1,7 +1,8 @@
 """The CPU backend: per-rank attention and its backward on the kernel ``hpcattn.cpu_kernels``
-chooses (PyTorch's CPU flash kernel where installed and the call is one it can express, else the
-NumPy blockwise kernels of ``hpcattn.blockwise`` / ``blockwise_backward``, on all the process's
-kernel workers), the ring's online states (NumPy: every masked or diagonal block needs them), the
+chooses (the fused kernel for float32 forwards where it builds, PyTorch's CPU flash kernel where
+installed and the call is one it can express, else the NumPy blockwise kernels of
+``hpcattn.blockwise`` / ``blockwise_backward``, on all the process's kernel workers), the ring's
+online states (fused for float32 where it builds, else NumPy's; torch's kernel has none), the
 plain MPI exchange and the host clock (a call has returned when its result exists, so wall time
 is compute time)."""
 from __future__ import annotations
@@ -51,17 +52,22 @@ class NumpyBackend:
 
     def partial(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None):
         """One online-softmax state that every arriving block is folded into (no merge), on the
-        process's kernel workers (``cpu_pool.ThreadedPartial``) when it has more than one."""
+        process's kernel workers: the fused kernel's (``cpu_fused.FusedPartial``) where
+        ``cpu_kernels.partial_kernel`` chooses it, else NumPy's (``cpu_pool.ThreadedPartial``
+        when there is more than one worker)."""
         from .._threads import kernel_workers
 
         workers = kernel_workers()
+        kw = dict(causal=causal, scale=scale, q_pos=q_pos, block_q=block_q, block_k=block_k, mask=mask)
+        if cpu_kernels.partial_kernel(q, block_q=block_q, block_k=block_k) == cpu_kernels.FUSED_KERNEL:
+            from ..cpu_fused import FusedPartial
+
+            return FusedPartial(q, kv_heads, workers=workers, **kw)
         if workers > 1 and q.shape[1] > (block_q or blockwise.DEFAULT_BLOCK_ROWS):
             from ..cpu_pool import ThreadedPartial
 
-            return ThreadedPartial(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
-                                   block_q=block_q, block_k=block_k, mask=mask, workers=workers)
-        return blockwise.PartialAttention(q, kv_heads, causal=causal, scale=scale, q_pos=q_pos,
-                                          block_q=block_q, block_k=block_k, mask=mask)
+            return ThreadedPartial(q, kv_heads, workers=workers, **kw)
+        return blockwise.PartialAttention(q, kv_heads, **kw)
 
     def attention_backward(self, q, k, v, out, lse, dout, *, causal, scale, q_pos=None, k_pos=None,
                            block_q=None, block_k=None, progress=None, mask=None):

@@ -27,9 +27,12 @@ def _cpu_kernel_lines(ck: dict) -> None:
     torch = "" if ck["torch"] == "available" else f" ({ck['torch']})"
     on_torch = (f"torch-flash for {'/'.join(ck['torch_dtypes'])} calls it can express, "
                 if ck["torch_dtypes"] else "")
-    click.echo(f"CPU kernel: {on_torch}numpy-blockwise otherwise{torch} "
-               f"(HPCATTN_CPU_KERNEL={ck['requested']}: auto|numpy|torch); "
+    fused = "cpp-fused for float32 forwards, " if ck.get("fused") == "available" else ""
+    click.echo(f"CPU kernel: {fused}{on_torch}numpy-blockwise otherwise{torch} "
+               f"(HPCATTN_CPU_KERNEL={ck['requested']}: auto|numpy|torch|fused); "
                f"{ck['workers']} worker thread(s) per call (HPCATTN_KERNEL_THREADS)")
+    if ck.get("fused") and ck["fused"] != "available":
+        click.echo(f"  cpp-fused: {ck['fused']}")
     for dt in ("bfloat16", "float16"):
         click.echo(f"  {dt} on CPU: {ck[dt]}")
 

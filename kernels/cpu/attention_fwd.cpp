@@ -439,8 +439,12 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
 
 }  // namespace
 
-extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
-    const hpcattn_cpu_call& c = *call;
+namespace {
+
+// The forward (state == NULL: per query tile a fresh state, finalised into out and lse) or one
+// fold of a key block into a caller's state (acc: nq*g rows of acc_stride floats plus 6 rows of
+// padding, m and l: nq*g each; nothing finalised).
+int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* state_l) {
     const i64 g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = std::max<i64>(1, c.block_k);
     const i64 rows_max = std::min(bq, std::max<i64>(c.nq, 1)) * g;
     const i64 cols_max = std::min(bk, std::max<i64>(c.nk, 1));
@@ -464,16 +468,17 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
         w.vp_all = packed + nk16 * da;
     }
 #endif
-    float* acc = static_cast<float*>(alloc(rows_pad * da));
-    float* m = static_cast<float*>(alloc(rows_max));
-    double* l = static_cast<double*>(alloc(2 * rows_max));
+    const bool folding = state_acc != nullptr;
+    float* acc = folding ? nullptr : static_cast<float*>(alloc(rows_pad * da));
+    float* m = folding ? nullptr : static_cast<float*>(alloc(rows_max));
+    double* l = folding ? nullptr : static_cast<double*>(alloc(2 * rows_max));
     const i64 n_ktiles = (c.nk + bk - 1) / bk;
     Range* kr = static_cast<Range*>(std::malloc(sizeof(Range) * size_t(std::max<i64>(n_ktiles, 1))));
     auto release = [&] {
         std::free(w.qt), std::free(w.s), std::free(w.kp), std::free(w.vp);
         std::free(acc), std::free(m), std::free(l), std::free(kr), std::free(packed);
     };
-    if (!w.qt || !w.s || !w.kp || !w.vp || !acc || !m || !l || !kr) {
+    if (!w.qt || !w.s || !w.kp || !w.vp || (!folding && (!acc || !m || !l)) || !kr) {
         release();
         return 1;
     }
@@ -490,9 +495,15 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
             float* dst = w.qt + (n - t0) * g * d;
             for (i64 x = 0; x < g * d; ++x) dst[x] = src[x] * c.scale;
         }
-        std::fill(m, m + rows, kNegInf);
-        std::fill(l, l + rows, 0.0);
-        std::fill(acc, acc + (rows + 6) * da, 0.0f);
+        if (folding) {  // this tile's rows of the caller's state
+            acc = state_acc + t0 * g * da;
+            m = state_m + t0 * g;
+            l = state_l + t0 * g;
+        } else {
+            std::fill(m, m + rows, kNegInf);
+            std::fill(l, l + rows, 0.0);
+            std::fill(acc, acc + (rows + 6) * da, 0.0f);
+        }
         const Range qr = range_of(c.q_pos, c.q_seg, t0, t1);
         for (i64 t = 0; t < n_ktiles; ++t) {
             const int cls = classify(c, qr, kr[t]);
@@ -522,7 +533,7 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
                      l + off);
             }
         }
-        for (i64 r = 0; r < rows; ++r) {
+        for (i64 r = 0; r < rows && !folding; ++r) {
             const i64 n = t0 + r / g, gi = r % g;
             float* o = c.out + n * c.o_stride + gi * d;
             const float* ar = acc + r * da;
@@ -536,6 +547,28 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
             }
         }
     }
+    if (folding) acc = nullptr, m = nullptr, l = nullptr;  // the caller's
     release();
     return 0;
+}
+
+}  // namespace
+
+extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
+    return run(*call, nullptr, nullptr, nullptr);
+}
+
+// Fold the keys of *call into a state: acc (nq*g + 6 rows of hpcattn_cpu_acc_stride(d) floats,
+// zero to start), m (nq*g floats, -inf to start), l (nq*g doubles, 0 to start); out/lse unused.
+extern "C" int hpcattn_cpu_fold_f32(const hpcattn_cpu_call* call, float* acc, float* m, double* l) {
+    return run(*call, acc, m, l);
+}
+
+// The accumulator row stride of a state for head dim d
+extern "C" int64_t hpcattn_cpu_acc_stride(int64_t d) {
+#ifdef HPCATTN_MICRO
+    return (d + kNR - 1) / kNR * kNR;
+#else
+    return d;
+#endif
 }
