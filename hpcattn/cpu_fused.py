@@ -378,7 +378,8 @@ class FusedPartial:
         b, nq, h, d, g = self.b, self.nq, self.h, self.d, self.g
         out = np.empty((b, nq, h, d), np.float32)
         lse = np.empty((b, h, nq), np.float32)
-        for (i, j, r0), (acc, m, l) in self.states.items():
+        while self.states:   # each chunk's state is freed once its rows are written
+            (i, j, r0), (acc, m, l) = self.states.popitem()
             r1 = r0 + len(m) // g
             seen = l > 0
             l_safe = np.where(seen, l, 1.0)
@@ -387,5 +388,5 @@ class FusedPartial:
             out[i, r0:r1, j * g:(j + 1) * g] = o.reshape(r1 - r0, g, d)
             val = np.where(seen, m + np.log(l_safe), -np.inf).astype(np.float32)
             lse[i, j * g:(j + 1) * g, r0:r1] = val.reshape(r1 - r0, g).T
-        self.states = {}
+            del acc, m, l, o
         return out, lse

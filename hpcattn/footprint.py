@@ -17,6 +17,11 @@ The model follows what a ring rank really allocates (``hpcattn.cases``, ``hpcatt
 * ``scratch``: fixed per rank: score tiles, one chunk of random rows;
 * ``check``: the sampled float64 check (after the ring: its peak is not added to the ring's).
 
+The CPU terms are the NumPy kernel's. The fused kernel (``hpcattn.cpu_fused``, float32) holds
+less in the ring phase: no scaled query copy, only the accumulator, ``m`` and a float64 ``l``.
+It allocates in C, beside that, its tiles and one packed key/value block per worker call
+(at most 64 MiB; a few MiB at the usual block sizes). So the estimate stays an upper bound for it.
+
 ``held`` (inputs, outputs, ring) is what a rank cannot do without (``hpcattn bench`` reports it
 as the shard footprint); ``total`` is the estimate a case is refused by. On GPU ``device`` is
 what lives in GPU memory and ``host`` what stays in host memory.

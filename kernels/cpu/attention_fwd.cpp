@@ -294,10 +294,12 @@ inline void softmax_row(float* sr, i64 nkt, float& m, double& l, float* acc_row,
     }
     const float sum = exp_row(sr, nkt, mnew);
     if (mnew != m) {
-        const float alpha = m == kNegInf ? 0.0f : std::exp(m - mnew);
+        if (m != kNegInf) {  // (a row that saw nothing yet has a zero accumulator and sum)
+            const float alpha = std::exp(m - mnew);
 #pragma omp simd
-        for (i64 x = 0; x < d; ++x) acc_row[x] *= alpha;
-        l *= alpha;
+            for (i64 x = 0; x < d; ++x) acc_row[x] *= alpha;
+            l *= alpha;
+        }
         m = mnew;
     }
     l += sum;
@@ -379,6 +381,7 @@ inline void micro_pv(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, 
 #undef HPCATTN_FMA
 
 constexpr i64 kMR = 6;
+constexpr i64 kMicroMinRows = 48;  // fewer query rows in a fold: the sgemm path
 
 #endif
 
@@ -403,30 +406,36 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
     float* s = w.s;
 #ifdef HPCATTN_MICRO
     // six query rows at a time from scores to output: their score rows stay in L1, the packed
-    // key and value tile in L2
-    const i64 panels = (nkt + kNR - 1) / kNR, ld = panels * kNR;
-    const float* kp = w.kp;
-    const float* vp = w.vp;
-    if (w.kp_all && j0 % kNR == 0) {  // panels past j1 hold later keys: columns nobody reads
-        kp = w.kp_all + j0 / kNR * d * kNR;
-        vp = w.vp_all + j0 * da;
-    } else {
-        pack_k(c, j0, j1, w.kp);
-        pack_v(c, j0, j1, da, w.vp);
-    }
-    for (i64 r0 = 0; r0 < rows; r0 += kMR) {
-        const i64 nr = std::min(kMR, rows - r0);
-        for (i64 pn = 0; pn < panels; ++pn) micro_qk(qt + r0 * d, d, kp + pn * d * kNR, s + pn * kNR, ld);
-        for (i64 i = 0; i < nr; ++i) {
-            const i64 r = r0 + i;
-            if (masked) mask_row(c, s + i * ld, t0 + r / g, j0, j1, runs);
-            softmax_row(s + i * ld, nkt, m[r], l[r], acc + r * da, d);
+    // key and value tile in L2. For a handful of rows packing the keys costs more than the
+    // products, so those take the sgemm path below.
+    if (rows >= kMicroMinRows) {
+        const i64 panels = (nkt + kNR - 1) / kNR, ld = panels * kNR;
+        const float* kp = w.kp;
+        const float* vp = w.vp;
+        if (w.kp_all && j0 % kNR == 0) {  // panels past j1 hold later keys: columns nobody reads
+            kp = w.kp_all + j0 / kNR * d * kNR;
+            vp = w.vp_all + j0 * da;
+        } else {
+            pack_k(c, j0, j1, w.kp);
+            pack_v(c, j0, j1, da, w.vp);
         }
-        // rows past the block add 0 to the rows after it (they belong to the next block)
-        std::memset(s + nr * ld, 0, size_t((kMR - nr) * ld) * sizeof(float));
-        for (i64 cp = 0; cp < da; cp += kNR) micro_pv(s, ld, nkt, vp + cp, da, acc + r0 * da + cp);
+        for (i64 r0 = 0; r0 < rows; r0 += kMR) {
+            const i64 nr = std::min(kMR, rows - r0);
+            for (i64 pn = 0; pn < panels; ++pn)
+                micro_qk(qt + r0 * d, d, kp + pn * d * kNR, s + pn * kNR, ld);
+            for (i64 i = 0; i < nr; ++i) {
+                const i64 r = r0 + i;
+                if (masked) mask_row(c, s + i * ld, t0 + r / g, j0, j1, runs);
+                softmax_row(s + i * ld, nkt, m[r], l[r], acc + r * da, d);
+            }
+            // rows past the block add 0 to the rows after it (they belong to the next block)
+            std::memset(s + nr * ld, 0, size_t((kMR - nr) * ld) * sizeof(float));
+            for (i64 cp = 0; cp < da; cp += kNR)
+                micro_pv(s, ld, nkt, vp + cp, da, acc + r0 * da + cp);
+        }
+        return;
     }
-#else
+#endif
     const i64 ld = nkt;
     gemm(c, true, rows, nkt, d, 1.0f, qt, d, c.k + j0 * c.k_stride, c.k_stride, 0.0f, s, ld);
     for (i64 r = 0; r < rows; ++r) {
@@ -434,7 +443,6 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
         softmax_row(s + r * ld, nkt, m[r], l[r], acc + r * da, d);
     }
     gemm(c, false, rows, d, nkt, 1.0f, s, ld, c.v + j0 * c.v_stride, c.v_stride, 1.0f, acc, da);
-#endif
 }
 
 }  // namespace
@@ -461,7 +469,7 @@ int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* sta
 #ifdef HPCATTN_MICRO
     // keys and values packed once for every query tile, where that takes at most 64 MiB
     const i64 nk16 = (c.nk + kNR - 1) / kNR * kNR;
-    if (2 * nk16 * da * i64(sizeof(float)) <= (i64(64) << 20) && (packed = static_cast<float*>(alloc(2 * nk16 * da)))) {
+    if (c.nq * g >= kMicroMinRows && 2 * nk16 * da * i64(sizeof(float)) <= (i64(64) << 20) && (packed = static_cast<float*>(alloc(2 * nk16 * da)))) {
         pack_k(c, 0, c.nk, packed);
         pack_v(c, 0, c.nk, da, packed + nk16 * da);
         w.kp_all = packed;
