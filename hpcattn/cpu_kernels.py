@@ -4,9 +4,10 @@ Three kernels compute the same ``(out, lse)`` (the first and last also the gradi
 
 * ``numpy-blockwise``: ``hpcattn.blockwise`` / ``blockwise_backward``, the dependency-free
   fallback, which takes every mask (causal on any positions, windows, packed sequences) and dtype;
-* ``cpp-fused``: ``hpcattn.cpu_fused``, the same blockwise forward with its tile loop compiled at
-  run time (g++; GEMMs through NumPy's own BLAS), float32, every mask: auto's float32 forward
-  wherever it builds (its reason is shown where it does not);
+* ``cpp-fused``: ``hpcattn.cpu_fused``, the same blockwise forward compiled at run time (g++;
+  register-blocked AVX2 products, or NumPy's own sgemm elsewhere), float32, every mask, also as
+  a ring rank's online state: auto's float32 forward wherever it builds (its reason is shown
+  where it does not);
 * ``torch-flash``: PyTorch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``
   and its backward), where torch is installed. It returns the log-sum-exp hpcattn needs, takes
   GQA as it is and reads hpcattn's (batch, N, heads, d) arrays as zero-copy transposed views
@@ -22,8 +23,8 @@ failed build an error, else as auto; ``numpy`` never uses torch or the fused ker
 records the kernel it used in :data:`LAST`; torch is imported only when first needed, never by
 ``import hpcattn``.
 
-Both kernels use all of the process's kernel workers (``hpcattn._threads.kernel_workers``): torch
-through ``torch.set_num_threads``, NumPy through ``hpcattn.cpu_pool`` (batch x heads [x query
+All three use all of the process's kernel workers (``hpcattn._threads.kernel_workers``): torch
+through ``torch.set_num_threads``, the others through ``hpcattn.cpu_pool`` (batch x heads [x query
 tiles] over threads, one BLAS thread each).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ KERNEL_ENV = "HPCATTN_CPU_KERNEL"
 CHOICES = ("auto", "numpy", "torch", "fused")
 #: dtypes ``auto`` sends to torch where it can express the call. Not float32: torch's CPU kernel
 #: misses FlashAttention's accuracy rule there (error <= 2x a same-precision reference: 2.3x at
-#: b=4, sq=113, sk=211, H=6, d=96, causal; NumPy and the fused kernel 1.47x and 1.46x), so
+#: b=4, sq=113, sk=211, H=6, d=96, causal; NumPy 1.47x, the fused kernel 1.70x), so
 #: float32 takes it only on request (HPCATTN_CPU_KERNEL=torch). float64: exact to 1e-15 and ~1.1x.
 AUTO_TORCH_DTYPES = ("float64", *HALF_DTYPES)
 #: the kernel each kind of call used last in this process ("forward", "backward")
@@ -118,6 +119,16 @@ def fused_reason() -> str | None:
     return cpu_fused.reason()
 
 
+def _fused_for(want: str) -> bool:
+    """Whether the fused kernel runs a call it can take under ``want`` (auto or fused); a
+    ``fused`` request it cannot serve is an error."""
+    why = fused_reason()
+    if why is not None and want == "fused":
+        raise HpcattnError(f"{KERNEL_ENV}=fused but {why}; expected g++ (or $CXX) and NumPy on "
+                           "OpenBLAS, or auto/numpy")
+    return why is None
+
+
 def fused_expressible(q, k, *, block_q, block_k, **_) -> bool:
     """Whether the fused kernel takes this call: a float32 forward with keys and queries, no
     tile sizes asked for (those are the NumPy kernel's); every mask and position is its own."""
@@ -133,13 +144,9 @@ def choose(q, k, kernel=None, *, backward=False, **call) -> str:
     want = kernel or requested()
     if want == "numpy":
         return NUMPY_KERNEL
-    if want in ("auto", "fused") and not backward and fused_expressible(q, k, **call):
-        why = fused_reason()
-        if why is None:
-            return FUSED_KERNEL
-        if want == "fused":
-            raise HpcattnError(f"{KERNEL_ENV}=fused but {why}; expected g++ (or $CXX) and NumPy on "
-                               "OpenBLAS, or auto/numpy")
+    if (want in ("auto", "fused") and not backward and fused_expressible(q, k, **call)
+            and _fused_for(want)):
+        return FUSED_KERNEL
     if want == "fused":
         want = "auto"
     if want == "torch" and torch_reason():
@@ -158,13 +165,9 @@ def partial_kernel(q, *, block_q=None, block_k=None) -> str:
     (torch's kernel has no state to fold blocks into)."""
     want = requested()
     kernel = NUMPY_KERNEL
-    if want in ("auto", "fused") and str(q.dtype) == "float32" and block_q is None and block_k is None:
-        why = fused_reason()
-        if why is None:
-            kernel = FUSED_KERNEL
-        elif want == "fused":
-            raise HpcattnError(f"{KERNEL_ENV}=fused but {why}; expected g++ (or $CXX) and NumPy on "
-                               "OpenBLAS, or auto/numpy")
+    if (want in ("auto", "fused") and str(q.dtype) == "float32" and block_q is None
+            and block_k is None and _fused_for(want)):
+        kernel = FUSED_KERNEL
     LAST["forward"] = kernel
     return kernel
 
