@@ -110,16 +110,10 @@ class PartialAttention:
         self._t = np.empty(min(self.block_q, nq) * self.g * (d + 1), dtype=self.dt)
 
     def packed_size(self, n: int) -> int:
-        return 2 * self.slabs * n * (self.d + 1)
+        return packed_size(self.slabs, n, self.d)
 
     def pack(self, k, v, buf):
-        """``[k, 1]`` then ``[v, 1]``, each (slabs, n, d+1), into the flat ``buf``."""
-        n, d = k.shape[1], self.d
-        half = self.slabs * n * (d + 1)
-        for x, part in ((k, buf[:half]), (v, buf[half: 2 * half])):
-            xa = part.reshape(self.b, self.hkv, n, d + 1)
-            xa[..., :d] = x.transpose(0, 2, 1, 3)
-            xa[..., d] = 1
+        pack_kv(k, v, buf)
 
     def add(self, k, v, *, k_pos=None, progress=None):
         buf = np.empty(self.packed_size(k.shape[1]), dtype=self.dt)
@@ -183,6 +177,22 @@ class PartialAttention:
         lse = np.where(seen, self.m + np.log(l_safe, dtype=np.float64), -np.inf).astype(self.dt)
         lse = lse.reshape(b, hkv, nq, g).transpose(0, 1, 3, 2).reshape(b, self.h, nq)
         return out, lse
+
+
+def packed_size(slabs: int, n: int, d: int) -> int:
+    """Elements of a packed block of ``n`` keys (:func:`pack_kv`) for ``slabs`` = batch x kv heads."""
+    return 2 * slabs * n * (d + 1)
+
+
+def pack_kv(k, v, buf):
+    """``[k, 1]`` then ``[v, 1]``, each (batch x kv heads, n, d+1), into the flat ``buf``: the
+    block layout the ring sends and the CPU states fold in."""
+    b, n, hkv, d = k.shape
+    half = b * hkv * n * (d + 1)
+    for x, part in ((k, buf[:half]), (v, buf[half: 2 * half])):
+        xa = part.reshape(b, hkv, n, d + 1)
+        xa[..., :d] = x.transpose(0, 2, 1, 3)
+        xa[..., d] = 1
 
 
 def _scores(qt, kt, s, bias):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import blockwise
 from .errors import HpcattnError
 from .masks import resolve
 from .validate import attention_scale, causal_positions
@@ -283,7 +284,6 @@ class FusedPartial:
 
     def __init__(self, q, kv_heads, *, causal, scale, q_pos, block_q=None, block_k=None, mask=None,
                  workers=1):
-        from .blockwise import PartialAttention
         from .cpu_pool import row_chunks
 
         st = _load()
@@ -293,9 +293,7 @@ class FusedPartial:
         b, nq, h, d = q.shape
         self.q, self.b, self.nq, self.h, self.d = _strided(q, 2), b, nq, h, d
         self.hkv, self.g = kv_heads, h // kv_heads
-        self.packing = PartialAttention.__new__(PartialAttention)   # pack()/packed_size() only
-        self.packing.b, self.packing.hkv, self.packing.d = b, kv_heads, d
-        self.packing.slabs = b * kv_heads
+        self.slabs = b * kv_heads
         self.mask = resolve(mask, causal)
         self.positioned = not self.mask.trivial
         self.q_pos = (np.ascontiguousarray(causal_positions(q_pos, None, nq, 0)[0])
@@ -317,10 +315,10 @@ class FusedPartial:
                                              np.full(rows, -np.inf, np.float32), np.zeros(rows))
 
     def packed_size(self, n: int) -> int:
-        return self.packing.packed_size(n)
+        return blockwise.packed_size(self.slabs, n, self.d)
 
     def pack(self, k, v, buf):
-        self.packing.pack(k, v, buf)
+        blockwise.pack_kv(k, v, buf)
 
     def add_packed(self, buf, n, k_pos, progress=None):
         """Fold in the key block packed in ``buf`` (``n`` keys at global positions ``k_pos``)."""
@@ -337,7 +335,7 @@ class FusedPartial:
         k_pos = (np.ascontiguousarray(causal_positions(None, k_pos, 0, n)[1])
                  if self.positioned else None)
         k_seg = np.ascontiguousarray(mask.segment(k_pos)) if self.q_seg is not None else None
-        half = self.packing.slabs * n * (d + 1)
+        half = self.slabs * n * (d + 1)
         q = self.q
 
         def call(i, j, r0, r1):
