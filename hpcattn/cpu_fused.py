@@ -19,6 +19,7 @@ that it did.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -322,9 +323,7 @@ class FusedPartial:
 
     def add_packed(self, buf, n, k_pos, progress=None):
         """Fold in the key block packed in ``buf`` (``n`` keys at global positions ``k_pos``)."""
-        from concurrent.futures import wait
-
-        from .cpu_pool import pool
+        from .cpu_pool import run_with_progress
 
         if n == 0:
             return
@@ -364,12 +363,7 @@ class FusedPartial:
                 call(*t)
             return
         # on worker threads (one at least), so that this thread keeps the ring's MPI moving
-        futs = [pool(self.workers).submit(call, *t) for t in tasks]
-        while progress is not None and not all(f.done() for f in futs):
-            progress()
-            wait(futs, timeout=0.002)
-        for f in futs:
-            f.result()
+        run_with_progress([functools.partial(call, *t) for t in tasks], self.workers, progress)
 
     def result(self):
         """``(out, lse)`` as ``PartialAttention.result`` gives them (rows that saw no key: out 0,

@@ -10,6 +10,7 @@ ring progresses MPI between tiles) stay on the calling thread.
 """
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -33,6 +34,18 @@ def run_tasks(tasks, workers):
 
 def _mask_kw(mask):
     return {} if mask is None else {"mask": mask}
+
+
+def run_with_progress(tasks, workers, progress=None):
+    """Run the callables in ``tasks`` on ``workers`` threads while this thread calls
+    ``progress`` (the ring's MPI progress) every 2 ms until they are done; re-raises the first
+    error."""
+    futs = [pool(workers).submit(t) for t in tasks]
+    while progress is not None and not all(f.done() for f in futs):
+        progress()
+        wait(futs, timeout=0.002)
+    for f in futs:
+        f.result()
 
 
 def row_chunks(nq, shares, workers, block):
@@ -162,13 +175,9 @@ class ThreadedPartial:
         self.parts[0].pack(k, v, buf)
 
     def add_packed(self, buf, n, k_pos, progress=None):
-        futs = [pool(self.workers).submit(p.add_packed, buf, n, k_pos) for p in self.parts]
         # the ring's progress (MPI) stays on this thread, between the workers' tiles
-        while progress is not None and not all(f.done() for f in futs):
-            progress()
-            wait(futs, timeout=0.002)
-        for f in futs:
-            f.result()
+        run_with_progress([functools.partial(p.add_packed, buf, n, k_pos) for p in self.parts],
+                          self.workers, progress)
 
     def result(self):
         b, nq, h, _ = self.shape
