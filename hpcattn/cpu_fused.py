@@ -64,7 +64,7 @@ class _Call(ctypes.Structure):
         ("scale", ctypes.c_float), ("has_lo", ctypes.c_int32), ("has_hi", ctypes.c_int32),
         ("lo", ctypes.c_int64), ("hi", ctypes.c_int64), ("shift", ctypes.c_int64)] + [
         (name, ctypes.c_void_p) for name in ("q_pos", "k_pos", "q_seg", "k_seg", "gemm")] + [
-        ("ilp64", ctypes.c_int32)]
+        ("ilp64", ctypes.c_int32), ("scratch", ctypes.c_void_p), ("scratch_floats", ctypes.c_int64)]
 
 
 _state: dict = {}
@@ -159,7 +159,25 @@ def build(native: bool = True) -> ctypes.CDLL:
     lib.hpcattn_cpu_fold_f32.argtypes = [ctypes.POINTER(_Call)] + [ctypes.c_void_p] * 3
     lib.hpcattn_cpu_acc_stride.restype = ctypes.c_int64
     lib.hpcattn_cpu_acc_stride.argtypes = [ctypes.c_int64]
+    lib.hpcattn_cpu_scratch_floats.restype = ctypes.c_int64
+    lib.hpcattn_cpu_scratch_floats.argtypes = [ctypes.POINTER(_Call), ctypes.c_int32]
     return lib
+
+
+def _run(lib, c, state=None):
+    """One kernel call on ``c`` (the forward, or with ``state`` = (acc, m, l) a fold), its tiles
+    in a NumPy scratch array allocated here: what the kernel holds is then counted wherever this
+    process's array memory is (tracemalloc, the memory model's measurements)."""
+    n = lib.hpcattn_cpu_scratch_floats(ctypes.byref(c), state is not None)
+    scratch = np.empty(n, np.float32)
+    c.scratch, c.scratch_floats = scratch.ctypes.data, n
+    if state is None:
+        rc = lib.hpcattn_cpu_forward_f32(ctypes.byref(c))
+    else:
+        rc = lib.hpcattn_cpu_fold_f32(ctypes.byref(c), *(a.ctypes.data_as(ctypes.c_void_p) for a in state))
+    if rc:
+        raise HpcattnError(f"fused CPU kernel call failed (code {rc}); expected 0 with "
+                           f"{n} floats of scratch")
 
 
 def _self_check():
@@ -260,8 +278,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
                   lse=ptr(lse, (i * h + j * g) * nq + r0), nq=r1 - r0,
                   q_pos=ptr(q_pos, r0), k_pos=ptr(k_pos), q_seg=ptr(segs[0], r0),
                   k_seg=ptr(segs[1]), **base)
-        if st["lib"].hpcattn_cpu_forward_f32(ctypes.byref(c)):
-            raise MemoryError("the fused CPU kernel could not allocate its tiles")
+        _run(st["lib"], c)
 
     if workers <= 1:
         for i in range(b):
@@ -352,10 +369,7 @@ class FusedPartial:
                       q_seg=None if self.q_seg is None else self.q_seg[r0:].ctypes.data,
                       k_seg=None if k_seg is None else k_seg.ctypes.data, gemm=self.gemm,
                       ilp64=self.ilp64)
-            if self.lib.hpcattn_cpu_fold_f32(ctypes.byref(c), acc.ctypes.data_as(ctypes.c_void_p),
-                                             m.ctypes.data_as(ctypes.c_void_p),
-                                             l.ctypes.data_as(ctypes.c_void_p)):
-                raise MemoryError("the fused CPU kernel could not allocate its tiles")
+            _run(self.lib, c, (acc, m, l))
 
         tasks = [(i, j, r0, r1) for i in range(self.b) for j in range(self.hkv) for r0, r1 in self.chunks]
         if progress is None and self.workers == 1:

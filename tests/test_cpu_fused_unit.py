@@ -257,3 +257,65 @@ def test_ring_state_of_one_block_is_the_forward_bit_for_bit():
     state.add_packed(buf, 650, np.arange(650))
     for a, b in zip(state.result(), cpu_fused.attention(q, k, v, causal=True, scale=0.2, workers=2)):
         assert np.array_equal(a, b)
+
+
+@needs_fused
+@pytest.mark.parametrize("ring", [False, True])
+def test_the_kernels_memory_is_numpys_so_it_is_counted(ring):
+    """The tiles and the packed key/value block live in a NumPy scratch array: tracemalloc (so
+    the memory model's measurements and hpcattn bench's max-N) sees them. On the AVX2 path the
+    slab's 2048 keys and values are packed once: 2 x 2048 x 64 floats at least."""
+    import tracemalloc
+
+    q, k, v = _qkv(33, 1, 512, 2048, 1, 1, 64)
+    packed = 2 * 2048 * 64 * 4
+    tracemalloc.start()
+    try:
+        if ring:
+            state = cpu_fused.FusedPartial(q, 1, causal=False, scale=None, q_pos=None)
+            buf = np.empty(state.packed_size(2048), np.float32)
+            state.pack(k, v, buf)
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            state.add_packed(buf, 2048, np.arange(2048))
+        else:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            cpu_fused.attention(q, k, v)
+        grew = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    scores = 512 * 512 * 4                       # one score tile at least, on either path
+    assert grew >= (packed if _micro() else scores)
+
+
+def _micro():
+    """Whether this build has the AVX2 path (its accumulator rows are padded to 16 floats)."""
+    return cpu_fused._load()["lib"].hpcattn_cpu_acc_stride(24) == 32
+
+
+@needs_fused
+def test_the_callers_scratch_is_used_and_a_small_one_refused():
+    import ctypes
+
+    lib = cpu_fused._load()["lib"]
+    q, k, v = _qkv(34, 1, 64, 64, 1, 1, 16)
+    out, lse = np.empty_like(q), np.empty((1, 1, 64), np.float32)
+    c = cpu_fused._Call(q=q.ctypes.data, k=k.ctypes.data, v=v.ctypes.data, out=out.ctypes.data,
+                        lse=lse.ctypes.data, nq=64, nk=64, g=1, d=16, q_stride=16, k_stride=16,
+                        v_stride=16, o_stride=16, lse_head_stride=64, block_q=64, block_k=64,
+                        scale=0.25, gemm=cpu_fused._load()["gemm"][0], ilp64=cpu_fused._load()["gemm"][1])
+    need = lib.hpcattn_cpu_scratch_floats(ctypes.byref(c), 0)
+    small = np.zeros(need - 1, np.float32)
+    c.scratch, c.scratch_floats = small.ctypes.data, need - 1
+    assert lib.hpcattn_cpu_forward_f32(ctypes.byref(c)) == 2
+    assert not small.any()                        # refused before anything was written
+    exact = np.full(need, np.nan, np.float32)
+    c.scratch, c.scratch_floats = exact.ctypes.data, need
+    assert lib.hpcattn_cpu_forward_f32(ctypes.byref(c)) == 0
+    _check((out, lse), naive_attention(q, k, v, scale=0.25))
+    assert not np.isnan(exact).all()                # the tiles were the caller's array
+    out[:], lse[:] = np.nan, np.nan
+    c.scratch, c.scratch_floats = None, 0           # none given: the kernel allocates its own
+    assert lib.hpcattn_cpu_forward_f32(ctypes.byref(c)) == 0
+    _check((out, lse), naive_attention(q, k, v, scale=0.25))
