@@ -27,6 +27,7 @@ from .footprint import MAX_REPEATS
 from .inputs import random_qkv, random_rows
 from .layouts import Distribution, check_layout
 from .masks import make_mask, parse_cu_seqlens, parse_window
+from ._threads import kernel_workers
 from .measure import attention_backward_flops, attention_flops, peak_rss_bytes, traced_peak
 from .ring_backward import ring_attention_backward
 from .ulysses import ulysses_attention_backward
@@ -272,7 +273,7 @@ def case_memory(case: AttentionCase, dist: Distribution, rank: int):
     return footprint.rank_memory(dist.count(rank), batch=case.batch, heads=case.heads, kv_heads=kvh,
                                  head_dim=case.head_dim, dtype=case.dtype, n_max=max(dist.counts),
                                  ranks=dist.size, device=case.device, check_rows=case.check_rows,
-                                 backward=case.backward)
+                                 backward=case.backward, workers=kernel_workers())
 
 
 def check_memory(case: AttentionCase, comm, dist: Distribution, be) -> None:

@@ -10,17 +10,19 @@ The model follows what a ring rank really allocates (``hpcattn.cases``, ``hpcatt
   on a single rank);
 * ``packing``: the CPU layout's extra column of ones per key and value row (``[k, 1]``, ``[v, 1]``);
 * ``state``: the running state: on CPU the scaled query copy ``[scale*q, -m]``, the accumulator
-  ``[acc, l]`` and ``m``; on GPU each block's kernel output and the log-sum-exp merge's temporaries;
+  ``[acc, l]`` and ``m``, and a score tile per kernel worker; on GPU each block's kernel output and the log-sum-exp merge's temporaries;
 * ``result``: what finishing holds beside the outputs (CPU: the ring buffers and the scaled
   query copy are dropped first, so the accumulator, ``m`` and lse's float64 temporaries; GPU:
   the buffers and the merged state, which stay until the call returns);
-* ``scratch``: fixed per rank: score tiles, one chunk of random rows;
+* ``scratch``: fixed per rank: one chunk of random rows;
 * ``check``: the sampled float64 check (after the ring: its peak is not added to the ring's).
 
-The CPU terms are the NumPy kernel's. The fused kernel (``hpcattn.cpu_fused``, float32) holds
-less in the ring phase: no scaled query copy, only the accumulator, ``m`` and a float64 ``l``.
-It allocates in C, beside that, its tiles and one packed key/value block per worker call
-(at most 64 MiB; a few MiB at the usual block sizes). So the estimate stays an upper bound for it.
+The CPU terms are the NumPy kernel's; for float32 each is the larger of that and the fused
+kernel's (``hpcattn.cpu_fused``, :func:`fused_bytes`): its state is the accumulator (rows padded
+to 16 floats), ``m`` and a float64 ``l``, and each of its calls (one per kernel worker at a time)
+holds a NumPy scratch array of its tiles and the arriving block's keys and values packed for
+its products (2 x keys x d floats, d rounded up to 16, when at most 64 MiB). So the estimate
+is an upper bound for either kernel.
 
 ``held`` (inputs, outputs, ring) is what a rank cannot do without (``hpcattn bench`` reports it
 as the shard footprint); ``total`` is the estimate a case is refused by. On GPU ``device`` is
@@ -72,13 +74,14 @@ class RankMemory:
 
 def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                 n_max: int | None = None, ranks: int = 2, device: str = "cpu",
-                check_rows: int = 0, backward: bool = False) -> tuple[RankMemory, RankMemory]:
+                check_rows: int = 0, backward: bool = False,
+                workers: int = 1) -> tuple[RankMemory, RankMemory]:
     """(host, device) bytes of a rank holding ``n`` of the positions (``n_max``: the largest
-    rank's count, which sizes the ring buffers). On CPU ``device`` is empty. ``backward`` adds
-    what the gradients hold on top (:func:`backward_bytes`)."""
+    rank's count, which sizes the ring buffers; ``workers``: its CPU kernel threads). On CPU
+    ``device`` is empty. ``backward`` adds what the gradients hold on top (:func:`backward_bytes`)."""
     host, device_mem = _forward_memory(n, batch=batch, heads=heads, kv_heads=kv_heads,
                                        head_dim=head_dim, dtype=dtype, n_max=n_max, ranks=ranks,
-                                       device=device, check_rows=check_rows)
+                                       device=device, check_rows=check_rows, workers=workers)
     if backward:
         extra = backward_bytes(n, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                dtype=dtype, n_max=n_max, ranks=ranks)
@@ -105,9 +108,23 @@ def backward_bytes(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: i
             + buffers * 2 * n_max * kv_row * (item + acc))
 
 
+def fused_bytes(n: int, n_max: int, *, batch: int, heads: int, head_dim: int) -> tuple[int, int]:
+    """(state, per worker call) of the fused kernel on a rank of ``n`` positions (float32), as
+    ``kernels/cpu/attention_fwd.cpp``'s plan_of sizes them. State: accumulator rows of d rounded
+    up to 16 floats (8 rows of padding per slab), m and a float64 l. A call: its query, score and
+    key/value tiles of :data:`TILE_ROWS`, the key tiles' position ranges, and the arriving block
+    of ``n_max`` keys packed when that takes at most 64 MiB."""
+    d16 = -(-head_dim // 16) * 16
+    state = n * batch * heads * (d16 + 3) * 4 + 8 * d16 * 4 * batch * heads
+    packed = 2 * (-(-n_max // 16) * 16) * d16 * 4
+    tiles = ((TILE_ROWS + 8) * (head_dim + TILE_ROWS) + TILE_ROWS * (head_dim + d16)) * 4
+    ranges = (-(-n_max // 16) + 64) * 4
+    return state, (packed if packed <= 64 << 20 else 0) + tiles + ranges
+
+
 def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                     n_max: int | None, ranks: int, device: str,
-                    check_rows: int) -> tuple[RankMemory, RankMemory]:
+                    check_rows: int, workers: int = 1) -> tuple[RankMemory, RankMemory]:
     item = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
     n_max = n if n_max is None else n_max
     b, h, hkv, d = batch, heads, kv_heads, head_dim
@@ -124,13 +141,18 @@ def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: 
     if device == "cpu":
         gen = b * GEN_CHUNK * h * d * item                          # one chunk of random rows
         tile = TILE_ROWS * TILE_ROWS * item + TILE_ROWS * (d + 1) * item
+        state = n * (2 * b * h * (d + 1) + lse_row) * item
+        if dtype == "float32":  # the larger of the two kernels' terms
+            f_state, f_call = fused_bytes(n, n_max, batch=b, heads=h, head_dim=d)
+            state, tile = max(state, f_state), max(tile, f_call)
+        state += workers * tile   # each kernel worker's call: tiles while the ring runs
         host = RankMemory(
             inputs=qkv * item, outputs=n * (q_row + lse_row) * item, ring=kv_data,
             packing=buffers * 2 * n_max * b * hkv * item,
-            state=n * (2 * b * h * (d + 1) + lse_row) * item,
+            state=state,
             # finishing: the accumulator [acc, l] and m stay; seen, l_safe and lse in float64
             result=n * (b * h * (d + 1) + lse_row) * item + n * lse_row * 3 * 8,
-            scratch=gen + tile, check=check)
+            scratch=gen, check=check)
         return host, RankMemory()
     gen_item = 4                                                    # drawn as float32, then cast
     host = RankMemory(inputs=qkv * (gen_item + item), outputs=n * (q_row * item + lse_row * 4),
