@@ -126,7 +126,11 @@ def ring_max_n(cfg: BenchConfig, comm) -> dict:
     probes = [unit * 16, unit * 64]   # n_local >= one 512-row tile: tile buffers at full size
     peaks = [max(_ring_case(cfg, comm, n, 1)["peak_array_bytes"]) for n in probes]
     slope, const = _fit([n / size for n in probes], peaks, (1, 0))
-    n_max = int((budget - const) / slope * size) // unit * unit
+    # the line through the probes, or where it predicts more, the larger probe's bytes per local
+    # token (fixed costs included): the cost per token still grows a little past the probes (the
+    # line alone put 261,632 tokens on 4 ranks of 1 GiB, whose real run peaked at 1,037 MiB)
+    per_token = peaks[-1] / (probes[-1] / size)
+    n_max = int(min((budget - const) / slope, budget / per_token) * size) // unit * unit
     res = {"probe_n": probes, "probe_peak_bytes": peaks, "bytes_per_token": slope,
            "fixed_bytes": const, "predicted_n": n_max, "ranks": size, "budget_bytes": budget}
     if n_max >= unit:

@@ -160,6 +160,11 @@ def maxn_table(cfg: BenchConfig, res: dict) -> str:
                  f"{ring.get('n', 0):13,d}{_mib(ring.get('peak_array_bytes', 0)):>14s}"
                  f"{ring.get('wall_s', 0):9.2f}{err}")
     if ring.get("n"):
+        over = [f"{name} {_mib(e['peak_array_bytes'])}" for name, e in
+                (("vanilla", van["all_heads"]), ("vanilla one head", van["per_head"]), ("ring", ring))
+                if e.get("peak_array_bytes", 0) > budget]
+        if over:
+            lines.append(f"  OVER BUDGET ({_mib(budget)}): {', '.join(over)}: its N does not fit")
         lines.append(f"  ring / vanilla: {ring['n'] / max(van['all_heads'].get('n', 1), 1):.1f}x "
                      f"(all heads), {ring['n'] / max(van['per_head'].get('n', 1), 1):.1f}x (one head "
                      f"at a time); ring peak RSS/rank {_mib(ring['peak_rss_bytes'])}")
