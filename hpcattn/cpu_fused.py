@@ -1,4 +1,4 @@
-"""hpcattn's fused CPU forward kernel (``fused-c``): ``kernels/cpu/attention_fwd.cpp``, built at
+"""hpcattn's fused CPU forward kernel (``cpp-fused``): ``kernels/cpu/attention_fwd.cpp``, built at
 run time with the host C++ compiler and loaded with ctypes.
 
 It computes what ``hpcattn.blockwise`` computes (float32, every mask, GQA, global positions) with
@@ -8,6 +8,9 @@ loaded, found in this process and passed as a function pointer), and one fused p
 mask, max, exp and sums, where the NumPy kernel makes several passes from Python. A call holds no
 GIL (ctypes releases it), so the (batch x kv head x query rows) shares run on all the process's
 kernel workers at once. :class:`FusedPartial` is a ring rank's online state on the same code.
+Each call's tiles and packed keys/values are a NumPy scratch array allocated here (the kernel
+says how many floats), so tracemalloc, the memory model's tests and ``hpcattn bench``'s max-N
+count what the kernel holds.
 
 Built once per (source, compiler, flags, CPU) under ``$HPCATTN_CPU_KERNEL_CACHE`` (default
 ``~/.cache/hpcattn/cpu-kernel``) with ``-O3 -march=native``; the build writes a temporary file and
@@ -45,6 +48,8 @@ CXXFLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math
 BLOCK_ROWS = 512
 BLOCK_K = 512
 L2_TILE_BYTES = 256 * 1024
+#: query positions per call when all keys fit one key tile (all heads of these rows, then the next)
+DECODE_ROWS = 2048
 
 
 def key_tile(d: int) -> int:
@@ -281,9 +286,14 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
         _run(st["lib"], c)
 
     if workers <= 1:
-        for i in range(b):
-            for j in range(hkv):
-                call(i, j, 0, nq)
+        # keys that fit one tile (decode-like shapes): the time goes to reading q and writing
+        # out, so every head of a chunk of rows runs before the next chunk (its q and out rows
+        # stay in cache between heads instead of being streamed once per head)
+        chunk = nq if nk > base["block_k"] else DECODE_ROWS
+        for r0 in range(0, nq, chunk):
+            for i in range(b):
+                for j in range(hkv):
+                    call(i, j, r0, min(nq, r0 + chunk))
         return out, lse
     from .cpu_pool import row_chunks, run_tasks
 

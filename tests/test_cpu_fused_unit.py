@@ -319,3 +319,15 @@ def test_the_callers_scratch_is_used_and_a_small_one_refused():
     c.scratch, c.scratch_floats = None, 0           # none given: the kernel allocates its own
     assert lib.hpcattn_cpu_forward_f32(ctypes.byref(c)) == 0
     _check((out, lse), naive_attention(q, k, v, scale=0.25))
+
+
+@needs_fused
+@pytest.mark.parametrize("mask", [None, dict(causal=True), dict(window=(3, 2))])
+def test_decode_like_shapes_run_in_row_chunks_all_heads_each(monkeypatch, mask):
+    """Keys that fit one tile: rows in chunks (here 300, the last one partial), every head of a
+    chunk before the next; positions, out and lse offsets per chunk give the reference."""
+    monkeypatch.setattr(cpu_fused, "DECODE_ROWS", 300)
+    q, k, v = _qkv(35, 2, 1000, 20, 6, 3, 32)
+    kw = mask or {}
+    m = make_mask(**kw).bind(1000, 20) if kw else None
+    _check(cpu_fused.attention(q, k, v, mask=m), naive_attention(q, k, v, **kw))

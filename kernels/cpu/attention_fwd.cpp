@@ -539,6 +539,10 @@ int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* sta
         for (i64 n = t0; n < t1; ++n) {
             const float* src = c.q + n * c.q_stride;
             float* dst = w.qt + (n - t0) * g * d;
+            // the row 16 ahead: q rows are q_stride apart (other heads between them), too far
+            // apart for the hardware prefetcher, and at decode-like shapes this read is the cost
+            if (n + 16 < c.nq)
+                for (i64 x = 0; x < g * d; x += 16) __builtin_prefetch(src + 16 * c.q_stride + x, 0, 0);
             for (i64 x = 0; x < g * d; ++x) dst[x] = src[x] * c.scale;
         }
         if (folding) {  // this tile's rows of the caller's state
