@@ -10,7 +10,8 @@ The model follows what a ring rank really allocates (``hpcattn.cases``, ``hpcatt
   on a single rank);
 * ``packing``: the CPU layout's extra column of ones per key and value row (``[k, 1]``, ``[v, 1]``);
 * ``state``: the running state: on CPU the scaled query copy ``[scale*q, -m]``, the accumulator
-  ``[acc, l]`` and ``m``, and a score tile per kernel worker; on GPU each block's kernel output and the log-sum-exp merge's temporaries;
+  ``[acc, l]`` and ``m``, and a score tile per kernel worker; on GPU each block's kernel output
+  and the log-sum-exp merge's temporaries;
 * ``result``: what finishing holds beside the outputs (CPU: the ring buffers and the scaled
   query copy are dropped first, so the accumulator, ``m`` and lse's float64 temporaries; GPU:
   the buffers and the merged state, which stay until the call returns);
@@ -111,11 +112,13 @@ def backward_bytes(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: i
 def fused_bytes(n: int, n_max: int, *, batch: int, heads: int, head_dim: int) -> tuple[int, int]:
     """(state, per worker call) of the fused kernel on a rank of ``n`` positions (float32), as
     ``kernels/cpu/attention_fwd.cpp``'s plan_of sizes them. State: accumulator rows of d rounded
-    up to 16 floats (8 rows of padding per slab), m and a float64 l. A call: its query, score and
+    up to 16 floats (8 rows of padding per row chunk, a chunk :data:`TILE_ROWS` rows at least), m
+    and a float64 l. A call: its query, score and
     key/value tiles of :data:`TILE_ROWS`, the key tiles' position ranges, and the arriving block
     of ``n_max`` keys packed when that takes at most 64 MiB."""
     d16 = -(-head_dim // 16) * 16
-    state = n * batch * heads * (d16 + 3) * 4 + 8 * d16 * 4 * batch * heads
+    chunks = n // TILE_ROWS + 1
+    state = n * batch * heads * (d16 + 3) * 4 + 8 * d16 * 4 * batch * heads * chunks
     packed = 2 * (-(-n_max // 16) * 16) * d16 * 4
     tiles = ((TILE_ROWS + 8) * (head_dim + TILE_ROWS) + TILE_ROWS * (head_dim + d16)) * 4
     ranges = (-(-n_max // 16) + 64) * 4

@@ -20,7 +20,9 @@
 // Layouts: q rows of one position are the g heads of the kv head, adjacent (g*d contiguous
 // floats, q_stride floats between positions); k and v rows have their own strides; out like q;
 // lse is (heads, positions) with lse_head_stride floats between heads. Rows that see no key get
-// out = 0 and lse = -inf. Returns 0, or a nonzero code (out of memory).
+// out = 0 and lse = -inf. The tiles live in the caller's scratch (hpcattn_cpu_scratch_floats()
+// floats) or, without one, in memory allocated here. Returns 0, 1 (no memory for the tiles) or 2
+// (the caller's scratch is smaller than the call needs).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -109,7 +111,7 @@ inline float exp_nonpos(float x) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 // exp(x) for x <= 0, eight lanes at a time (the compiler does not vectorise exp_nonpos reliably),
-// in one op fewer per step than the scalar version: exp(x) = 2^n 2^f with n = round(x log2 e)
+// in four vector ops fewer than exp_nonpos's method: exp(x) = 2^n 2^f with n = round(x log2 e)
 // by the 1.5 * 2^23 shifter (whose low mantissa bits then hold n, so 2^n is those bits << 23
 // plus the exponent bias), f = x log2 e - n in [-1/2, 1/2] by one fused multiply-subtract, and a
 // degree-5 polynomial for 2^f fitted for relative error on [-1/2, 1/2] (7.5e-8 exactly). Measured
@@ -310,7 +312,6 @@ inline void softmax_row(float* sr, i64 nkt, float& m, double& l, float* acc_row,
     }
     l += sum;
 }
-
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define HPCATTN_MICRO 1
