@@ -169,6 +169,12 @@ def build(native: bool = True) -> ctypes.CDLL:
     return lib
 
 
+def _mask_fields(mask) -> dict:
+    """The call's mask fields from a resolved ``hpcattn.masks`` mask."""
+    return dict(has_lo=mask.lo is not None, has_hi=mask.hi is not None, lo=mask.lo or 0,
+                hi=mask.hi or 0, shift=mask.shift)
+
+
 def _run(lib, c, state=None):
     """One kernel call on ``c`` (the forward, or with ``state`` = (acc, m, l) a fold), its tiles
     in a NumPy scratch array allocated here: what the kernel holds is then counted wherever this
@@ -268,9 +274,8 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
     gemm, ilp64, _ = st["gemm"]
     base = dict(nk=nk, g=g, d=d, q_stride=q.strides[1] // 4, k_stride=k.strides[1] // 4,
                 v_stride=v.strides[1] // 4, o_stride=h * d, lse_head_stride=nq, block_q=bq,
-                block_k=block_k or key_tile(d), scale=attention_scale(scale, d),
-                has_lo=mask.lo is not None, has_hi=mask.hi is not None, lo=mask.lo or 0,
-                hi=mask.hi or 0, shift=mask.shift, gemm=gemm, ilp64=ilp64)
+                block_k=block_k or key_tile(d), scale=attention_scale(scale, d), gemm=gemm,
+                ilp64=ilp64, **_mask_fields(mask))
 
     def ptr(arr, offset_elems=0):
         return None if arr is None else arr.ctypes.data + offset_elems * arr.itemsize
@@ -363,6 +368,7 @@ class FusedPartial:
         k_seg = np.ascontiguousarray(mask.segment(k_pos)) if self.q_seg is not None else None
         half = self.slabs * n * (d + 1)
         q = self.q
+        fields = _mask_fields(mask)
 
         def call(i, j, r0, r1):
             acc, m, l = self.states[i, j, r0]
@@ -372,9 +378,8 @@ class FusedPartial:
                       v=buf.ctypes.data + (half + sl * n * (d + 1)) * 4, out=None, lse=None,
                       nq=r1 - r0, nk=n, g=g, d=d, q_stride=q.strides[1] // 4, k_stride=d + 1,
                       v_stride=d + 1, o_stride=0, lse_head_stride=0, block_q=self.bq,
-                      block_k=self.bk, scale=self.scale, has_lo=mask.lo is not None,
-                      has_hi=mask.hi is not None, lo=mask.lo or 0, hi=mask.hi or 0,
-                      shift=mask.shift, q_pos=None if self.q_pos is None else self.q_pos[r0:].ctypes.data,
+                      block_k=self.bk, scale=self.scale, **fields,
+                      q_pos=None if self.q_pos is None else self.q_pos[r0:].ctypes.data,
                       k_pos=None if k_pos is None else k_pos.ctypes.data,
                       q_seg=None if self.q_seg is None else self.q_seg[r0:].ctypes.data,
                       k_seg=None if k_seg is None else k_seg.ctypes.data, gemm=self.gemm,
