@@ -322,6 +322,44 @@ def test_the_callers_scratch_is_used_and_a_small_one_refused():
 
 
 @needs_fused
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 40, 47])
+@pytest.mark.parametrize("d", [64, 128, 80])
+def test_few_query_rows_against_many_keys(rows, d):
+    """Fewer than 48 query rows per fold (a decode step against a long cache: the sgemm path)
+    over three key tiles, the last of 76 keys, with scores that grow from tile to tile so each
+    row's max and accumulator are rescaled; GQA where the row count is even."""
+    g = 2 if rows % 2 == 0 else 1
+    q, k, v = _qkv(rows * d, 1, rows // g, 1100, 4, 4 // g, d)
+    k *= np.linspace(0.5, 3.0, 1100, dtype=np.float32)[None, :, None, None]
+    _check(cpu_fused.attention(q, k, v, scale=0.2), naive_attention(q, k, v, scale=0.2))
+
+
+@needs_fused
+@pytest.mark.parametrize("kw", [dict(causal=True, align="bottom-right"), dict(window=(600, 0), align="bottom-right")])
+def test_a_decode_step_with_a_mask(kw):
+    """Three new rows against 1000 cached keys, causal or windowed: full key tiles and the
+    masked edge tile."""
+    q, k, v = _qkv(36, 2, 3, 1000, 8, 2, 64)
+    m = make_mask(**kw).bind(3, 1000)
+    _check(cpu_fused.attention(q, k, v, mask=m), naive_attention(q, k, v, **kw))
+
+
+@needs_fused
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ring_state_of_few_rows_per_tile(workers):
+    """A ring state of 8-row tiles (GQA 2 x 4 positions): every fold has a few rows, and a
+    fold's rows must leave the next tile's accumulator rows alone."""
+    q, k, v = _qkv(37, 1, 90, 700, 4, 2, 64)
+    state = cpu_fused.FusedPartial(q, 2, causal=False, scale=None, q_pos=None, block_q=4,
+                                   workers=workers)
+    for keys in (np.arange(0, 350), np.arange(350, 700)):
+        buf = np.empty(state.packed_size(len(keys)), np.float32)
+        state.pack(k[:, keys], v[:, keys], buf)
+        state.add_packed(buf, len(keys), keys)
+    _check(state.result(), naive_attention(q, k, v))
+
+
+@needs_fused
 @pytest.mark.parametrize("mask", [None, dict(causal=True), dict(window=(3, 2))])
 def test_decode_like_shapes_run_in_row_chunks_all_heads_each(monkeypatch, mask):
     """Keys that fit one tile: rows in chunks (here 300, the last one partial), every head of a
