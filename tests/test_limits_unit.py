@@ -230,8 +230,7 @@ def test_estimate_is_close_to_the_measured_peak(monkeypatch, kernel, dtype):
     from hpcattn import cpu_fused
 
     # kernels whose every allocation tracemalloc sees: NumPy's, and the fused one's (its tiles
-    # and packed block are a NumPy scratch array); torch's allocator it does not see (under auto,
-    # float64 would run on torch-flash where torch is installed)
+    # and packed block are a NumPy scratch array); torch's allocator it does not see
     if kernel == "fused" and cpu_fused.reason() is not None:
         pytest.skip(cpu_fused.reason())
     monkeypatch.setenv("HPCATTN_CPU_KERNEL", kernel)
