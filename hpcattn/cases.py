@@ -231,7 +231,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         "skipped_blocks": [p[5] for p in per_rank],
         "ranks": size,
     }
-    if case.device == "cpu":  # ring states always fold blocks on the NumPy kernel
+    if case.device == "cpu":  # the kernel the per-rank calls (or ring states) ran
         result["cpu_kernel"] = cpu_kernels.LAST.get("forward", cpu_kernels.NUMPY_KERNEL)
         if case.backward:
             result["cpu_kernel_backward"] = cpu_kernels.LAST.get("backward", cpu_kernels.NUMPY_KERNEL)

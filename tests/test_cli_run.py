@@ -8,6 +8,10 @@ import pytest
 from conftest import ROOT
 
 
+#: this environment with the CPU kernel left to auto
+AUTO = {key: val for key, val in os.environ.items() if key != "HPCATTN_CPU_KERNEL"}
+
+
 def run(cmd, timeout=180, **kw):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
@@ -31,10 +35,16 @@ def test_help_explains_every_option(hpcattn_cmd):
 ])
 def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout, extra):
     proc = run(hpcattn_cmd + ["run", "--np", str(np_), "-N", "1001", "-H", "4", "-d", "16",
-                              "--layout", layout, "--check", "--check-rows", "32", *extra])
+                              "--layout", layout, "--check", "--check-rows", "32", *extra], env=AUTO)
     assert proc.returncode == 0, proc.stderr
     assert f"ranks              {np_}  (layout {layout}" in proc.stdout
     assert "PASSED" in proc.stdout and "N  1,001" in proc.stdout
+    # the kernel that ran: float64 on NumPy's under auto, float32 on the fused one where it builds
+    from hpcattn import cpu_fused
+
+    want = ("cpp-fused" if "float64" not in extra and cpu_fused.reason() is None
+            else "numpy-blockwise")
+    assert f"  CPU kernel         {want}  (HPCATTN_CPU_KERNEL=auto)\n" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("np_, args, title", [
@@ -48,11 +58,12 @@ def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout,
 ])
 def test_strategies_and_backward_pass_their_check(hpcattn_cmd, mpiexec, np_, args, title):
     proc = run(hpcattn_cmd + ["run", "--np", str(np_), "-N", "777", "-H", "4", "-d", "16",
-                              "--check", "--check-rows", "24", *args])
+                              "--check", "--check-rows", "24", *args], env=AUTO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"hpcattn run: {title}\n")
     assert "PASSED" in proc.stdout
     if "--backward" in args:  # the check covers the gradients, and the backward is timed
+        assert ", backward numpy-blockwise  (HPCATTN_CPU_KERNEL=auto)" in proc.stdout, proc.stdout
         assert "(dq)" in proc.stdout and "(dk)" in proc.stdout and "(dv)" in proc.stdout
         assert " backward (slowest rank" in proc.stdout and "3.5 x 4*B*N^2*H*d" in proc.stdout
 

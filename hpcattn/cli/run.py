@@ -49,6 +49,13 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
         f"  ranks              {res['ranks']}  (layout {case.layout}, positions per rank "
         f"{min(counts):,}..{max(counts):,})",
     ]
+    if "cpu_kernel" in res:   # the per-rank kernel the calls ran (HPCATTN_CPU_KERNEL chooses)
+        from .. import cpu_kernels
+
+        kernels = res["cpu_kernel"] + (f", backward {res['cpu_kernel_backward']}"
+                                       if "cpu_kernel_backward" in res else "")
+        lines.append(f"  CPU kernel         {kernels}  ({cpu_kernels.KERNEL_ENV}="
+                     f"{cpu_kernels.requested()})")
     if case.mask_kw:
         steps = res.get("steps")
         lines.append(f"  mask               {case.mask.describe()}"
