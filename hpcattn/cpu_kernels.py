@@ -47,7 +47,7 @@ CHOICES = ("auto", "numpy", "torch", "fused")
 #: dtypes ``auto`` sends to torch where it can express the call: the half types, which only
 #: torch's kernel runs. Not float32: torch's CPU kernel misses FlashAttention's accuracy rule
 #: there (error <= 2x a same-precision reference: 2.3x at b=4, sq=113, sk=211, H=6, d=96,
-#: causal; NumPy 1.47x, the fused kernel 1.70x). Not float64: ~1.1x NumPy's speed, while
+#: causal; NumPy 1.47x, the fused kernel 1.70x). Not float64: 1.1-1.3x NumPy's speed, while
 #: importing torch costs each process 2-3 s (more under load), longer than a whole small float64
 #: job (docs/performance-notes.md). Both take it on request (HPCATTN_CPU_KERNEL=torch).
 AUTO_TORCH_DTYPES = tuple(HALF_DTYPES)
