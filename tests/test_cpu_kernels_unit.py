@@ -179,16 +179,19 @@ def test_kernel_workers_setting(monkeypatch):
 
 
 def test_half_types_refused_without_the_instructions(monkeypatch):
-    import ml_dtypes
-
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
-    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in _qkv(10, 1, 16, 16, 2, 2, 16, np.float32))
+    assert "float16 on CPU needs" in machine.cpu_half_reason("float16", frozenset())
+    assert machine.cpu_half_reason("bfloat16", frozenset({"avx512_bf16"})) is None
+    q, k, v = (x.astype(np.float16) for x in _qkv(10, 1, 16, 16, 2, 2, 16, np.float32))
+    with pytest.raises(HpcattnError, match=r"^q has dtype float16; expected one of float32, float64 "
+                                           r"\(float16 on CPU needs "):
+        hpcattn.attention(q, k, v)
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 arrays need ml_dtypes (pip install '.[nvrtc]')")
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
     with pytest.raises(HpcattnError, match=r"^q has dtype bfloat16; expected one of float32, float64 "
                                            r"\(bfloat16 on CPU needs "
                                            r"AMX_BF16 or AVX512_BF16 and this CPU \(.*\) has neither\)$"):
         hpcattn.attention(q, k, v)
-    assert "float16 on CPU needs" in machine.cpu_half_reason("float16", frozenset())
-    assert machine.cpu_half_reason("bfloat16", frozenset({"avx512_bf16"})) is None
 
 
 @needs_torch
@@ -198,6 +201,8 @@ def test_half_types_on_the_torch_kernel(monkeypatch, dtype):
     inputs run on torch-flash: output in the input type, lse float32, errors of the type."""
     from hpcattn.devices import TOLERANCES, np_dtype
 
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 arrays need ml_dtypes (pip install '.[nvrtc]')")
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(machine.HALF_FLAGS[dtype]))
     q, k, v = _qkv(11, 1, 40, 50, 4, 2, 16, np.float32)
     qh, kh, vh = (x.astype(np_dtype(dtype)) for x in (q, k, v))
