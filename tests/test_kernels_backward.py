@@ -7,7 +7,7 @@ stack. Small shapes only: every CUDA thread is a fiber."""
 import numpy as np
 import pytest
 
-from hpcattn.devices import np_dtype
+from hpcattn import devices
 from hpcattn.emulation.backward import attention_backward_emulated
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import backward, kernels
@@ -31,6 +31,12 @@ SHAPES = [
     (1, 130, 100, 4, 2, 128, True),
     (1, 1, 1, 2, 1, 128, False),
 ]
+
+
+def np_dtype(name):
+    if name == "bfloat16":
+        pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install '.[nvrtc]')")
+    return devices.np_dtype(name)
 
 
 def zigzag(n):
