@@ -50,6 +50,9 @@ BLOCK_K = 512
 L2_TILE_BYTES = 256 * 1024
 #: query positions per call when all keys fit one key tile (all heads of these rows, then the next)
 DECODE_ROWS = 2048
+#: at most this many query rows (positions x GQA group): every kv head in one call, heads innermost
+#: (the kernel's kFewRows)
+FEW_ROWS = 16
 
 
 def key_tile(d: int) -> int:
@@ -69,7 +72,8 @@ class _Call(ctypes.Structure):
         ("scale", ctypes.c_float), ("has_lo", ctypes.c_int32), ("has_hi", ctypes.c_int32),
         ("lo", ctypes.c_int64), ("hi", ctypes.c_int64), ("shift", ctypes.c_int64)] + [
         (name, ctypes.c_void_p) for name in ("q_pos", "k_pos", "q_seg", "k_seg", "gemm")] + [
-        ("ilp64", ctypes.c_int32), ("scratch", ctypes.c_void_p), ("scratch_floats", ctypes.c_int64)]
+        ("ilp64", ctypes.c_int32), ("scratch", ctypes.c_void_p), ("scratch_floats", ctypes.c_int64)] + [
+        (name, ctypes.c_int64) for name in ("nh", "q_hs", "k_hs", "v_hs", "o_hs", "lse_hs")]
 
 
 _state: dict = {}
@@ -280,16 +284,38 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
     def ptr(arr, offset_elems=0):
         return None if arr is None else arr.ctypes.data + offset_elems * arr.itemsize
 
-    def call(i, j, r0, r1):
+    def call(i, j, r0, r1, nh=1):
         c = _Call(q=q.ctypes.data + i * q.strides[0] + j * g * q.strides[2] + r0 * q.strides[1],
                   k=k.ctypes.data + i * k.strides[0] + j * k.strides[2],
                   v=v.ctypes.data + i * v.strides[0] + j * v.strides[2],
                   out=ptr(out, (i * nq + r0) * h * d + j * g * d),
                   lse=ptr(lse, (i * h + j * g) * nq + r0), nq=r1 - r0,
                   q_pos=ptr(q_pos, r0), k_pos=ptr(k_pos), q_seg=ptr(segs[0], r0),
-                  k_seg=ptr(segs[1]), **base)
+                  k_seg=ptr(segs[1]), nh=nh, q_hs=g * q.strides[2] // 4, k_hs=k.strides[2] // 4,
+                  v_hs=v.strides[2] // 4, o_hs=g * d, lse_hs=g * nq, **base)
         _run(st["lib"], c)
 
+    if nq * g <= FEW_ROWS and hkv > 1:
+        # a few query rows against the cache: one call per group of kv heads, which folds every
+        # head of the group over a key tile before the next tile (a head's keys alone are pieces
+        # of rows that hold every head: read head by head, they are strided reads)
+        n_groups = min(max(1, workers), hkv)
+        groups = [(hkv * s // n_groups, hkv * (s + 1) // n_groups) for s in range(n_groups)]
+        tasks = [(lambda i=i, a=a, e=e: call(i, a, 0, nq, nh=e - a)) for i in range(b) for a, e in groups]
+        if workers <= 1:
+            for task in tasks:
+                task()
+            return out, lse
+        from .cpu_pool import run_tasks
+
+        run_tasks(tasks, workers)
+        return out, lse
+    if workers <= 1 and mask.trivial and nk <= base["block_k"] and hkv > 1:
+        # many queries against keys that fit one tile, no mask: one call per batch entry, which
+        # runs every kv head of a query tile before the next tile (q and out in memory order)
+        for i in range(b):
+            call(i, 0, 0, nq, nh=hkv)
+        return out, lse
     if workers <= 1:
         # keys that fit one tile (decode-like shapes): the time goes to reading q and writing
         # out, so every head of a chunk of rows runs before the next chunk (its q and out rows

@@ -323,15 +323,65 @@ def test_the_callers_scratch_is_used_and_a_small_one_refused():
 
 @needs_fused
 @pytest.mark.parametrize("rows", [1, 5, 6, 7, 16, 17, 40, 47])
-@pytest.mark.parametrize("d", [64, 128, 80])
+@pytest.mark.parametrize("d", [64, 128, 80, 72, 8])
 def test_few_query_rows_against_many_keys(rows, d):
-    """Fewer than 48 query rows per fold (a decode step against a long cache: the sgemm path)
-    over three key tiles, the last of 76 keys, with scores that grow from tile to tile so each
-    row's max and accumulator are rescaled; GQA where the row count is even."""
+    """Fewer than 48 query rows per fold (a decode step against a long cache: up to 16 rows the
+    rows-in-lanes kernels, above that the sgemm path) over three key tiles, the last of 76 keys,
+    with scores that grow from tile to tile so each row's max and accumulator are rescaled; GQA
+    where the row count is even; head dims with a partial last 16 columns (72, 8)."""
     g = 2 if rows % 2 == 0 else 1
     q, k, v = _qkv(rows * d, 1, rows // g, 1100, 4, 4 // g, d)
     k *= np.linspace(0.5, 3.0, 1100, dtype=np.float32)[None, :, None, None]
     _check(cpu_fused.attention(q, k, v, scale=0.2), naive_attention(q, k, v, scale=0.2))
+
+
+FEW_HEADS = [(2, 3, 1000, 8, 4, 64), (1, 16, 777, 4, 4, 72), (1, 1, 500, 6, 6, 8), (1, 8, 1300, 4, 2, 128),
+             (3, 5, 97, 3, 3, 24)]
+FEW_MASKS = [None, dict(causal=True, align="bottom-right"), dict(window=(300, 0), align="bottom-right"),
+             dict(window=(-1, 40)), dict(cu_seqlens="three sequences")]
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", FEW_HEADS)
+@pytest.mark.parametrize("mask", FEW_MASKS)
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("kv_layout", ["bnhd", "bhnd"])
+def test_few_rows_every_kv_head_in_one_call(shape, mask, workers, kv_layout):
+    """At most 16 query rows: one kernel call per group of kv heads, heads innermost over key
+    tiles. Batches, GQA, head dims with a partial last 16 columns and below 16, key counts that
+    are no multiple of the tile, every mask class (a window that hides whole tiles, a sequence
+    boundary), worker groups of heads, keys and values in either layout (rows holding every
+    head, or each head's rows contiguous); keys grow along the cache so maxima rise tile to
+    tile and accumulators are rescaled."""
+    b, nq, nk, h, hkv, d = shape
+    q, k, v = _qkv(nq * nk + d, b, nq, nk, h, hkv, d)
+    k *= np.linspace(0.3, 2.5, nk, dtype=np.float32)[None, :, None, None]
+    if kv_layout == "bhnd":
+        k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (k, v))
+    kw = {} if mask is None else dict(mask)
+    if "cu_seqlens" in kw:   # three packed sequences over the cache, the queries across a boundary
+        kw = dict(cu_seqlens=np.array([0, nk // 3, nk // 3 + 1, nk]))
+        q_pos = np.arange(nk // 3 - nq // 2 - 1, nk // 3 - nq // 2 - 1 + nq)   # across the boundary
+        m = make_mask(**kw).bind(nk, nk)
+        got = cpu_fused.attention(q, k, v, q_pos=q_pos, mask=m, workers=workers)
+        want = naive_attention(q, k, v, q_pos=q_pos, n_q=nk, n_k=nk, **kw)
+    else:
+        m = make_mask(**kw).bind(nq, nk) if kw else None
+        got = cpu_fused.attention(q, k, v, mask=m, workers=workers)
+        want = naive_attention(q, k, v, **kw)
+    _check(got, want)
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", [(2, 301, 16, 8, 4, 72), (1, 500, 3, 2, 2, 8), (1, 97, 40, 3, 3, 128),
+                                   (2, 1030, 512, 2, 1, 24), (1, 260, 17, 4, 2, 64)])
+def test_many_queries_against_a_few_keys_every_head_in_one_call(shape):
+    """Keys that fit one tile, no mask: one call for all kv heads, query tiles head after head,
+    out stored straight from the products (no accumulator): head dims with a partial last 16
+    columns (72, 24, 8), GQA, batches, a query tile boundary inside the rows (1030)."""
+    b, nq, nk, h, hkv, d = shape
+    q, k, v = _qkv(nq + nk + d, b, nq, nk, h, hkv, d)
+    _check(cpu_fused.attention(q, k, v, scale=0.3), naive_attention(q, k, v, scale=0.3))
 
 
 @needs_fused

@@ -67,6 +67,8 @@ struct hpcattn_cpu_call {
     int32_t ilp64;
     float* scratch;             // hpcattn_cpu_scratch_floats() floats for the call's tiles,
     i64 scratch_floats;         // or NULL: allocated (and freed) here
+    i64 nh;                     // kv heads in the call (0 or 1: one); the others at these
+    i64 q_hs, k_hs, v_hs, o_hs, lse_hs;  // strides (floats) from one kv head to the next
 };
 
 }  // extern "C"
@@ -379,11 +381,99 @@ inline void micro_pv(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, 
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
 }
+constexpr i64 kMR = 6;
+constexpr i64 kMicroMinRows = 48;  // fewer query rows in a fold: the few-row kernels or sgemm
+
+// Folds of at most kFewRows query rows (a decode step, a few queries against a long cache) run
+// with the query rows in vector lanes: scores are kept key-major, ST[key][lane], so keys and
+// values are read in place (no packing, whose cost is per key and would exceed the products at
+// so few rows), the row max, exp and sum run down the lanes, and P V reuses the 6-row blocks.
+constexpr i64 kFewRows = 16;
+constexpr i64 kFewLanes = 24;  // floats per key in ST: 16 rows, then zeros for the last 6-row block
+constexpr i64 kFewKeys = 120;  // keys per ST sub-tile (multiple of 6), ~11 KiB in L1
+
+#define HPCATTN_KEY(i) __m256 y##i##0 = _mm256_setzero_ps(), y##i##1 = y##i##0;
+#define HPCATTN_KFMA(i)                                            \
+    {                                                              \
+        const __m256 b = _mm256_broadcast_ss(k + i * ks + p);      \
+        y##i##0 = _mm256_fmadd_ps(b, a0, y##i##0);                 \
+        y##i##1 = _mm256_fmadd_ps(b, a1, y##i##1);                 \
+    }
+#define HPCATTN_KSTORE(i) _mm256_storeu_ps(st + i * kFewLanes, y##i##0), _mm256_storeu_ps(st + i * kFewLanes + 8, y##i##1);
+
+// ST[6 keys][16 lanes] = K[6 keys][0..d) . QT (QT: d x 16, a row's scaled q in a lane); key rows
+// ks floats apart, read in place
+inline void few_qk6(const float* k, i64 ks, const float* qt, i64 d, float* st) {
+    HPCATTN_KEY(0) HPCATTN_KEY(1) HPCATTN_KEY(2) HPCATTN_KEY(3) HPCATTN_KEY(4) HPCATTN_KEY(5)
+    for (i64 p = 0; p < d; ++p) {
+        const __m256 a0 = _mm256_load_ps(qt + p * 16), a1 = _mm256_load_ps(qt + p * 16 + 8);
+        HPCATTN_KFMA(0) HPCATTN_KFMA(1) HPCATTN_KFMA(2) HPCATTN_KFMA(3) HPCATTN_KFMA(4) HPCATTN_KFMA(5)
+    }
+    HPCATTN_KSTORE(0) HPCATTN_KSTORE(1) HPCATTN_KSTORE(2) HPCATTN_KSTORE(3) HPCATTN_KSTORE(4) HPCATTN_KSTORE(5)
+}
+
+// one key: ST[0][16 lanes]
+inline void few_qk1(const float* k, i64 ks, const float* qt, i64 d, float* st) {
+    HPCATTN_KEY(0)
+    for (i64 p = 0; p < d; ++p) {
+        const __m256 a0 = _mm256_load_ps(qt + p * 16), a1 = _mm256_load_ps(qt + p * 16 + 8);
+        HPCATTN_KFMA(0)
+    }
+    HPCATTN_KSTORE(0)
+}
+#undef HPCATTN_KEY
+#undef HPCATTN_KFMA
+#undef HPCATTN_KSTORE
+
+// ACC[6 rows][16 cols] += PT[0..n)[6 lanes]^T . V[0..n)[16 cols] (PT rows kFewLanes floats, V
+// rows vs floats apart and read in place, ACC rows da); Masked: only the columns of cmask0/1
+// (the head dim's last, partial 16 columns: nothing past a row of V is read)
+template <bool Masked>
+inline void few_pv6(const float* pt, i64 n, const float* v, i64 vs, float* acc, i64 da,
+                    __m256i cmask0, __m256i cmask1) {
+#define HPCATTN_LOAD(i) __m256 x##i##0 = _mm256_loadu_ps(acc + i * da), x##i##1 = _mm256_loadu_ps(acc + i * da + 8);
+    HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
+#undef HPCATTN_LOAD
+    for (i64 j = 0; j < n; ++j) {
+        const float* vr = v + j * vs;
+        const __m256 b0 = Masked ? _mm256_maskload_ps(vr, cmask0) : _mm256_loadu_ps(vr);
+        const __m256 b1 = Masked ? _mm256_maskload_ps(vr + 8, cmask1) : _mm256_loadu_ps(vr + 8);
+        const float* pj = pt + j * kFewLanes;
+        HPCATTN_FMA(0, pj) HPCATTN_FMA(1, pj + 1) HPCATTN_FMA(2, pj + 2) HPCATTN_FMA(3, pj + 3)
+        HPCATTN_FMA(4, pj + 4) HPCATTN_FMA(5, pj + 5)
+    }
+#define HPCATTN_STORE(i) _mm256_storeu_ps(acc + i * da, x##i##0), _mm256_storeu_ps(acc + i * da + 8, x##i##1);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+
+// OUT rows o[0..6) (NULL: not stored), columns [cp, cp + 16) = P[6 rows][0..n) . Vp[0..n)[16
+// cols] from zero, no accumulator; width < 16: only the first width columns are stored
+inline void micro_pv_out(const float* p, i64 ld, i64 n, const float* vcol, i64 d16,
+                         float* const* o, i64 cp, i64 width) {
+    HPCATTN_ROW(0) HPCATTN_ROW(1) HPCATTN_ROW(2) HPCATTN_ROW(3) HPCATTN_ROW(4) HPCATTN_ROW(5)
+    for (i64 j = 0; j < n; ++j) {
+        const __m256 b0 = _mm256_load_ps(vcol + j * d16), b1 = _mm256_load_ps(vcol + j * d16 + 8);
+        HPCATTN_FMA(0, p + j) HPCATTN_FMA(1, p + ld + j) HPCATTN_FMA(2, p + 2 * ld + j)
+        HPCATTN_FMA(3, p + 3 * ld + j) HPCATTN_FMA(4, p + 4 * ld + j) HPCATTN_FMA(5, p + 5 * ld + j)
+    }
+    if (width >= kNR) {
+#define HPCATTN_STORE(i) if (o[i]) _mm256_storeu_ps(o[i] + cp, x##i##0), _mm256_storeu_ps(o[i] + cp + 8, x##i##1);
+        HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+        return;
+    }
+    alignas(32) float row[kNR];
+#define HPCATTN_STORE(i)                                                            \
+    if (o[i]) {                                                                      \
+        _mm256_store_ps(row, x##i##0), _mm256_store_ps(row + 8, x##i##1);           \
+        std::memcpy(o[i] + cp, row, size_t(width) * sizeof(float));                  \
+    }
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
 #undef HPCATTN_ROW
 #undef HPCATTN_FMA
-
-constexpr i64 kMR = 6;
-constexpr i64 kMicroMinRows = 48;  // fewer query rows in a fold: the sgemm path
 
 #endif
 
@@ -396,7 +486,123 @@ struct Work {
     i64 da;  // accumulator row stride: d, or d rounded up to 16 on the AVX2 path
     const float* kp_all;  // every key of the slab packed once (AVX2 path, when it fits), or NULL
     const float* vp_all;
+    i64 s_floats;  // floats of the score tile s
 };
+
+#ifdef HPCATTN_MICRO
+// whether query position n sees key j (hpcattn.masks.Mask)
+inline bool visible(const hpcattn_cpu_call& c, i64 n, i64 j) {
+    const i64 diag = kpos(c, j) - qpos(c, n) - c.shift;
+    if (c.has_lo && diag < c.lo) return false;
+    if (c.has_hi && diag > c.hi) return false;
+    return !c.q_seg || c.k_seg[j] == c.q_seg[n];
+}
+
+// fold() for at most kFewRows query rows: the rows in lanes (see kFewRows). qt's rows are
+// transposed into w.kp (d x 16), scores go key-major into w.s in sub-tiles of kFewKeys keys.
+// next_k/next_v (n_next rows, or NULL): the key and value rows this head folds next, fetched into
+// L2 while this fold computes (run_heads).
+void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0, i64 j1,
+              bool masked, const float* qt, float* acc, float* m, double* l,
+              const float* next_k = nullptr, const float* next_v = nullptr, i64 n_next = 0) {
+    const i64 d = c.d, g = c.g, da = w.da, ks = c.k_stride, vs = c.v_stride;
+    float* const qtt = w.kp;
+    for (i64 r = 0; r < kFewRows; ++r)
+        for (i64 p = 0; p < d; ++p) qtt[p * kFewRows + r] = r < rows ? qt[r * d + p] : 0.0f;
+    float* const st = w.s;
+    const i64 kc = std::max<i64>(1, std::min(kFewKeys, w.s_floats / kFewLanes));  // (callers: >= 1)
+    for (i64 j = 0; j < kc; ++j)  // lanes past 16: zero weights for the last 6-row block
+        std::fill(st + j * kFewLanes + kFewRows, st + (j + 1) * kFewLanes, 0.0f);
+    alignas(32) float mrow[kFewRows], mnew[kFewRows], sum[kFewRows];
+    alignas(32) int32_t lane[kFewRows], tailm[kFewRows];
+    const i64 tail = d % 16, dfull = d - tail;
+    for (i64 r = 0; r < kFewRows; ++r) {
+        mrow[r] = r < rows ? m[r] : kNegInf;
+        lane[r] = r < rows ? -1 : 0;
+        tailm[r] = r < tail ? -1 : 0;
+    }
+    const __m256 valid0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane)));
+    const __m256 valid1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane + 8)));
+    const __m256i cm0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tailm));
+    const __m256i cm1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tailm + 8));
+    const __m256 ninf = _mm256_set1_ps(kNegInf);
+    for (i64 a = j0; a < j1; a += kc) {
+        const i64 n = std::min(kc, j1 - a);
+        const float* kr = c.k + a * ks;
+        const float* vr = c.v + a * vs;
+        i64 j = 0;
+        for (; j + 6 <= n; j += 6) {
+            // key rows are a whole position apart (the other heads between them), too far for
+            // the hardware prefetcher: the keys two blocks ahead and this block's values
+            for (i64 i = 0; i < 6; ++i)
+                for (i64 x = 0; x < d; x += 16) {
+                    if (a + j + 12 + i < j1) __builtin_prefetch(kr + (j + 12 + i) * ks + x, 0, 3);
+                    __builtin_prefetch(vr + (j + i) * vs + x, 0, 3);
+                }
+            for (i64 r = a - j0 + j; r < std::min(n_next, a - j0 + j + 6); ++r)
+                for (i64 x = 0; x < d; x += 16) {
+                    __builtin_prefetch(next_k + r * ks + x, 0, 2);
+                    __builtin_prefetch(next_v + r * vs + x, 0, 2);
+                }
+            few_qk6(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
+        }
+        for (; j < n; ++j) few_qk1(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
+        if (a + n == j1)  // the next rows this fold's blocks did not reach
+            for (i64 r = a - j0 + j; r < n_next; ++r)
+                for (i64 x = 0; x < d; x += 16) {
+                    __builtin_prefetch(next_k + r * ks + x, 0, 2);
+                    __builtin_prefetch(next_v + r * vs + x, 0, 2);
+                }
+        if (masked)
+            for (i64 r = 0; r < rows; ++r)
+                for (i64 jj = 0; jj < n; ++jj)
+                    if (!visible(c, t0 + r / g, a + jj)) st[jj * kFewLanes + r] = kNegInf;
+        // the online softmax down the lanes: max, exp(s - max) and sums, rescales
+        __m256 mx0 = _mm256_load_ps(mrow), mx1 = _mm256_load_ps(mrow + 8);
+        for (i64 jj = 0; jj < n; ++jj) {
+            mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(st + jj * kFewLanes));
+            mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(st + jj * kFewLanes + 8));
+        }
+        _mm256_store_ps(mnew, mx0);
+        _mm256_store_ps(mnew + 8, mx1);
+        // a row that sees nothing yet subtracts 0 (its scores are -inf: weights 0)
+        const __m256 ms0 = _mm256_andnot_ps(_mm256_cmp_ps(mx0, ninf, _CMP_EQ_OQ), mx0);
+        const __m256 ms1 = _mm256_andnot_ps(_mm256_cmp_ps(mx1, ninf, _CMP_EQ_OQ), mx1);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        for (i64 jj = 0; jj < n; ++jj) {
+            float* sj = st + jj * kFewLanes;
+            const __m256 p0 = _mm256_and_ps(exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sj), ms0)), valid0);
+            const __m256 p1 = _mm256_and_ps(exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sj + 8), ms1)), valid1);
+            _mm256_storeu_ps(sj, p0);
+            _mm256_storeu_ps(sj + 8, p1);
+            s0 = _mm256_add_ps(s0, p0);
+            s1 = _mm256_add_ps(s1, p1);
+        }
+        _mm256_store_ps(sum, s0);
+        _mm256_store_ps(sum + 8, s1);
+        for (i64 r = 0; r < rows; ++r) {
+            if (mnew[r] == kNegInf) continue;  // nothing visible yet: adds nothing
+            if (mnew[r] != mrow[r]) {
+                if (mrow[r] != kNegInf) {  // (a row that saw nothing yet has zero acc and sum)
+                    const float alpha = std::exp(mrow[r] - mnew[r]);
+                    float* ar = acc + r * da;
+#pragma omp simd
+                    for (i64 x = 0; x < d; ++x) ar[x] *= alpha;
+                    l[r] *= alpha;
+                }
+                mrow[r] = mnew[r];
+            }
+            l[r] += sum[r];
+        }
+        for (i64 r0 = 0; r0 < rows; r0 += kMR) {
+            for (i64 cp = 0; cp < dfull; cp += kNR)
+                few_pv6<false>(st + r0, n, vr + cp, vs, acc + r0 * da + cp, da, cm0, cm1);
+            if (tail) few_pv6<true>(st + r0, n, vr + dfull, vs, acc + r0 * da + dfull, da, cm0, cm1);
+        }
+    }
+    for (i64 r = 0; r < rows; ++r) m[r] = mrow[r];
+}
+#endif
 
 // Fold keys [j0, j1) into the state of query positions [t0, t1) (their scaled rows qt, their
 // accumulator acc, running max m and sum l): S = qt K^T, the mask when masked, per row the max,
@@ -404,6 +610,12 @@ struct Work {
 void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 j1, bool masked,
           const float* qt, float* acc, float* m, double* l) {
     const i64 d = c.d, g = c.g, rows = (t1 - t0) * g, nkt = j1 - j0, da = w.da;
+#ifdef HPCATTN_MICRO
+    if (rows <= kFewRows && w.s_floats >= 6 * kFewLanes) {
+        fold_few(c, w, t0, rows, j0, j1, masked, qt, acc, m, l);
+        return;
+    }
+#endif
     const bool runs = masked && key_runs(c, j0, j1);
     float* s = w.s;
 #ifdef HPCATTN_MICRO
@@ -451,6 +663,39 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
 
 namespace {
 
+#ifdef HPCATTN_MICRO
+// The forward of query positions [t0, t1) when every key is in one tile, packed, and visible to
+// every row (a decode-like shape: many queries against a few keys): per six rows S = qt K^T,
+// each row's softmax normalised in place (P / l), lse = m + log l, and out = P V stored straight
+// into out. No accumulator is zeroed, rescaled or divided afterwards: at 16 keys those passes
+// cost more than the products (docs/performance-notes.md).
+void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const float* qt) {
+    const i64 d = c.d, g = c.g, rows = (t1 - t0) * g, nkt = c.nk, da = w.da;
+    const i64 panels = (nkt + kNR - 1) / kNR, ld = panels * kNR;
+    float* const s = w.s;
+    for (i64 r0 = 0; r0 < rows; r0 += kMR) {
+        const i64 nr = std::min(kMR, rows - r0);
+        for (i64 pn = 0; pn < panels; ++pn)
+            micro_qk(qt + r0 * d, d, w.kp_all + pn * d * kNR, s + pn * kNR, ld);
+        float* o[kMR] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+        for (i64 i = 0; i < nr; ++i) {
+            const i64 r = r0 + i, n = t0 + r / g, gi = r % g;
+            float* sr = s + i * ld;
+            const float mx = row_max(sr, nkt);
+            const float sum = exp_row(sr, nkt, mx), inv = 1.0f / sum;
+            const __m256 iv = _mm256_set1_ps(inv);
+            i64 j = 0;
+            for (; j + 8 <= nkt; j += 8) _mm256_storeu_ps(sr + j, _mm256_mul_ps(_mm256_loadu_ps(sr + j), iv));
+            for (; j < nkt; ++j) sr[j] *= inv;
+            c.lse[gi * c.lse_head_stride + n] = mx + std::log(sum);
+            o[i] = c.out + n * c.o_stride + gi * d;
+        }
+        for (i64 cp = 0; cp < d; cp += kNR)
+            micro_pv_out(s, ld, nkt, w.vp_all + cp, da, o, cp, d - cp);
+    }
+}
+#endif
+
 // What one call holds, in floats, each part 64-byte aligned in one scratch block (the caller's,
 // so that what the kernel holds is counted where the caller counts memory): the scaled Q tile,
 // the score tile, a packed key/value tile, every key and value of the slab packed once (AVX2
@@ -492,6 +737,43 @@ Plan plan_of(const hpcattn_cpu_call& c, bool folding) {
     return p;
 }
 
+// The scaled Q tile of query positions [t0, t1): the scale folded in (as the NumPy kernel does),
+// measured more accurate than the GEMM's alpha (FlashAttention's rule: 1.31x vs 1.72x a float32
+// reference)
+void scale_rows(const hpcattn_cpu_call& c, i64 t0, i64 t1, float* qt) {
+    const i64 gd = c.g * c.d;
+    for (i64 n = t0; n < t1; ++n) {
+        const float* src = c.q + n * c.q_stride;
+        float* dst = qt + (n - t0) * gd;
+        // the row 16 ahead: q rows are q_stride apart (other heads between them), too far
+        // apart for the hardware prefetcher, and at decode-like shapes this read is the cost
+        if (n + 16 < c.nq)
+            for (i64 x = 0; x < gd; x += 16) __builtin_prefetch(src + 16 * c.q_stride + x, 0, 0);
+        for (i64 x = 0; x < gd; ++x) dst[x] = src[x] * c.scale;
+    }
+}
+
+// out and lse of query positions [t0, t1) from their state; (position n, group member gi) as two
+// loops: a 64-bit division per row costs more than the row's output at decode-like shapes
+void finalize(const hpcattn_cpu_call& c, i64 t0, i64 t1, const float* acc, i64 da, const float* m,
+              const double* l) {
+    const i64 g = c.g, d = c.d;
+    for (i64 n = t0, r = 0; n < t1; ++n) {
+        for (i64 gi = 0; gi < g; ++gi, ++r) {
+            float* o = c.out + n * c.o_stride + gi * d;
+            const float* ar = acc + r * da;
+            if (l[r] > 0) {
+                const float lr = float(l[r]);
+                for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
+                c.lse[gi * c.lse_head_stride + n] = float(double(m[r]) + std::log(l[r]));
+            } else {
+                std::memset(o, 0, size_t(d) * sizeof(float));
+                c.lse[gi * c.lse_head_stride + n] = kNegInf;
+            }
+        }
+    }
+}
+
 // The forward (state == NULL: per query tile a fresh state, finalised into out and lse) or one
 // fold of a key block into a caller's state (acc: nq*g rows of acc_stride floats plus 6 rows of
 // padding, m and l: nq*g each; nothing finalised). Returns 1 when it could not allocate its
@@ -514,7 +796,7 @@ int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* sta
         base += floats;
         return at;
     };
-    Work w{take(p.qt), take(p.s), take(p.kp), take(p.vp), da, nullptr, nullptr};
+    Work w{take(p.qt), take(p.s), take(p.kp), take(p.vp), da, nullptr, nullptr, p.s};
     float* const packed = take(p.packed);
     float* acc = folding ? nullptr : take(p.acc);
     float* m = folding ? nullptr : take(p.m);
@@ -535,17 +817,14 @@ int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* sta
 
     for (i64 t0 = 0; t0 < c.nq; t0 += bq) {
         const i64 t1 = std::min(c.nq, t0 + bq), rows = (t1 - t0) * g;
-        // the scale folded into the Q tile (as the NumPy kernel does): measured more accurate
-        // than the GEMM's alpha (FlashAttention's rule: 1.31x vs 1.72x a float32 reference)
-        for (i64 n = t0; n < t1; ++n) {
-            const float* src = c.q + n * c.q_stride;
-            float* dst = w.qt + (n - t0) * g * d;
-            // the row 16 ahead: q rows are q_stride apart (other heads between them), too far
-            // apart for the hardware prefetcher, and at decode-like shapes this read is the cost
-            if (n + 16 < c.nq)
-                for (i64 x = 0; x < g * d; x += 16) __builtin_prefetch(src + 16 * c.q_stride + x, 0, 0);
-            for (i64 x = 0; x < g * d; ++x) dst[x] = src[x] * c.scale;
+        scale_rows(c, t0, t1, w.qt);
+#ifdef HPCATTN_MICRO
+        if (!folding && n_ktiles == 1 && w.kp_all && rows >= kMicroMinRows &&
+            classify(c, range_of(c.q_pos, c.q_seg, t0, t1), kr[0]) == kFull) {
+            direct_tile(c, w, t0, t1, w.qt);
+            continue;
         }
+#endif
         if (folding) {  // this tile's rows of the caller's state
             acc = state_acc + t0 * g * da;
             m = state_m + t0 * g;
@@ -584,31 +863,208 @@ int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* sta
                      l + off);
             }
         }
-        // (position n, group member gi) as two loops: a 64-bit division per row costs more than
-        // the row's output at decode-like shapes
-        for (i64 n = t0, r = 0; n < t1 && !folding; ++n) {
-            for (i64 gi = 0; gi < g; ++gi, ++r) {
-                float* o = c.out + n * c.o_stride + gi * d;
-                const float* ar = acc + r * da;
-                if (l[r] > 0) {
-                    const float lr = float(l[r]);
-                    for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
-                    c.lse[gi * c.lse_head_stride + n] = float(double(m[r]) + std::log(l[r]));
-                } else {
-                    std::memset(o, 0, size_t(d) * sizeof(float));
-                    c.lse[gi * c.lse_head_stride + n] = kNegInf;
-                }
+        if (!folding) finalize(c, t0, t1, acc, da, m, l);
+    }
+    std::free(own);
+    return 0;
+}
+
+// kv head h of c as a one-head call
+hpcattn_cpu_call head_of(const hpcattn_cpu_call& c, i64 h) {
+    hpcattn_cpu_call ch = c;
+    ch.q += h * c.q_hs;
+    ch.k += h * c.k_hs;
+    ch.v += h * c.v_hs;
+    ch.out += h * c.o_hs;
+    ch.lse += h * c.lse_hs;
+    ch.nh = 1;
+    return ch;
+}
+
+#ifdef HPCATTN_MICRO
+// run_direct_heads: a forward of c.nh kv heads, no mask, every key in one tile that is packed
+// once per head (a decode-like shape: many queries against a few keys): per query tile, head
+// after head, direct_tile. A query tile of every head is one stretch of q and out, read and
+// written in order; one head's rows alone are pieces of positions several KiB apart, which the
+// hardware prefetcher does not follow (measured: docs/performance-notes.md).
+bool direct_heads(const hpcattn_cpu_call& c) {
+    if (c.nh <= 1 || c.has_lo || c.has_hi || c.q_seg || c.nk < 1 || c.nk > std::max<i64>(1, c.block_k))
+        return false;
+    const Plan p = plan_of(c, false);
+    return p.packed > 0 && std::min(std::max<i64>(1, c.block_q), c.nq) * c.g >= kMicroMinRows;
+}
+
+// query positions per tile of run_direct_heads: every head's scaled rows in 256 KiB (L2)
+i64 direct_heads_tile(const hpcattn_cpu_call& c) {
+    const i64 per_pos = c.nh * c.g * c.d * i64(sizeof(float));
+    return std::clamp<i64>((256 << 10) / per_pos, 1, std::max<i64>(1, c.block_q));
+}
+
+struct DirectPlan {
+    i64 qt_head, qt, s, packed, total;
+};
+
+DirectPlan direct_plan(const hpcattn_cpu_call& c) {
+    const Plan p = plan_of(c, false);
+    DirectPlan dp{};
+    dp.qt_head = round16((direct_heads_tile(c) * c.g + 8) * c.d);
+    dp.qt = c.nh * dp.qt_head;
+    dp.s = p.s;
+    dp.packed = p.packed;
+    dp.total = dp.qt + dp.s + c.nh * dp.packed + 16;
+    return dp;
+}
+
+int run_direct_heads(const hpcattn_cpu_call& c) {
+    const Plan p = plan_of(c, false);
+    const DirectPlan dp = direct_plan(c);
+    const i64 nh = c.nh, g = c.g, d = c.d, tq = direct_heads_tile(c), da = p.da;
+    void* own = nullptr;
+    float* base = c.scratch;
+    if (base && c.scratch_floats < dp.total) return 2;
+    if (!base) {
+        if (posix_memalign(&own, 64, size_t(dp.total) * sizeof(float))) return 1;
+        base = static_cast<float*>(own);
+    }
+    base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+    float* const qts = base;
+    float* const packed = base + dp.qt + dp.s;
+    Work w{nullptr, base + dp.qt, nullptr, nullptr, da, nullptr, nullptr, dp.s};
+    for (i64 h = 0; h < nh; ++h) {
+        const hpcattn_cpu_call ch = head_of(c, h);
+        pack_k(ch, 0, c.nk, packed + h * dp.packed);
+        pack_v(ch, 0, c.nk, da, packed + h * dp.packed + p.nk16 * da);
+    }
+    std::fill(qts, qts + dp.qt, 0.0f);  // padding rows: finite, never stored
+    const i64 gd = g * d;
+    for (i64 t0 = 0; t0 < c.nq; t0 += tq) {
+        const i64 t1 = std::min(c.nq, t0 + tq);
+        // every head's scaled rows, position by position: q in memory order
+        for (i64 n = t0; n < t1; ++n) {
+            const float* src = c.q + n * c.q_stride;
+            for (i64 h = 0; h < nh; ++h) {
+                const float* sh = src + h * c.q_hs;
+                float* dst = qts + h * dp.qt_head + (n - t0) * gd;
+                for (i64 x = 0; x < gd; ++x) dst[x] = sh[x] * c.scale;
             }
+        }
+        for (i64 h = 0; h < nh; ++h) {
+            w.kp_all = packed + h * dp.packed;
+            w.vp_all = packed + h * dp.packed + p.nk16 * da;
+            direct_tile(head_of(c, h), w, t0, t1, qts + h * dp.qt_head);
         }
     }
     std::free(own);
     return 0;
 }
 
+// run_heads: a forward of c.nh kv heads whose query tiles have at most kFewRows rows (a few
+// queries against a long cache), heads innermost. Key rows hold every kv head (k_stride floats
+// apart), so one head's keys and values are 256-byte pieces of rows several KiB apart, which the
+// hardware prefetcher does not follow; head after head over one key tile reads the tile's rows
+// whole, and each head fetches its rows of the next tile into L2 while it computes this one
+// (measured: docs/performance-notes.md). The tile: kHeadsTileBytes of keys and values, all heads.
+constexpr i64 kHeadsTileBytes = 384 * 1024;
+
+bool heads_inner(const hpcattn_cpu_call& c) {
+    const i64 bq = std::max<i64>(1, c.block_q);
+    return c.nh > 1 && std::min(bq, std::max<i64>(c.nq, 1)) * c.g <= kFewRows;
+}
+
+i64 heads_block_k(const hpcattn_cpu_call& c) {
+    const i64 bk = kHeadsTileBytes / (c.nh * c.d * i64(2 * sizeof(float))) / 6 * 6;
+    return std::min(std::clamp<i64>(bk, 6, kFewKeys), std::max<i64>(1, c.block_k));
+}
+
+struct HeadsPlan {
+    i64 qtt, st, kr, qt, acc, m, l, per_head, total;
+};
+
+HeadsPlan heads_plan(const hpcattn_cpu_call& c) {
+    HeadsPlan p{};
+    const i64 bq = std::max<i64>(1, c.block_q), rows = std::min(bq, std::max<i64>(c.nq, 1)) * c.g;
+    const i64 da = (c.d + kNR - 1) / kNR * kNR, bk = heads_block_k(c);
+    const i64 n_ktiles = std::max<i64>(1, (c.nk + bk - 1) / bk);
+    p.qtt = round16(c.d * kFewRows);
+    p.st = round16(bk * kFewLanes);
+    p.kr = round16(n_ktiles * i64(sizeof(Range) / sizeof(float)));
+    p.qt = round16((rows + 8) * c.d);
+    p.acc = round16((rows + 8) * da);
+    p.m = round16(rows);
+    p.l = round16(2 * rows);  // doubles
+    p.per_head = p.qt + p.acc + p.m + p.l;
+    p.total = p.qtt + p.st + p.kr + c.nh * p.per_head + 16;
+    return p;
+}
+
+int run_heads(const hpcattn_cpu_call& c) {
+    const HeadsPlan p = heads_plan(c);
+    const i64 nh = c.nh, g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = heads_block_k(c);
+    const i64 da = (d + kNR - 1) / kNR * kNR;
+    void* own = nullptr;
+    float* base = c.scratch;
+    if (base && c.scratch_floats < p.total) return 2;
+    if (!base) {
+        if (posix_memalign(&own, 64, size_t(p.total) * sizeof(float))) return 1;
+        base = static_cast<float*>(own);
+    }
+    base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+    Work w{nullptr, base + p.qtt, base, nullptr, da, nullptr, nullptr, p.st};
+    Range* kr = reinterpret_cast<Range*>(base + p.qtt + p.st);
+    float* const heads = base + p.qtt + p.st + p.kr;
+    const i64 n_ktiles = (c.nk + bk - 1) / bk;
+    for (i64 t = 0; t < n_ktiles; ++t)
+        kr[t] = range_of(c.k_pos, c.k_seg, t * bk, std::min(c.nk, (t + 1) * bk));
+    auto qt_of = [&](i64 h) { return heads + h * p.per_head; };
+    auto acc_of = [&](i64 h) { return heads + h * p.per_head + p.qt; };
+    auto m_of = [&](i64 h) { return heads + h * p.per_head + p.qt + p.acc; };
+    auto l_of = [&](i64 h) { return reinterpret_cast<double*>(heads + h * p.per_head + p.qt + p.acc + p.m); };
+    for (i64 t0 = 0; t0 < c.nq; t0 += bq) {
+        const i64 t1 = std::min(c.nq, t0 + bq), rows = (t1 - t0) * g;
+        for (i64 h = 0; h < nh; ++h) {
+            scale_rows(head_of(c, h), t0, t1, qt_of(h));
+            std::fill(m_of(h), m_of(h) + rows, kNegInf);
+            std::fill(l_of(h), l_of(h) + rows, 0.0);
+            std::fill(acc_of(h), acc_of(h) + (rows + 6) * da, 0.0f);
+        }
+        const Range qr = range_of(c.q_pos, c.q_seg, t0, t1);
+        for (i64 t = 0; t < n_ktiles; ++t) {
+            const int cls = classify(c, qr, kr[t]);
+            if (cls == kNone) continue;
+            i64 a = t * bk, b = std::min(c.nk, a + bk);
+            if (cls == kPartial) {  // drop the edge columns no row of the tile can see
+                while (a < b && hidden_from_all(c, qr, a)) ++a;
+                while (b > a && hidden_from_all(c, qr, b - 1)) --b;
+                if (a == b) continue;
+            }
+            const i64 nj0 = (t + 1) * bk, n_next = std::max<i64>(0, std::min(c.nk, nj0 + bk) - nj0);
+            for (i64 h = 0; h < nh; ++h) {
+                const hpcattn_cpu_call ch = head_of(c, h);
+                fold_few(ch, w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h), m_of(h), l_of(h),
+                         n_next ? ch.k + nj0 * ch.k_stride : nullptr,
+                         n_next ? ch.v + nj0 * ch.v_stride : nullptr, n_next);
+            }
+        }
+        for (i64 h = 0; h < nh; ++h) finalize(head_of(c, h), t0, t1, acc_of(h), da, m_of(h), l_of(h));
+    }
+    std::free(own);
+    return 0;
+}
+#endif
+
 }  // namespace
 
 extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
-    return run(*call, nullptr, nullptr, nullptr);
+#ifdef HPCATTN_MICRO
+    if (heads_inner(*call)) return run_heads(*call);
+    if (direct_heads(*call)) return run_direct_heads(*call);
+#endif
+    if (call->nh <= 1) return run(*call, nullptr, nullptr, nullptr);
+    for (i64 h = 0; h < call->nh; ++h) {  // one head after another, each on the whole scratch
+        const int rc = run(head_of(*call, h), nullptr, nullptr, nullptr);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 // Fold the keys of *call into a state: acc (nq*g + 6 rows of hpcattn_cpu_acc_stride(d) floats,
@@ -619,6 +1075,10 @@ extern "C" int hpcattn_cpu_fold_f32(const hpcattn_cpu_call* call, float* acc, fl
 
 // Floats of scratch a call needs (folding: hpcattn_cpu_fold_f32, else the forward)
 extern "C" int64_t hpcattn_cpu_scratch_floats(const hpcattn_cpu_call* call, int32_t folding) {
+#ifdef HPCATTN_MICRO
+    if (!folding && heads_inner(*call)) return heads_plan(*call).total;
+    if (!folding && direct_heads(*call)) return direct_plan(*call).total;
+#endif
     return plan_of(*call, folding != 0).total;
 }
 
