@@ -29,6 +29,7 @@ tiles] over threads, one BLAS thread each).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import contextmanager
 
@@ -91,6 +92,9 @@ def half_reason(dtype: str) -> str | None:
         return cpu
     if requested() == "numpy":
         return f"{dtype} on CPU runs only on the torch-flash kernel; {KERNEL_ENV}=numpy forbids it"
+    if dtype == "bfloat16" and importlib.util.find_spec("ml_dtypes") is None:
+        return ("bfloat16 on CPU needs NumPy's bfloat16 type from the ml_dtypes package, which is "
+                "not installed (pip install ml_dtypes, or '.[torch]')")
     why = torch_reason()
     return f"{dtype} on CPU needs PyTorch's CPU flash kernel: {why}" if why else None
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import HpcattnError
+
 #: device name -> dtypes its attention kernels take
 DEVICE_DTYPES = {
     "cpu": ("float32", "float64"),
@@ -37,7 +39,10 @@ def default_tolerance(dtype: str) -> float:
 def np_dtype(name: str) -> np.dtype:
     """The NumPy dtype for ``name``; bfloat16 is ml_dtypes' type (CuPy takes it too)."""
     if name == "bfloat16":
-        import ml_dtypes
-
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise HpcattnError("bfloat16 arrays need the ml_dtypes package (NumPy has no bfloat16); "
+                               "expected it installed: pip install ml_dtypes") from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)

@@ -194,6 +194,27 @@ def test_half_types_refused_without_the_instructions(monkeypatch):
         hpcattn.attention(q, k, v)
 
 
+def test_bfloat16_without_ml_dtypes_is_a_reason_not_a_crash(monkeypatch):
+    """On a CPU with the instructions but without ml_dtypes (NumPy's bfloat16 type), the reason
+    names the package (``hpcattn info``, the bench's bf16 line), and asking for the type is a
+    one-line error, not a ModuleNotFoundError."""
+    import importlib.util
+    import sys
+
+    from hpcattn.devices import np_dtype
+
+    monkeypatch.setattr(cpu_kernels, "cpu_half_reason", lambda dtype: None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ml_dtypes" else real(name, *a))
+    monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
+    why = cpu_kernels.half_reason("bfloat16")
+    assert why.startswith("bfloat16 on CPU needs NumPy's bfloat16 type from the ml_dtypes package")
+    assert "pip install ml_dtypes" in why
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)   # import ml_dtypes -> ImportError
+    with pytest.raises(HpcattnError, match=r"^bfloat16 arrays need the ml_dtypes package .*pip install ml_dtypes$"):
+        np_dtype("bfloat16")
+
+
 @needs_torch
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_types_on_the_torch_kernel(monkeypatch, dtype):
