@@ -737,6 +737,24 @@ Plan plan_of(const hpcattn_cpu_call& c, bool folding) {
     return p;
 }
 
+// The call's scratch of total floats, 64-byte aligned: the caller's, or allocated here into *own
+// (freed by the caller); NULL with *rc = 2 when the caller's is too small, 1 when allocation fails
+float* scratch_of(const hpcattn_cpu_call& c, i64 total, void** own, int* rc) {
+    float* base = c.scratch;
+    if (base && c.scratch_floats < total) {
+        *rc = 2;
+        return nullptr;
+    }
+    if (!base) {
+        if (posix_memalign(own, 64, size_t(total) * sizeof(float))) {
+            *rc = 1;
+            return nullptr;
+        }
+        base = static_cast<float*>(*own);
+    }
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+}
+
 // The scaled Q tile of query positions [t0, t1): the scale folded in (as the NumPy kernel does),
 // measured more accurate than the GEMM's alpha (FlashAttention's rule: 1.31x vs 1.72x a float32
 // reference)
@@ -784,13 +802,9 @@ int run(const hpcattn_cpu_call& c, float* state_acc, float* state_m, double* sta
     const i64 g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = std::max<i64>(1, c.block_k);
     const i64 rows_pad = p.rows_pad, da = p.da;
     void* own = nullptr;
-    float* base = c.scratch;
-    if (base && c.scratch_floats < p.total) return 2;
-    if (!base) {
-        if (posix_memalign(&own, 64, size_t(p.total) * sizeof(float))) return 1;
-        base = static_cast<float*>(own);
-    }
-    base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+    int rc = 0;
+    float* base = scratch_of(c, p.total, &own, &rc);
+    if (!base) return rc;
     auto take = [&base](i64 floats) {
         float* at = floats ? base : nullptr;
         base += floats;
@@ -920,13 +934,9 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
     const DirectPlan dp = direct_plan(c);
     const i64 nh = c.nh, g = c.g, d = c.d, tq = direct_heads_tile(c), da = p.da;
     void* own = nullptr;
-    float* base = c.scratch;
-    if (base && c.scratch_floats < dp.total) return 2;
-    if (!base) {
-        if (posix_memalign(&own, 64, size_t(dp.total) * sizeof(float))) return 1;
-        base = static_cast<float*>(own);
-    }
-    base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+    int rc = 0;
+    float* base = scratch_of(c, dp.total, &own, &rc);
+    if (!base) return rc;
     float* const qts = base;
     float* const packed = base + dp.qt + dp.s;
     Work w{nullptr, base + dp.qt, nullptr, nullptr, da, nullptr, nullptr, dp.s};
@@ -1002,13 +1012,9 @@ int run_heads(const hpcattn_cpu_call& c) {
     const i64 nh = c.nh, g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = heads_block_k(c);
     const i64 da = (d + kNR - 1) / kNR * kNR;
     void* own = nullptr;
-    float* base = c.scratch;
-    if (base && c.scratch_floats < p.total) return 2;
-    if (!base) {
-        if (posix_memalign(&own, 64, size_t(p.total) * sizeof(float))) return 1;
-        base = static_cast<float*>(own);
-    }
-    base = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+    int rc = 0;
+    float* base = scratch_of(c, p.total, &own, &rc);
+    if (!base) return rc;
     Work w{nullptr, base + p.qtt, base, nullptr, da, nullptr, nullptr, p.st};
     Range* kr = reinterpret_cast<Range*>(base + p.qtt + p.st);
     float* const heads = base + p.qtt + p.st + p.kr;
