@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blockwise
+from . import blockwise, out_pool
 from .errors import HpcattnError
 from .masks import resolve
 from .validate import attention_scale, causal_positions
@@ -247,15 +247,6 @@ def _strided(x, inner):
     return x
 
 
-def _aligned_empty(shape):
-    """An uninitialised float32 array of ``shape`` whose data starts on a 64-byte boundary (a
-    cache line): the kernel's streaming stores of out rows then write whole lines."""
-    n = int(np.prod(shape))
-    raw = np.empty(n + 16, np.float32)
-    skip = (-raw.ctypes.data % 64) // 4
-    return raw[skip: skip + n].reshape(shape)
-
-
 def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask=None, workers=1,
               block_rows=None, block_k=None, _checked=False):
     """``(out, lse)`` of float32 ``q`` (b, Nq, h, d), ``k``/``v`` (b, Nk, kv_heads, d) as
@@ -281,7 +272,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
             segs = (np.ascontiguousarray(mask.segment(q_pos)), np.ascontiguousarray(mask.segment(k_pos)))
     else:
         q_pos = k_pos = None
-    out = _aligned_empty((b, nq, h, d))
+    out = out_pool.empty_f32((b, nq, h, d))  # 64-byte aligned; a large one reused between calls
     lse = np.empty((b, h, nq), dtype=np.float32)
     bq = max(1, (block_rows or BLOCK_ROWS) // g)
     gemm, ilp64, _ = st["gemm"]

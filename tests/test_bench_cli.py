@@ -109,13 +109,15 @@ def test_interleaved_runs_each_in_turn_after_one_warm_up_round():
 
 
 @pytest.mark.timeout(120)
-def test_serial_part_shows_kernels_cores_half_and_decode_lines():
+def test_serial_part_shows_kernels_cores_half_and_decode_lines(monkeypatch):
     """The serial table names the kernel hpcattn chose beside both kernels, and prints the
-    1-core vs C-core figure (or why not), the bfloat16 line (or its reason) and decode shapes."""
+    1-core vs C-core figure (or why not), the bfloat16 line (or its reason), decode shapes and
+    whether outs were reused there."""
+    monkeypatch.delenv("HPCATTN_REUSE_OUT", raising=False)
     res = CliRunner().invoke(bench, ["--quick", "--parts", "serial", "--no-output", "-N", "256"])
     assert res.exit_code == 0, res.output
     text = res.output
     for needle in ("hpcattn attention [", "hpcattn blockwise (numpy-blockwise kernel)",
                    "one process on 1 core vs", "bfloat16", "decode-like shapes", "4,096 x 16",
-                   "16 x 4,096"):
+                   "16 x 4,096", "reuse the last one freed: on (HPCATTN_REUSE_OUT=1)"):
         assert needle in text, needle

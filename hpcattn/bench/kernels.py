@@ -134,10 +134,11 @@ def decode_shapes(cfg: BenchConfig) -> list:
 
 def decode_rates(cfg: BenchConfig) -> list:
     """Per shape: hpcattn (chosen kernel), the blockwise kernel on its default tiles (what the
-    shape got before tiles were picked from it), torch SDPA; non-causal."""
+    shape got before tiles were picked from it), torch SDPA; non-causal; ``reuse_out``: whether
+    hpcattn's large outs were placed in the last freed one (``hpcattn.out_pool``)."""
     import numpy as np
 
-    from .. import blockwise
+    from .. import blockwise, out_pool
     from ..inputs import random_qkv
 
     rows = []
@@ -152,5 +153,6 @@ def decode_rates(cfg: BenchConfig) -> list:
             runs["torch"] = sdpa
         walls = interleaved(runs, cfg.repeats)
         flops = attention_flops(cfg.batch, nq, h, cfg.head_dim, causal=False, n_k=nk)
-        rows.append({"nq": nq, "nk": nk, **{name: summarize(w, flops) for name, w in walls.items()}})
+        rows.append({"nq": nq, "nk": nk, "reuse_out": out_pool.enabled(),
+                     **{name: summarize(w, flops) for name, w in walls.items()}})
     return rows

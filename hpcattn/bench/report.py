@@ -2,6 +2,7 @@
 and forward+backward (serial beside torch SDPA, and on the ring)."""
 from __future__ import annotations
 
+from .. import out_pool
 from ..machine import THREAD_SETTINGS
 from ..measure import BACKWARD_FLOP_NOTE, FLOP_NOTE
 from .config import BenchConfig
@@ -115,6 +116,10 @@ def _decode_lines(cfg: BenchConfig, res: dict, gemm) -> list:
                 cells += f"{r[key]['gflops']:{width}.1f}{r[key]['gflops'] / ref:10.2f}"
         lines.append(f"  {r['nq']:>8,d} x {r['nk']:<7,d}{cells}")
     lines.append("  torch SDPA's ratio is to torch SDPA's own square-shape rate")
+    reuse = rows[0].get("reuse_out")
+    if reuse is not None:
+        lines.append(f"  hpcattn's outs of >= {out_pool.MIN_BYTES >> 20} MiB reuse the last one freed: "
+                     f"{'on' if reuse else 'off'} (HPCATTN_REUSE_OUT={'1' if reuse else '0'})")
     return lines
 
 
