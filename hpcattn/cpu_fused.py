@@ -53,6 +53,9 @@ DECODE_ROWS = 2048
 #: at most this many query rows (positions x GQA group): every kv head in one call, heads innermost
 #: (the kernel's kFewRows)
 FEW_ROWS = 16
+#: fewer query rows in a call: the AVX2 path neither packs every key once nor stores out straight
+#: (the kernel's kMicroMinRows)
+MICRO_MIN_ROWS = 48
 
 
 def key_tile(d: int) -> int:
@@ -310,11 +313,22 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
 
         run_tasks(tasks, workers)
         return out, lse
-    if workers <= 1 and mask.trivial and nk <= base["block_k"] and hkv > 1:
-        # many queries against keys that fit one tile, no mask: one call per batch entry, which
-        # runs every kv head of a query tile before the next tile (q and out in memory order)
-        for i in range(b):
-            call(i, 0, 0, nq, nh=hkv)
+    if mask.trivial and nk <= base["block_k"] and hkv > 1:
+        # many queries against keys that fit one tile, no mask: one call per batch entry (and
+        # row chunk, on several workers), which runs every kv head of a query tile before the
+        # next tile (q and out in memory order)
+        if workers <= 1:
+            for i in range(b):
+                call(i, 0, 0, nq, nh=hkv)
+            return out, lse
+        from .cpu_pool import run_tasks
+
+        # equal chunks of at least MICRO_MIN_ROWS rows, so each takes the path (and gives the
+        # bits) the one-worker call does
+        n = max(1, min(workers, nq // -(-MICRO_MIN_ROWS // g)))
+        run_tasks([(lambda i=i, r0=r0, r1=r1: call(i, 0, r0, r1, nh=hkv))
+                   for i in range(b) for r0, r1 in ((nq * s // n, nq * (s + 1) // n) for s in range(n))],
+                  workers)
         return out, lse
     if workers <= 1:
         # keys that fit one tile (decode-like shapes): the time goes to reading q and writing

@@ -375,14 +375,20 @@ def test_few_rows_every_kv_head_in_one_call(shape, mask, workers, kv_layout):
 @needs_fused
 @pytest.mark.parametrize("shape", [(2, 301, 16, 8, 4, 72), (1, 500, 3, 2, 2, 8), (1, 97, 40, 3, 3, 128),
                                    (2, 1030, 512, 2, 1, 24), (1, 260, 17, 4, 2, 64), (1, 20000, 16, 8, 8, 64)])
-def test_many_queries_against_a_few_keys_every_head_in_one_call(shape):
-    """Keys that fit one tile, no mask: one call for all kv heads, query tiles head after head,
-    out stored straight from the products (no accumulator): head dims with a partial last 16
-    columns (72, 24, 8), GQA, batches, a query tile boundary inside the rows (1030); an out of
-    41 MB (past L3: streaming stores into the 64-byte aligned out)."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_many_queries_against_a_few_keys_every_head_in_one_call(shape, workers):
+    """Keys that fit one tile, no mask: one call for all kv heads (per row chunk on several
+    workers), query tiles head after head, out stored straight from the products (no
+    accumulator): head dims with a partial last 16 columns (72, 24, 8), GQA, batches, a query
+    tile boundary inside the rows (1030); an out of 41 MB (past L3: streaming stores into the
+    64-byte aligned out). Several workers give the one-worker bits."""
     b, nq, nk, h, hkv, d = shape
     q, k, v = _qkv(nq + nk + d, b, nq, nk, h, hkv, d)
-    _check(cpu_fused.attention(q, k, v, scale=0.3), naive_attention(q, k, v, scale=0.3))
+    got = cpu_fused.attention(q, k, v, scale=0.3, workers=workers)
+    _check(got, naive_attention(q, k, v, scale=0.3))
+    if workers > 1:
+        for a, b in zip(got, cpu_fused.attention(q, k, v, scale=0.3, workers=1)):
+            assert np.array_equal(a, b)
 
 
 @needs_fused
