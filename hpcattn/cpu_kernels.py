@@ -35,6 +35,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from . import out_pool
 from ._threads import kernel_workers
 from .devices import CPU_ATTENTION_DTYPES
 from .devices import CPU_HALF_DTYPES as HALF_DTYPES
@@ -289,5 +290,5 @@ def describe() -> dict:
                                                        else CPU_ATTENTION_DTYPES)
     fused = "not used (numpy requested)" if want == "numpy" else (fused_reason() or "available")
     return {"requested": want, "torch_dtypes": on_torch, "torch": why or "available", "fused": fused,
-            "workers": kernel_workers(), "last": dict(LAST),
+            "workers": kernel_workers(), "last": dict(LAST), "reuse_out": out_pool.enabled(),
             **{dt: half_reason(dt) or "available" for dt in HALF_DTYPES}}

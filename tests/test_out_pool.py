@@ -104,3 +104,17 @@ def test_a_reused_block_of_nan_is_overwritten(monkeypatch, shape):
     assert np.isfinite(out).all()
     assert np.abs(out - ref_out).max() <= 2e-5
     assert np.abs(lse - ref_lse).max() <= 2e-5
+
+
+@pytest.mark.parametrize("value, word", [(None, "on"), ("0", "off"), ("1", "on")])
+def test_info_says_whether_outs_are_reused(monkeypatch, value, word):
+    from click.testing import CliRunner
+
+    from hpcattn.cli.info import info
+
+    if value is not None:
+        monkeypatch.setenv(out_pool.ENV, value)
+    res = CliRunner().invoke(info, [])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "HPCATTN_REUSE_OUT" in x)
+    assert line.rstrip().endswith(f": {word} (HPCATTN_REUSE_OUT=1|0)"), line
