@@ -29,7 +29,8 @@ MIN_BYTES = 32 << 20
 MAX_BYTES = 1 << 30
 ALIGN = 64  # bytes: a cache line, so the kernel's streaming stores of out rows write whole lines
 
-_lock = threading.Lock()
+# reentrant: an allocation inside the lock can run the cyclic GC, which can collect a lease
+_lock = threading.RLock()
 _kept: list = []  # at most one raw block (uint8), ready for reuse
 
 

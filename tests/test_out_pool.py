@@ -62,6 +62,15 @@ def test_kept_only_after_every_view_is_gone(monkeypatch):
     assert not np.shares_memory(b, c)
 
 
+def test_an_out_in_a_reference_cycle_comes_back_when_the_cycle_is_collected(monkeypatch):
+    monkeypatch.setattr(out_pool, "MIN_BYTES", 0)
+    holder = {"out": out_pool.empty_f32((4, 8))}
+    holder["self"] = holder
+    del holder
+    gc.collect()
+    assert out_pool.kept_bytes() == 4 * 8 * 4 + out_pool.ALIGN
+
+
 def test_other_size_frees_the_kept_block(monkeypatch):
     monkeypatch.setattr(out_pool, "MIN_BYTES", 0)
     a = out_pool.empty_f32((10, 10))
