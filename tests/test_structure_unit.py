@@ -31,7 +31,7 @@ LAYERS = [
     # 2: per-rank kernels: NumPy (blockwise) and CUDA (gpu/, which never sees the ring)
     ("kernels", ["hpcattn.blockwise", "hpcattn.blockwise_backward", "hpcattn.gpu",
                  "hpcattn.cpu_kernels", "hpcattn.cpu_fused", "hpcattn.cpu_pool", "hpcattn.cpu_short",
-                 "hpcattn.mask_plan", "hpcattn.emulation"]),
+                 "hpcattn.mask_plan", "hpcattn.emulation", "hpcattn.out_pool"]),
     # 3: the seam that picks NumPy or CUDA once
     ("backend", ["hpcattn.backend"]),
     # 4: distributed algorithms and the mixer zoo (no files, no command lines, no Slurm)
