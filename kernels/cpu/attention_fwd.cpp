@@ -588,21 +588,35 @@ inline bool visible(const hpcattn_cpu_call& c, i64 n, i64 j) {
     return !c.q_seg || c.k_seg[j] == c.q_seg[n];
 }
 
+// qt's rows (rows <= kFewRows, d floats each) transposed into qtt (d x kFewRows, zero past rows)
+inline void transpose_few(const float* qt, i64 rows, i64 d, float* qtt) {
+    for (i64 r = 0; r < kFewRows; ++r)
+        for (i64 p = 0; p < d; ++p) qtt[p * kFewRows + r] = r < rows ? qt[r * d + p] : 0.0f;
+}
+
+// ST's lanes past 16 of kc keys: zero weights for the last 6-row block (nothing writes them)
+inline void clear_few_lanes(float* st, i64 kc) {
+    for (i64 j = 0; j < kc; ++j) std::fill(st + j * kFewLanes + kFewRows, st + (j + 1) * kFewLanes, 0.0f);
+}
+
 // fold() for at most kFewRows query rows: the rows in lanes (see kFewRows). qt's rows are
 // transposed into w.kp (d x 16), scores go key-major into w.s in sub-tiles of kFewKeys keys.
 // next_k/next_v (n_next rows, or NULL): the key and value rows this head folds next, fetched into
-// L2 while this fold computes (run_heads).
+// L2 while this fold computes (run_heads). qtt_ready: qt already transposed (and w.s's padding
+// lanes zero), as run_heads keeps them for all of a query tile's folds.
 void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0, i64 j1,
               bool masked, const float* qt, float* acc, float* m, double* l,
-              const float* next_k = nullptr, const float* next_v = nullptr, i64 n_next = 0) {
+              const float* next_k = nullptr, const float* next_v = nullptr, i64 n_next = 0,
+              const float* qtt_ready = nullptr) {
     const i64 d = c.d, g = c.g, da = w.da, ks = c.k_stride, vs = c.v_stride;
-    float* const qtt = w.kp;
-    for (i64 r = 0; r < kFewRows; ++r)
-        for (i64 p = 0; p < d; ++p) qtt[p * kFewRows + r] = r < rows ? qt[r * d + p] : 0.0f;
     float* const st = w.s;
     const i64 kc = std::max<i64>(1, std::min(kFewKeys, w.s_floats / kFewLanes));  // (callers: >= 1)
-    for (i64 j = 0; j < kc; ++j)  // lanes past 16: zero weights for the last 6-row block
-        std::fill(st + j * kFewLanes + kFewRows, st + (j + 1) * kFewLanes, 0.0f);
+    const float* qtt = qtt_ready;
+    if (!qtt) {
+        transpose_few(qt, rows, d, w.kp);
+        qtt = w.kp;
+        clear_few_lanes(st, kc);
+    }
     alignas(32) float mrow[kFewRows], mnew[kFewRows], sum[kFewRows];
     alignas(32) int32_t lane[kFewRows], tailm[kFewRows];
     const i64 tail = d % 16, dfull = d - tail;
@@ -1098,7 +1112,7 @@ i64 heads_block_k(const hpcattn_cpu_call& c) {
 }
 
 struct HeadsPlan {
-    i64 qtt, st, kr, qt, acc, m, l, per_head, total;
+    i64 qtt, st, kr, qt, acc, m, l, qtt_h, per_head, total;
 };
 
 HeadsPlan heads_plan(const hpcattn_cpu_call& c) {
@@ -1113,7 +1127,8 @@ HeadsPlan heads_plan(const hpcattn_cpu_call& c) {
     p.acc = round16((rows + 8) * da);
     p.m = round16(rows);
     p.l = round16(2 * rows);  // doubles
-    p.per_head = p.qt + p.acc + p.m + p.l;
+    p.qtt_h = round16(c.d * kFewRows);
+    p.per_head = p.qt + p.acc + p.m + p.l + p.qtt_h;
     p.total = p.qtt + p.st + p.kr + c.nh * p.per_head + 16;
     return p;
 }
@@ -1136,6 +1151,9 @@ int run_heads(const hpcattn_cpu_call& c) {
     auto acc_of = [&](i64 h) { return heads + h * p.per_head + p.qt; };
     auto m_of = [&](i64 h) { return heads + h * p.per_head + p.qt + p.acc; };
     auto l_of = [&](i64 h) { return reinterpret_cast<double*>(heads + h * p.per_head + p.qt + p.acc + p.m); };
+    auto qtt_of = [&](i64 h) { return heads + h * p.per_head + p.qt + p.acc + p.m + p.l; };
+    // every fold of a query tile reads its rows transposed once, and ST's padding lanes stay zero
+    clear_few_lanes(w.s, std::max<i64>(1, std::min(kFewKeys, w.s_floats / kFewLanes)));
     for (i64 t0 = 0; t0 < c.nq; t0 += bq) {
         const i64 t1 = std::min(c.nq, t0 + bq), rows = (t1 - t0) * g;
         for (i64 h = 0; h < nh; ++h) {
@@ -1143,6 +1161,7 @@ int run_heads(const hpcattn_cpu_call& c) {
             std::fill(m_of(h), m_of(h) + rows, kNegInf);
             std::fill(l_of(h), l_of(h) + rows, 0.0);
             std::fill(acc_of(h), acc_of(h) + (rows + 6) * da, 0.0f);
+            transpose_few(qt_of(h), rows, d, qtt_of(h));
         }
         const Range qr = range_of(c.q_pos, c.q_seg, t0, t1);
         for (i64 t = 0; t < n_ktiles; ++t) {
@@ -1159,7 +1178,7 @@ int run_heads(const hpcattn_cpu_call& c) {
                 const hpcattn_cpu_call ch = head_of(c, h);
                 fold_few(ch, w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h), m_of(h), l_of(h),
                          n_next ? ch.k + nj0 * ch.k_stride : nullptr,
-                         n_next ? ch.v + nj0 * ch.v_stride : nullptr, n_next);
+                         n_next ? ch.v + nj0 * ch.v_stride : nullptr, n_next, qtt_of(h));
             }
         }
         for (i64 h = 0; h < nh; ++h) finalize(head_of(c, h), t0, t1, acc_of(h), da, m_of(h), l_of(h));
