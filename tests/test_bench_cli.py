@@ -108,6 +108,23 @@ def test_interleaved_runs_each_in_turn_after_one_warm_up_round():
     assert {k: len(v) for k, v in walls.items()} == {"a": 3, "b": 3}
 
 
+def test_interleaved_times_calls_with_the_cyclic_collector_off():
+    import gc
+
+    from hpcattn.bench.backward import interleaved
+
+    seen = []
+    interleaved({"a": lambda: seen.append(gc.isenabled())}, 2)
+    assert seen == [True, False, False]                    # warm-up as is; timed calls: off
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        interleaved({"a": lambda: None}, 1)
+        assert not gc.isenabled()                          # a caller's setting is kept
+    finally:
+        gc.enable()
+
+
 @pytest.mark.timeout(120)
 def test_serial_part_shows_kernels_cores_half_and_decode_lines(monkeypatch):
     """The serial table names the kernel hpcattn chose beside both kernels, and prints the

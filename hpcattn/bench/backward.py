@@ -12,6 +12,7 @@ FlashAttention's convention) for the backward.
 """
 from __future__ import annotations
 
+import gc
 import time
 
 from ..measure import attention_backward_flops, summarize
@@ -38,15 +39,24 @@ def _rows(cfg: BenchConfig, pos):
 def interleaved(runs: dict, repeats: int) -> dict:
     """Wall seconds of each callable in ``runs``, one call of each in turn per repeat, after one
     untimed round (even for one repeat: torch's first backward call sets up autograd and costs
-    far more than a step)."""
+    far more than a step). Python's cyclic garbage collector is off while a call is timed and runs
+    between calls (as ``timeit`` does): with torch imported one full collection took 79 ms, the
+    size of a whole decode-like call; memory is still freed by reference counting."""
     for fn in runs.values():
         fn()
     walls = {name: [] for name in runs}
+    was_enabled = gc.isenabled()
     for _ in range(repeats):
         for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            walls[name].append(time.perf_counter() - t0)
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                fn()
+                walls[name].append(time.perf_counter() - t0)
+            finally:
+                if was_enabled:
+                    gc.enable()
     return walls
 
 
