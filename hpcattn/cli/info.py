@@ -34,7 +34,9 @@ def _cpu_kernel_lines(ck: dict) -> None:
     if ck.get("fused") and ck["fused"] != "available":
         click.echo(f"  cpp-fused: {ck['fused']}")
     if "reuse_out" in ck:
-        click.echo(f"  cpp-fused outs of >= 32 MiB: the last one freed is reused by the next call of "
+        from .. import out_pool
+
+        click.echo(f"  cpp-fused outs of >= {out_pool.MIN_BYTES >> 20} MiB: the last one freed is reused by the next call of "
                    f"its size: {'on' if ck['reuse_out'] else 'off'} (HPCATTN_REUSE_OUT=1|0)")
     for dt in ("bfloat16", "float16"):
         click.echo(f"  {dt} on CPU: {ck[dt]}")

@@ -594,6 +594,11 @@ inline void transpose_few(const float* qt, i64 rows, i64 d, float* qtt) {
         for (i64 p = 0; p < d; ++p) qtt[p * kFewRows + r] = r < rows ? qt[r * d + p] : 0.0f;
 }
 
+// keys per ST sub-tile of fold_few in w.s (callers give room for at least one)
+inline i64 few_subtile_keys(const Work& w) {
+    return std::max<i64>(1, std::min(kFewKeys, w.s_floats / kFewLanes));
+}
+
 // ST's lanes past 16 of kc keys: zero weights for the last 6-row block (nothing writes them)
 inline void clear_few_lanes(float* st, i64 kc) {
     for (i64 j = 0; j < kc; ++j) std::fill(st + j * kFewLanes + kFewRows, st + (j + 1) * kFewLanes, 0.0f);
@@ -610,7 +615,7 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
               const float* qtt_ready = nullptr) {
     const i64 d = c.d, g = c.g, da = w.da, ks = c.k_stride, vs = c.v_stride;
     float* const st = w.s;
-    const i64 kc = std::max<i64>(1, std::min(kFewKeys, w.s_floats / kFewLanes));  // (callers: >= 1)
+    const i64 kc = few_subtile_keys(w);
     const float* qtt = qtt_ready;
     if (!qtt) {
         transpose_few(qt, rows, d, w.kp);
@@ -1153,7 +1158,7 @@ int run_heads(const hpcattn_cpu_call& c) {
     auto l_of = [&](i64 h) { return reinterpret_cast<double*>(heads + h * p.per_head + p.qt + p.acc + p.m); };
     auto qtt_of = [&](i64 h) { return heads + h * p.per_head + p.qt + p.acc + p.m + p.l; };
     // every fold of a query tile reads its rows transposed once, and ST's padding lanes stay zero
-    clear_few_lanes(w.s, std::max<i64>(1, std::min(kFewKeys, w.s_floats / kFewLanes)));
+    clear_few_lanes(w.s, few_subtile_keys(w));
     for (i64 t0 = 0; t0 < c.nq; t0 += bq) {
         const i64 t1 = std::min(c.nq, t0 + bq), rows = (t1 - t0) * g;
         for (i64 h = 0; h < nh; ++h) {
