@@ -7,12 +7,13 @@ stack. Small shapes only: every CUDA thread is a fiber."""
 import numpy as np
 import pytest
 
-from hpcattn import devices
 from hpcattn.emulation.backward import attention_backward_emulated
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import backward, kernels
 from hpcattn.gpu.backward_accuracy import judge_backward, lowprec_attention_backward, scaled_error
 from hpcattn.reference import naive_attention, naive_attention_backward
+
+from kernel_dtypes import np_dtype
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,12 +32,6 @@ SHAPES = [
     (1, 130, 100, 4, 2, 128, True),
     (1, 1, 1, 2, 1, 128, False),
 ]
-
-
-def np_dtype(name):
-    if name == "bfloat16":
-        pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install '.[nvrtc]')")
-    return devices.np_dtype(name)
 
 
 def zigzag(n):

@@ -4,11 +4,12 @@ computed in that precision. Small shapes only: every CUDA thread is a fiber."""
 import numpy as np
 import pytest
 
-from hpcattn import devices
 from hpcattn.emulation import attention_emulated
 from hpcattn.errors import HpcattnError
 from hpcattn.gpu import kernels
 from hpcattn.gpu.accuracy import judge
+
+from kernel_dtypes import np_dtype
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,12 +22,6 @@ SHAPES = [
     (1, 100, 45, 3, 1, 128, False),
     (1, 1, 7, 1, 1, 64, True),
 ]
-
-
-def np_dtype(name):
-    if name == "bfloat16":
-        pytest.importorskip("ml_dtypes", reason="bfloat16 needs ml_dtypes (pip install '.[nvrtc]')")
-    return devices.np_dtype(name)
 
 
 def make_inputs(rng, b, nq, nk, h, hkv, d, dtype):
