@@ -128,13 +128,14 @@ def test_interleaved_times_calls_with_the_cyclic_collector_off():
 @pytest.mark.timeout(120)
 def test_serial_part_shows_kernels_cores_half_and_decode_lines(monkeypatch):
     """The serial table names the kernel hpcattn chose beside both kernels, and prints the
-    1-core vs C-core figure (or why not), the bfloat16 line (or its reason), decode shapes and
-    whether outs were reused there."""
+    1-core vs C-core figure (or why not), the bfloat16 line (or its reason), decode shapes,
+    whether outs were reused there and the GEMM rate timed with them."""
     monkeypatch.delenv("HPCATTN_REUSE_OUT", raising=False)
     res = CliRunner().invoke(bench, ["--quick", "--parts", "serial", "--no-output", "-N", "256"])
     assert res.exit_code == 0, res.output
     text = res.output
     for needle in ("hpcattn attention [", "hpcattn blockwise (numpy-blockwise kernel)",
                    "one process on 1 core vs", "bfloat16", "decode-like shapes", "4,096 x 16",
-                   "16 x 4,096", "reuse the last one freed: on (HPCATTN_REUSE_OUT=1)"):
+                   "16 x 4,096", "reuse the last one freed: on (HPCATTN_REUSE_OUT=1)",
+                   "timed with these rows: "):
         assert needle in text, needle

@@ -134,13 +134,18 @@ def decode_shapes(cfg: BenchConfig) -> list:
 
 def decode_rates(cfg: BenchConfig) -> list:
     """Per shape: hpcattn (chosen kernel), the blockwise kernel on its default tiles (what the
-    shape got before tiles were picked from it), torch SDPA; non-causal; ``reuse_out``: whether
-    hpcattn's large outs were placed in the last freed one (``hpcattn.out_pool``)."""
+    shape got before tiles were picked from it), torch SDPA, and the square GEMM of the kernel
+    table (``gemm``: whether the machine ran slower than when that table was timed); non-causal;
+    ``reuse_out``: whether hpcattn's large outs were placed in the last freed one
+    (``hpcattn.out_pool``)."""
     import numpy as np
 
     from .. import blockwise, out_pool
     from ..inputs import random_qkv
 
+    n = cfg.gemm_n
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(cfg.dtype)
+    c = np.empty_like(a)
     rows = []
     for nq, nk in decode_shapes(cfg):
         h = cfg.heads
@@ -151,8 +156,10 @@ def decode_rates(cfg: BenchConfig) -> list:
         sdpa = _sdpa(dataclasses.replace(cfg, causal=False), q, k, v)
         if sdpa:
             runs["torch"] = sdpa
+        runs["gemm"] = lambda: np.matmul(a, a, out=c)
         walls = interleaved(runs, cfg.repeats)
+        gemm = summarize(walls.pop("gemm"), 2.0 * n ** 3)
         flops = attention_flops(cfg.batch, nq, h, cfg.head_dim, causal=False, n_k=nk)
-        rows.append({"nq": nq, "nk": nk, "reuse_out": out_pool.enabled(),
+        rows.append({"nq": nq, "nk": nk, "reuse_out": out_pool.enabled(), "gemm": gemm,
                      **{name: summarize(w, flops) for name, w in walls.items()}})
     return rows

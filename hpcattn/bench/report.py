@@ -116,6 +116,10 @@ def _decode_lines(cfg: BenchConfig, res: dict, gemm) -> list:
                 cells += f"{r[key]['gflops']:{width}.1f}{r[key]['gflops'] / ref:10.2f}"
         lines.append(f"  {r['nq']:>8,d} x {r['nk']:<7,d}{cells}")
     lines.append("  torch SDPA's ratio is to torch SDPA's own square-shape rate")
+    timed = [r["gemm"]["gflops"] for r in rows if "gemm" in r]
+    if timed:
+        lines.append(f"  GEMM {cfg.gemm_n}^3 timed with these rows: "
+                     f"{' and '.join(f'{g:.1f}' for g in timed)} GFLOP/s ({gemm:.1f} in the first table)")
     reuse = rows[0].get("reuse_out")
     if reuse is not None:
         lines.append(f"  hpcattn's outs of >= {out_pool.MIN_BYTES >> 20} MiB reuse the last one freed: "
