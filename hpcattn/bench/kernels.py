@@ -47,6 +47,17 @@ def _sdpa(cfg: BenchConfig, q, k, v, dtype=None):
     return run
 
 
+def _square_gemm(cfg: BenchConfig):
+    """The reference GEMM: ``gemm_n`` x ``gemm_n`` squared in ``cfg.dtype`` into a preallocated
+    out (2 n^3 FLOP a call)."""
+    import numpy as np
+
+    n = cfg.gemm_n
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(cfg.dtype)
+    c = np.empty_like(a)
+    return lambda: np.matmul(a, a, out=c)
+
+
 def _kernel(q, k, v, causal, kernel=None, workers=None):
     from .. import cpu_kernels
 
@@ -56,15 +67,10 @@ def _kernel(q, k, v, causal, kernel=None, workers=None):
 def kernel_rates(cfg: BenchConfig, q, k, v, extra: dict) -> dict:
     """GFLOP/s of hpcattn (chosen kernel), its two kernels, torch SDPA, a square GEMM and the
     callables in ``extra`` (same FLOPs as attention), interleaved; ``kernel``: what hpcattn chose."""
-    import numpy as np
-
     from .. import cpu_kernels
     from ..backend import attention
 
-    n = cfg.gemm_n
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(cfg.dtype)
-    c = np.empty_like(a)
-    runs = {"gemm": lambda: np.matmul(a, a, out=c),
+    runs = {"gemm": _square_gemm(cfg),
             "hpcattn": lambda: attention(q, k, v, causal=cfg.causal),
             "numpy_blockwise": _kernel(q, k, v, cfg.causal, "numpy")}
     if cpu_kernels.fused_reason() is None and str(q.dtype) == "float32":
@@ -78,7 +84,8 @@ def kernel_rates(cfg: BenchConfig, q, k, v, extra: dict) -> dict:
     walls = interleaved(runs, cfg.repeats)
     attention(q, k, v, causal=cfg.causal)
     flops = cfg.flops()
-    res = {name: summarize(w, 2.0 * n ** 3 if name == "gemm" else flops) for name, w in walls.items()}
+    res = {name: summarize(w, 2.0 * cfg.gemm_n ** 3 if name == "gemm" else flops)
+           for name, w in walls.items()}
     res["kernel"] = cpu_kernels.LAST["forward"]
     if sdpa:
         res["torch"]["version"] = _torch().__version__
@@ -143,9 +150,7 @@ def decode_rates(cfg: BenchConfig) -> list:
     from .. import blockwise, out_pool
     from ..inputs import random_qkv
 
-    n = cfg.gemm_n
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(cfg.dtype)
-    c = np.empty_like(a)
+    square_gemm = _square_gemm(cfg)
     rows = []
     for nq, nk in decode_shapes(cfg):
         h = cfg.heads
@@ -156,9 +161,9 @@ def decode_rates(cfg: BenchConfig) -> list:
         sdpa = _sdpa(dataclasses.replace(cfg, causal=False), q, k, v)
         if sdpa:
             runs["torch"] = sdpa
-        runs["gemm"] = lambda: np.matmul(a, a, out=c)
+        runs["gemm"] = square_gemm
         walls = interleaved(runs, cfg.repeats)
-        gemm = summarize(walls.pop("gemm"), 2.0 * n ** 3)
+        gemm = summarize(walls.pop("gemm"), 2.0 * cfg.gemm_n ** 3)
         flops = attention_flops(cfg.batch, nq, h, cfg.head_dim, causal=False, n_k=nk)
         rows.append({"nq": nq, "nk": nk, "reuse_out": out_pool.enabled(), "gemm": gemm,
                      **{name: summarize(w, flops) for name, w in walls.items()}})
