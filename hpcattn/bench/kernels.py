@@ -47,7 +47,7 @@ def _sdpa(cfg: BenchConfig, q, k, v, dtype=None):
     return run
 
 
-def _square_gemm(cfg: BenchConfig):
+def square_gemm(cfg: BenchConfig):
     """The reference GEMM: ``gemm_n`` x ``gemm_n`` squared in ``cfg.dtype`` into a preallocated
     out (2 n^3 FLOP a call)."""
     import numpy as np
@@ -70,7 +70,7 @@ def kernel_rates(cfg: BenchConfig, q, k, v, extra: dict) -> dict:
     from .. import cpu_kernels
     from ..backend import attention
 
-    runs = {"gemm": _square_gemm(cfg),
+    runs = {"gemm": square_gemm(cfg),
             "hpcattn": lambda: attention(q, k, v, causal=cfg.causal),
             "numpy_blockwise": _kernel(q, k, v, cfg.causal, "numpy")}
     if cpu_kernels.fused_reason() is None and str(q.dtype) == "float32":
@@ -150,7 +150,7 @@ def decode_rates(cfg: BenchConfig) -> list:
     from .. import blockwise, out_pool
     from ..inputs import random_qkv
 
-    square_gemm = _square_gemm(cfg)
+    gemm_call = square_gemm(cfg)
     rows = []
     for nq, nk in decode_shapes(cfg):
         h = cfg.heads
@@ -161,7 +161,7 @@ def decode_rates(cfg: BenchConfig) -> list:
         sdpa = _sdpa(dataclasses.replace(cfg, causal=False), q, k, v)
         if sdpa:
             runs["torch"] = sdpa
-        runs["gemm"] = square_gemm
+        runs["gemm"] = gemm_call
         walls = interleaved(runs, cfg.repeats)
         gemm = summarize(walls.pop("gemm"), 2.0 * cfg.gemm_n ** 3)
         flops = attention_flops(cfg.batch, nq, h, cfg.head_dim, causal=False, n_k=nk)
