@@ -3,8 +3,9 @@ run time with the host C++ compiler and loaded with ctypes.
 
 It computes what ``hpcattn.blockwise`` computes (float32, every mask, GQA, global positions) with
 the tile loop in compiled code: the products by 6x16 register-blocked AVX2 kernels where the CPU
-has AVX2+FMA (else, and for folds of few query rows, through the sgemm of the BLAS NumPy itself
-loaded, found in this process and passed as a function pointer), and one fused pass per row for
+has AVX2+FMA, 6x64 ones in zmm registers where it has AVX-512 (else, and for folds of few query
+rows, through the sgemm of the BLAS NumPy itself loaded, found in this process and passed as a
+function pointer), and one fused pass per row for
 mask, max, exp and sums, where the NumPy kernel makes several passes from Python. A call holds no
 GIL (ctypes releases it), so the (batch x kv head x query rows) shares run on all the process's
 kernel workers at once. :class:`FusedPartial` is a ring rank's online state on the same code.

@@ -4,7 +4,8 @@
 // Per (query tile x key tile) it computes S = (scale Q) K^T, then per row the mask (partial
 // tiles only), the row max, exp(s - m) and its sum, the rescale of the row's accumulator when its
 // max grew, and ACC += P V. Two paths compute the products:
-//  * AVX2+FMA (built with -march=native on such a CPU): 6 x 16 register-blocked kernels, six
+//  * AVX2+FMA (built with -march=native on such a CPU): 6 x 16 register-blocked kernels (6 x 64
+//    and 6 x 32 in zmm registers, and the row pass in 16 lanes, where the CPU has AVX-512), six
 //    query rows at a time from scores to accumulator (their score rows stay in L1), keys and
 //    values packed once per call into 16-wide panels (the tile in L2);
 //  * elsewhere: two sgemm calls per tile through the BLAS NumPy already loaded (a function
@@ -237,9 +238,43 @@ inline void softmax6_16(float* s, i64 nkt, float* lse6) {
     }
 }
 
+#if defined(__AVX512F__)
+// exp_nonpos8 in sixteen lanes (the same operations lane by lane: the same numbers)
+inline __m512 exp_nonpos16(__m512 x) {
+    const __m512 shifter = _mm512_set1_ps(12582912.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 t = _mm512_fmadd_ps(x, log2e, shifter);
+    const __m512 n = _mm512_sub_ps(t, shifter);
+    const __m512 f = _mm512_fmsub_ps(x, log2e, n);
+    __m512 p = _mm512_set1_ps(1.3278164e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6755559e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507079e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022119e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+    const __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
+                                          _mm512_set1_epi32(127 << 23));
+    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), y);
+}
+
+// the low and high eight lanes added: the ymm loops' a0 + a1
+inline __m256 fold_halves(__m512 x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+#endif
+
 inline float row_max(const float* s, i64 n) {
     __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
     i64 j = 0;
+#if defined(__AVX512F__)
+    if (n >= 16) {
+        __m512 z = _mm512_set1_ps(kNegInf);
+        for (; j + 16 <= n; j += 16) z = _mm512_max_ps(z, _mm512_loadu_ps(s + j));
+        m0 = _mm512_castps512_ps256(z);
+        m1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1));
+    }
+#endif
     for (; j + 16 <= n; j += 16) {
         m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s + j));
         m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s + j + 8));
@@ -254,6 +289,18 @@ inline float exp_row(float* s, i64 n, float m) {
     const __m256 mv = _mm256_set1_ps(m);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     i64 j = 0;
+#if defined(__AVX512F__)
+    if (n >= 16) {  // lane i of a sums what a0's (i < 8) or a1's (i - 8) lane would: same sum
+        const __m512 mz = _mm512_set1_ps(m);
+        __m512 a = _mm512_setzero_ps();
+        for (; j + 16 <= n; j += 16) {
+            const __m512 p = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mz));
+            _mm512_storeu_ps(s + j, p);
+            a = _mm512_add_ps(a, p);
+        }
+        a0 = fold_halves(a);  // a0 + a1 below adds a1 = 0: exact
+    }
+#endif
     for (; j + 16 <= n; j += 16) {
         const __m256 p0 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
         const __m256 p1 = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), mv));
@@ -464,6 +511,121 @@ inline void micro_pv(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, 
 #define HPCATTN_STORE(i) _mm256_storeu_ps(acc + i * d16, x##i##0), _mm256_storeu_ps(acc + i * d16 + 8, x##i##1);
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
+}
+#if defined(__AVX512F__)
+// AVX-512 (one 16-key panel or 16 accumulator columns per zmm): six rows by 64 or 32 columns in
+// 24 or 12 zmm accumulators. The 6x16 ymm kernels above keep 12 accumulators of 8 lanes, half
+// the FMA width of a core with two 512-bit FMA ports (measured: docs/performance-notes.md). Each
+// output element is the same chain of FMAs in the same order as the ymm kernels: same numbers.
+#define HPCATTN_ZROW2(i) __m512 z##i##0 = _mm512_setzero_ps(), z##i##1 = z##i##0;
+#define HPCATTN_ZROW4(i) __m512 z##i##0 = _mm512_setzero_ps(), z##i##1 = z##i##0, z##i##2 = z##i##0, z##i##3 = z##i##0;
+#define HPCATTN_ZFMA2(i, src)                                      \
+    {                                                              \
+        const __m512 a = _mm512_set1_ps(*(src));                   \
+        z##i##0 = _mm512_fmadd_ps(a, b0, z##i##0);                 \
+        z##i##1 = _mm512_fmadd_ps(a, b1, z##i##1);                 \
+    }
+#define HPCATTN_ZFMA4(i, src)                                      \
+    {                                                              \
+        const __m512 a = _mm512_set1_ps(*(src));                   \
+        z##i##0 = _mm512_fmadd_ps(a, b0, z##i##0);                 \
+        z##i##1 = _mm512_fmadd_ps(a, b1, z##i##1);                 \
+        z##i##2 = _mm512_fmadd_ps(a, b2, z##i##2);                 \
+        z##i##3 = _mm512_fmadd_ps(a, b3, z##i##3);                 \
+    }
+#define HPCATTN_ZSIX(M, a, st)                                                                  \
+    M(0, a) M(1, a + st) M(2, a + 2 * st) M(3, a + 3 * st) M(4, a + 4 * st) M(5, a + 5 * st)
+
+// S[6 rows][64] = Q[6 rows][0..d) . four Kpanels (panel pstride floats apart)
+inline void micro_qk4(const float* q, i64 d, const float* kp, i64 pstride, float* s, i64 ld) {
+    HPCATTN_ZROW4(0) HPCATTN_ZROW4(1) HPCATTN_ZROW4(2) HPCATTN_ZROW4(3) HPCATTN_ZROW4(4) HPCATTN_ZROW4(5)
+    for (i64 p = 0; p < d; ++p) {
+        const float* b = kp + p * kNR;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + pstride),
+                     b2 = _mm512_loadu_ps(b + 2 * pstride), b3 = _mm512_loadu_ps(b + 3 * pstride);
+        HPCATTN_ZSIX(HPCATTN_ZFMA4, q + p, d)
+    }
+#define HPCATTN_STORE(i)                                                                        \
+    _mm512_storeu_ps(s + i * ld, z##i##0), _mm512_storeu_ps(s + i * ld + 16, z##i##1),          \
+        _mm512_storeu_ps(s + i * ld + 32, z##i##2), _mm512_storeu_ps(s + i * ld + 48, z##i##3);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+
+// S[6 rows][32] = Q[6 rows][0..d) . two Kpanels
+inline void micro_qk2(const float* q, i64 d, const float* kp, i64 pstride, float* s, i64 ld) {
+    HPCATTN_ZROW2(0) HPCATTN_ZROW2(1) HPCATTN_ZROW2(2) HPCATTN_ZROW2(3) HPCATTN_ZROW2(4) HPCATTN_ZROW2(5)
+    for (i64 p = 0; p < d; ++p) {
+        const float* b = kp + p * kNR;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + pstride);
+        HPCATTN_ZSIX(HPCATTN_ZFMA2, q + p, d)
+    }
+#define HPCATTN_STORE(i) _mm512_storeu_ps(s + i * ld, z##i##0), _mm512_storeu_ps(s + i * ld + 16, z##i##1);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+
+// ACC[6 rows][64 cols] += P[6 rows][0..n) . Vp[0..n)[64 cols]  (P rows ld apart, Vp/ACC rows d16)
+inline void micro_pv4(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, float* acc) {
+#define HPCATTN_LOAD(i)                                                                         \
+    __m512 z##i##0 = _mm512_loadu_ps(acc + i * d16), z##i##1 = _mm512_loadu_ps(acc + i * d16 + 16), \
+           z##i##2 = _mm512_loadu_ps(acc + i * d16 + 32), z##i##3 = _mm512_loadu_ps(acc + i * d16 + 48);
+    HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
+#undef HPCATTN_LOAD
+    for (i64 j = 0; j < n; ++j) {
+        const float* b = vcol + j * d16;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
+                     b3 = _mm512_loadu_ps(b + 48);
+        HPCATTN_ZSIX(HPCATTN_ZFMA4, p + j, ld)
+    }
+#define HPCATTN_STORE(i)                                                                        \
+    _mm512_storeu_ps(acc + i * d16, z##i##0), _mm512_storeu_ps(acc + i * d16 + 16, z##i##1),    \
+        _mm512_storeu_ps(acc + i * d16 + 32, z##i##2), _mm512_storeu_ps(acc + i * d16 + 48, z##i##3);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+
+// ACC[6 rows][32 cols] += P[6 rows][0..n) . Vp[0..n)[32 cols]
+inline void micro_pv2(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, float* acc) {
+#define HPCATTN_LOAD(i) __m512 z##i##0 = _mm512_loadu_ps(acc + i * d16), z##i##1 = _mm512_loadu_ps(acc + i * d16 + 16);
+    HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
+#undef HPCATTN_LOAD
+    for (i64 j = 0; j < n; ++j) {
+        const float* b = vcol + j * d16;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        HPCATTN_ZSIX(HPCATTN_ZFMA2, p + j, ld)
+    }
+#define HPCATTN_STORE(i) _mm512_storeu_ps(acc + i * d16, z##i##0), _mm512_storeu_ps(acc + i * d16 + 16, z##i##1);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+#undef HPCATTN_ZSIX
+#undef HPCATTN_ZFMA4
+#undef HPCATTN_ZFMA2
+#undef HPCATTN_ZROW4
+#undef HPCATTN_ZROW2
+#endif
+
+// S[6 rows][0..16*panels) = Q[6 rows][0..d) . Kp's panels (S rows ld apart): the widest kernels
+// this build has
+inline void micro_qk_panels(const float* q, i64 d, const float* kp, i64 panels, float* s, i64 ld) {
+    const i64 ps = d * kNR;
+    i64 pn = 0;
+#if defined(__AVX512F__)
+    for (; pn + 4 <= panels; pn += 4) micro_qk4(q, d, kp + pn * ps, ps, s + pn * kNR, ld);
+    for (; pn + 2 <= panels; pn += 2) micro_qk2(q, d, kp + pn * ps, ps, s + pn * kNR, ld);
+#endif
+    for (; pn < panels; ++pn) micro_qk(q, d, kp + pn * ps, s + pn * kNR, ld);
+}
+
+// ACC[6 rows][0..da) += P[6 rows][0..n) . Vp[0..n)[0..da)  (da a multiple of 16; Vp/ACC rows da)
+inline void micro_pv_cols(const float* p, i64 ld, i64 n, const float* vp, i64 da, float* acc) {
+    i64 cp = 0;
+#if defined(__AVX512F__)
+    for (; cp + 64 <= da; cp += 64) micro_pv4(p, ld, n, vp + cp, da, acc + cp);
+    for (; cp + 32 <= da; cp += 32) micro_pv2(p, ld, n, vp + cp, da, acc + cp);
+#endif
+    for (; cp < da; cp += kNR) micro_pv(p, ld, n, vp + cp, da, acc + cp);
 }
 constexpr i64 kMR = 6;
 constexpr i64 kMicroMinRows = 48;  // fewer query rows in a fold: the few-row kernels or sgemm
@@ -744,8 +906,7 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
         }
         for (i64 r0 = 0; r0 < rows; r0 += kMR) {
             const i64 nr = std::min(kMR, rows - r0);
-            for (i64 pn = 0; pn < panels; ++pn)
-                micro_qk(qt + r0 * d, d, kp + pn * d * kNR, s + pn * kNR, ld);
+            micro_qk_panels(qt + r0 * d, d, kp, panels, s, ld);
             for (i64 i = 0; i < nr; ++i) {
                 const i64 r = r0 + i;
                 if (masked) mask_row(c, s + i * ld, t0 + r / g, j0, j1, runs);
@@ -753,8 +914,7 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
             }
             // rows past the block add 0 to the rows after it (they belong to the next block)
             std::memset(s + nr * ld, 0, size_t((kMR - nr) * ld) * sizeof(float));
-            for (i64 cp = 0; cp < da; cp += kNR)
-                micro_pv(s, ld, nkt, vp + cp, da, acc + r0 * da + cp);
+            micro_pv_cols(s, ld, nkt, vp, da, acc + r0 * da);
         }
         return;
     }
