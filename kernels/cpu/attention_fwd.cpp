@@ -33,6 +33,11 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers seed masked builtins with _mm512_undefined_ps(), which its
+// -Wmaybe-uninitialized reports at every inlined use (GCC bug 105593): not this code's
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 typedef int64_t i64;
 
@@ -599,11 +604,46 @@ inline void micro_pv2(const float* p, i64 ld, i64 n, const float* vcol, i64 d16,
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
 }
-#undef HPCATTN_ZSIX
-#undef HPCATTN_ZFMA4
-#undef HPCATTN_ZFMA2
-#undef HPCATTN_ZROW4
-#undef HPCATTN_ZROW2
+// S[6 rows][16] = Q[6 rows][0..d) . Kpanel: micro_qk in one zmm per row
+inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64 ld) {
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0;
+    for (i64 p = 0; p < d; ++p) {
+        const __m512 b = _mm512_loadu_ps(kpanel + p * kNR);
+        z0 = _mm512_fmadd_ps(_mm512_set1_ps(q[p]), b, z0);
+        z1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + p]), b, z1);
+        z2 = _mm512_fmadd_ps(_mm512_set1_ps(q[2 * d + p]), b, z2);
+        z3 = _mm512_fmadd_ps(_mm512_set1_ps(q[3 * d + p]), b, z3);
+        z4 = _mm512_fmadd_ps(_mm512_set1_ps(q[4 * d + p]), b, z4);
+        z5 = _mm512_fmadd_ps(_mm512_set1_ps(q[5 * d + p]), b, z5);
+    }
+    _mm512_storeu_ps(s, z0), _mm512_storeu_ps(s + ld, z1), _mm512_storeu_ps(s + 2 * ld, z2);
+    _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
+}
+
+// OUT rows o[0..6) (NULL: not stored), columns [cp, cp + 64) = P[6 rows][0..n) . Vp[0..n)[64
+// cols] from zero (micro_pv_out for four 16-column blocks at once); stream: every o[i] + cp is
+// 64-byte aligned, and the stores bypass the cache
+inline void micro_pv_out4(const float* p, i64 ld, i64 n, const float* vcol, i64 d16,
+                          float* const* o, i64 cp, bool stream) {
+    HPCATTN_ZROW4(0) HPCATTN_ZROW4(1) HPCATTN_ZROW4(2) HPCATTN_ZROW4(3) HPCATTN_ZROW4(4) HPCATTN_ZROW4(5)
+    for (i64 j = 0; j < n; ++j) {
+        const float* b = vcol + j * d16;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
+                     b3 = _mm512_loadu_ps(b + 48);
+        HPCATTN_ZSIX(HPCATTN_ZFMA4, p + j, ld)
+    }
+#define HPCATTN_STORE(i, ST)                                                                    \
+    if (o[i]) ST(o[i] + cp, z##i##0), ST(o[i] + cp + 16, z##i##1), ST(o[i] + cp + 32, z##i##2), \
+        ST(o[i] + cp + 48, z##i##3);
+    if (stream) {
+        HPCATTN_STORE(0, _mm512_stream_ps) HPCATTN_STORE(1, _mm512_stream_ps) HPCATTN_STORE(2, _mm512_stream_ps)
+        HPCATTN_STORE(3, _mm512_stream_ps) HPCATTN_STORE(4, _mm512_stream_ps) HPCATTN_STORE(5, _mm512_stream_ps)
+    } else {
+        HPCATTN_STORE(0, _mm512_storeu_ps) HPCATTN_STORE(1, _mm512_storeu_ps) HPCATTN_STORE(2, _mm512_storeu_ps)
+        HPCATTN_STORE(3, _mm512_storeu_ps) HPCATTN_STORE(4, _mm512_storeu_ps) HPCATTN_STORE(5, _mm512_storeu_ps)
+    }
+#undef HPCATTN_STORE
+}
 #endif
 
 // S[6 rows][0..16*panels) = Q[6 rows][0..d) . Kp's panels (S rows ld apart): the widest kernels
@@ -614,6 +654,7 @@ inline void micro_qk_panels(const float* q, i64 d, const float* kp, i64 panels, 
 #if defined(__AVX512F__)
     for (; pn + 4 <= panels; pn += 4) micro_qk4(q, d, kp + pn * ps, ps, s + pn * kNR, ld);
     for (; pn + 2 <= panels; pn += 2) micro_qk2(q, d, kp + pn * ps, ps, s + pn * kNR, ld);
+    if (pn < panels) micro_qk1z(q, d, kp + pn * ps, s + pn * kNR, ld), ++pn;
 #endif
     for (; pn < panels; ++pn) micro_qk(q, d, kp + pn * ps, s + pn * kNR, ld);
 }
@@ -693,6 +734,46 @@ inline void few_pv6(const float* pt, i64 n, const float* v, i64 vs, float* acc, 
 #undef HPCATTN_STORE
 }
 
+#if defined(__AVX512F__)
+// few_qk6 with a key's 16 lanes in one zmm (the same FMA chain per lane)
+inline void few_qk6z(const float* k, i64 ks, const float* qt, i64 d, float* st) {
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0;
+    for (i64 p = 0; p < d; ++p) {
+        const __m512 a = _mm512_load_ps(qt + p * 16);
+        z0 = _mm512_fmadd_ps(_mm512_set1_ps(k[p]), a, z0);
+        z1 = _mm512_fmadd_ps(_mm512_set1_ps(k[ks + p]), a, z1);
+        z2 = _mm512_fmadd_ps(_mm512_set1_ps(k[2 * ks + p]), a, z2);
+        z3 = _mm512_fmadd_ps(_mm512_set1_ps(k[3 * ks + p]), a, z3);
+        z4 = _mm512_fmadd_ps(_mm512_set1_ps(k[4 * ks + p]), a, z4);
+        z5 = _mm512_fmadd_ps(_mm512_set1_ps(k[5 * ks + p]), a, z5);
+    }
+    _mm512_storeu_ps(st, z0), _mm512_storeu_ps(st + kFewLanes, z1), _mm512_storeu_ps(st + 2 * kFewLanes, z2);
+    _mm512_storeu_ps(st + 3 * kFewLanes, z3), _mm512_storeu_ps(st + 4 * kFewLanes, z4);
+    _mm512_storeu_ps(st + 5 * kFewLanes, z5);
+}
+
+// few_pv6<false> for 64 columns at once: ACC[6 rows][64 cols] += PT[0..n)[6 lanes]^T . V[0..n)[64
+// cols] (V rows vs floats apart, read in place; ACC rows da)
+inline void few_pv6z4(const float* pt, i64 n, const float* v, i64 vs, float* acc, i64 da) {
+#define HPCATTN_LOAD(i)                                                                         \
+    __m512 z##i##0 = _mm512_loadu_ps(acc + i * da), z##i##1 = _mm512_loadu_ps(acc + i * da + 16), \
+           z##i##2 = _mm512_loadu_ps(acc + i * da + 32), z##i##3 = _mm512_loadu_ps(acc + i * da + 48);
+    HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
+#undef HPCATTN_LOAD
+    for (i64 j = 0; j < n; ++j) {
+        const float* b = v + j * vs;
+        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
+                     b3 = _mm512_loadu_ps(b + 48);
+        HPCATTN_ZSIX(HPCATTN_ZFMA4, pt + j * kFewLanes, 1)
+    }
+#define HPCATTN_STORE(i)                                                                        \
+    _mm512_storeu_ps(acc + i * da, z##i##0), _mm512_storeu_ps(acc + i * da + 16, z##i##1),      \
+        _mm512_storeu_ps(acc + i * da + 32, z##i##2), _mm512_storeu_ps(acc + i * da + 48, z##i##3);
+    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
+#undef HPCATTN_STORE
+}
+#endif
+
 // OUT rows o[0..6) (NULL: not stored), columns [cp, cp + 16) = P[6 rows][0..n) . Vp[0..n)[16
 // cols] from zero, no accumulator; width < 16: only the first width columns are stored
 inline void micro_pv_out(const float* p, i64 ld, i64 n, const float* vcol, i64 d16,
@@ -724,6 +805,13 @@ inline void micro_pv_out(const float* p, i64 ld, i64 n, const float* vcol, i64 d
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
 }
+#if defined(__AVX512F__)
+#undef HPCATTN_ZSIX
+#undef HPCATTN_ZFMA4
+#undef HPCATTN_ZFMA2
+#undef HPCATTN_ZROW4
+#undef HPCATTN_ZROW2
+#endif
 #undef HPCATTN_ROW
 #undef HPCATTN_FMA
 
@@ -768,12 +856,10 @@ inline void clear_few_lanes(float* st, i64 kc) {
 
 // fold() for at most kFewRows query rows: the rows in lanes (see kFewRows). qt's rows are
 // transposed into w.kp (d x 16), scores go key-major into w.s in sub-tiles of kFewKeys keys.
-// next_k/next_v (n_next rows, or NULL): the key and value rows this head folds next, fetched into
-// L2 while this fold computes (run_heads). qtt_ready: qt already transposed (and w.s's padding
-// lanes zero), as run_heads keeps them for all of a query tile's folds.
+// qtt_ready: qt already transposed (and w.s's padding lanes zero), as run_heads keeps them for
+// all of a query tile's folds.
 void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0, i64 j1,
               bool masked, const float* qt, float* acc, float* m, double* l,
-              const float* next_k = nullptr, const float* next_v = nullptr, i64 n_next = 0,
               const float* qtt_ready = nullptr) {
     const i64 d = c.d, g = c.g, da = w.da, ks = c.k_stride, vs = c.v_stride;
     float* const st = w.s;
@@ -784,19 +870,22 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
         qtt = w.kp;
         clear_few_lanes(st, kc);
     }
-    alignas(32) float mrow[kFewRows], mnew[kFewRows], sum[kFewRows];
-    alignas(32) int32_t lane[kFewRows], tailm[kFewRows];
+    alignas(64) float mrow[kFewRows], mnew[kFewRows], sum[kFewRows];
+    alignas(32) int32_t tailm[kFewRows];
     const i64 tail = d % 16, dfull = d - tail;
     for (i64 r = 0; r < kFewRows; ++r) {
         mrow[r] = r < rows ? m[r] : kNegInf;
-        lane[r] = r < rows ? -1 : 0;
         tailm[r] = r < tail ? -1 : 0;
     }
-    const __m256 valid0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane)));
-    const __m256 valid1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane + 8)));
     const __m256i cm0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tailm));
     const __m256i cm1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(tailm + 8));
+#if !defined(__AVX512F__)
+    alignas(32) int32_t lane[kFewRows];  // the rows' lanes (AVX-512 takes a __mmask16)
+    for (i64 r = 0; r < kFewRows; ++r) lane[r] = r < rows ? -1 : 0;
+    const __m256 valid0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane)));
+    const __m256 valid1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(lane + 8)));
     const __m256 ninf = _mm256_set1_ps(kNegInf);
+#endif
     for (i64 a = j0; a < j1; a += kc) {
         const i64 n = std::min(kc, j1 - a);
         const float* kr = c.k + a * ks;
@@ -810,25 +899,35 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
                     if (a + j + 12 + i < j1) __builtin_prefetch(kr + (j + 12 + i) * ks + x, 0, 3);
                     __builtin_prefetch(vr + (j + i) * vs + x, 0, 3);
                 }
-            for (i64 r = a - j0 + j; r < std::min(n_next, a - j0 + j + 6); ++r)
-                for (i64 x = 0; x < d; x += 16) {
-                    __builtin_prefetch(next_k + r * ks + x, 0, 2);
-                    __builtin_prefetch(next_v + r * vs + x, 0, 2);
-                }
+#if defined(__AVX512F__)
+            few_qk6z(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
+#else
             few_qk6(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
+#endif
         }
         for (; j < n; ++j) few_qk1(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
-        if (a + n == j1)  // the next rows this fold's blocks did not reach
-            for (i64 r = a - j0 + j; r < n_next; ++r)
-                for (i64 x = 0; x < d; x += 16) {
-                    __builtin_prefetch(next_k + r * ks + x, 0, 2);
-                    __builtin_prefetch(next_v + r * vs + x, 0, 2);
-                }
         if (masked)
             for (i64 r = 0; r < rows; ++r)
                 for (i64 jj = 0; jj < n; ++jj)
                     if (!visible(c, t0 + r / g, a + jj)) st[jj * kFewLanes + r] = kNegInf;
         // the online softmax down the lanes: max, exp(s - max) and sums, rescales
+#if defined(__AVX512F__)
+        {  // the sixteen lanes in one zmm (the same operations lane by lane)
+            __m512 mx = _mm512_load_ps(mrow);
+            for (i64 jj = 0; jj < n; ++jj) mx = _mm512_max_ps(mx, _mm512_loadu_ps(st + jj * kFewLanes));
+            _mm512_store_ps(mnew, mx);
+            const __m512 ms = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mx, _mm512_set1_ps(kNegInf), _CMP_NEQ_UQ), mx);
+            const __mmask16 valid = __mmask16((1u << rows) - 1u);
+            __m512 sz = _mm512_setzero_ps();
+            for (i64 jj = 0; jj < n; ++jj) {
+                float* sj = st + jj * kFewLanes;
+                const __m512 pz = _mm512_maskz_mov_ps(valid, exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(sj), ms)));
+                _mm512_storeu_ps(sj, pz);
+                sz = _mm512_add_ps(sz, pz);
+            }
+            _mm512_store_ps(sum, sz);
+        }
+#else
         __m256 mx0 = _mm256_load_ps(mrow), mx1 = _mm256_load_ps(mrow + 8);
         for (i64 jj = 0; jj < n; ++jj) {
             mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(st + jj * kFewLanes));
@@ -851,6 +950,7 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
         }
         _mm256_store_ps(sum, s0);
         _mm256_store_ps(sum + 8, s1);
+#endif
         for (i64 r = 0; r < rows; ++r) {
             if (mnew[r] == kNegInf) continue;  // nothing visible yet: adds nothing
             if (mnew[r] != mrow[r]) {
@@ -866,7 +966,11 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
             l[r] += sum[r];
         }
         for (i64 r0 = 0; r0 < rows; r0 += kMR) {
-            for (i64 cp = 0; cp < dfull; cp += kNR)
+            i64 cp = 0;
+#if defined(__AVX512F__)
+            for (; cp + 64 <= dfull; cp += 64) few_pv6z4(st + r0, n, vr + cp, vs, acc + r0 * da + cp, da);
+#endif
+            for (; cp < dfull; cp += kNR)
                 few_pv6<false>(st + r0, n, vr + cp, vs, acc + r0 * da + cp, da, cm0, cm1);
             if (tail) few_pv6<true>(st + r0, n, vr + dfull, vs, acc + r0 * da + dfull, da, cm0, cm1);
         }
@@ -945,10 +1049,22 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
     const i64 d = c.d, g = c.g, rows = (t1 - t0) * g, nkt = c.nk, da = w.da;
     const i64 panels = (nkt + kNR - 1) / kNR, ld = panels * kNR;
     float* const s = w.s;
+#if defined(__AVX512F__)
+    // out's columns 64 at a time in zmm registers (streamed: where every row's start is 64-byte
+    // aligned, as zmm streaming stores need)
+    const i64 d64 = !stream || (reinterpret_cast<uintptr_t>(c.out) % 64 == 0 && c.o_stride % 16 == 0)
+                        ? d / 64 * 64 : 0;
+#endif
+    auto store_out = [&](float* const* o) {
+        i64 cp = 0;
+#if defined(__AVX512F__)
+        for (; cp < d64; cp += 64) micro_pv_out4(s, ld, nkt, w.vp_all + cp, da, o, cp, stream);
+#endif
+        for (; cp < d; cp += kNR) micro_pv_out(s, ld, nkt, w.vp_all + cp, da, o, cp, d - cp, stream);
+    };
     for (i64 r0 = 0; r0 < rows; r0 += kMR) {
         const i64 nr = std::min(kMR, rows - r0);
-        for (i64 pn = 0; pn < panels; ++pn)
-            micro_qk(qt + r0 * d, d, w.kp_all + pn * d * kNR, s + pn * kNR, ld);
+        micro_qk_panels(qt + r0 * d, d, w.kp_all, panels, s, ld);
         float* o[kMR] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
         if (panels == 1) {  // at most 16 keys: the six rows' statistics as vectors
             alignas(32) float lse6[8];
@@ -958,8 +1074,7 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
                 c.lse[gi * c.lse_head_stride + n] = lse6[i];
                 o[i] = c.out + n * c.o_stride + gi * d;
             }
-            for (i64 cp = 0; cp < d; cp += kNR)
-                micro_pv_out(s, ld, nkt, w.vp_all + cp, da, o, cp, d - cp, stream);
+            store_out(o);
             continue;
         }
         for (i64 i = 0; i < nr; ++i) {
@@ -974,8 +1089,7 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
             c.lse[gi * c.lse_head_stride + n] = mx + std::log(sum);
             o[i] = c.out + n * c.o_stride + gi * d;
         }
-        for (i64 cp = 0; cp < d; cp += kNR)
-            micro_pv_out(s, ld, nkt, w.vp_all + cp, da, o, cp, d - cp, stream);
+        store_out(o);
     }
 }
 #endif
@@ -1262,8 +1376,9 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
 // queries against a long cache), heads innermost. Key rows hold every kv head (k_stride floats
 // apart), so one head's keys and values are 256-byte pieces of rows several KiB apart, which the
 // hardware prefetcher does not follow; head after head over one key tile reads the tile's rows
-// whole, and each head fetches its rows of the next tile into L2 while it computes this one
-// (measured: docs/performance-notes.md). The tile: kHeadsTileBytes of keys and values, all heads.
+// whole (fold_few fetches each block's rows a little ahead). Fetching the next tile's rows into
+// L2 while a head computes this one was measured 13% slower on a Xeon (docs/performance-notes.md)
+// and is not done. The tile: kHeadsTileBytes of keys and values, all heads.
 constexpr i64 kHeadsTileBytes = 384 * 1024;
 
 bool heads_inner(const hpcattn_cpu_call& c) {
@@ -1338,13 +1453,9 @@ int run_heads(const hpcattn_cpu_call& c) {
                 while (b > a && hidden_from_all(c, qr, b - 1)) --b;
                 if (a == b) continue;
             }
-            const i64 nj0 = (t + 1) * bk, n_next = std::max<i64>(0, std::min(c.nk, nj0 + bk) - nj0);
-            for (i64 h = 0; h < nh; ++h) {
-                const hpcattn_cpu_call ch = head_of(c, h);
-                fold_few(ch, w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h), m_of(h), l_of(h),
-                         n_next ? ch.k + nj0 * ch.k_stride : nullptr,
-                         n_next ? ch.v + nj0 * ch.v_stride : nullptr, n_next, qtt_of(h));
-            }
+            for (i64 h = 0; h < nh; ++h)
+                fold_few(head_of(c, h), w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h),
+                         m_of(h), l_of(h), qtt_of(h));
         }
         for (i64 h = 0; h < nh; ++h) finalize(head_of(c, h), t0, t1, acc_of(h), da, m_of(h), l_of(h));
     }
