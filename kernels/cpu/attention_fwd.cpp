@@ -204,10 +204,61 @@ inline __m256 log_ge1_8(__m256 x) {
     return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
 }
 
+#if defined(__AVX512F__)
+// exp_nonpos8 in sixteen lanes (the same operations lane by lane: the same numbers)
+inline __m512 exp_nonpos16(__m512 x) {
+    const __m512 shifter = _mm512_set1_ps(12582912.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 t = _mm512_fmadd_ps(x, log2e, shifter);
+    const __m512 n = _mm512_sub_ps(t, shifter);
+    const __m512 f = _mm512_fmsub_ps(x, log2e, n);
+    __m512 p = _mm512_set1_ps(1.3278164e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6755559e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507079e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022119e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
+    const __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
+                                          _mm512_set1_epi32(127 << 23));
+    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), y);
+}
+
+// the low and high eight lanes added: the ymm loops' a0 + a1
+inline __m256 fold_halves(__m512 x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+#endif
+
 // The softmax of six score rows of nkt <= 16 keys (rows 16 floats apart), in place and
 // normalised: P = exp(s - m) / l, lse6[i] = m + log l; the row statistics as vectors across the
 // rows. Columns past nkt are ignored (their P is 0).
 inline void softmax6_16(float* s, i64 nkt, float* lse6) {
+#if defined(__AVX512F__)
+    // a row's 16 scores in one zmm; the max and sum across its halves as the ymm code takes them
+    const __mmask16 keep = __mmask16((1u << std::min<i64>(nkt, 16)) - 1u);
+    const __m512 ninfz = _mm512_set1_ps(kNegInf);
+    __m256 r[8];
+    __m512 e[6];
+    for (int i = 0; i < 6; ++i) {
+        e[i] = _mm512_mask_mov_ps(ninfz, keep, _mm512_loadu_ps(s + 16 * i));
+        r[i] = _mm256_max_ps(_mm512_castps512_ps256(e[i]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e[i]), 1)));
+    }
+    r[6] = r[7] = r[5];
+    alignas(32) float mv[8], iv[8];
+    const __m256 mx = reduce8_max(r);
+    _mm256_store_ps(mv, mx);
+    for (int i = 0; i < 6; ++i) {
+        e[i] = exp_nonpos16(_mm512_sub_ps(e[i], _mm512_set1_ps(mv[i])));
+        r[i] = fold_halves(e[i]);
+    }
+    r[6] = r[7] = r[5];
+    const __m256 sum = reduce8_add(r);
+    _mm256_store_ps(iv, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+    _mm256_storeu_ps(lse6, _mm256_add_ps(mx, log_ge1_8(sum)));
+    for (int i = 0; i < 6; ++i) _mm512_storeu_ps(s + 16 * i, _mm512_mul_ps(e[i], _mm512_set1_ps(iv[i])));
+#else
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 keep0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(nkt)), iota));
     const __m256 keep1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(nkt) - 8), iota));
@@ -241,33 +292,9 @@ inline void softmax6_16(float* s, i64 nkt, float* lse6) {
         _mm256_storeu_ps(s + 16 * i, _mm256_mul_ps(_mm256_loadu_ps(s + 16 * i), b));
         _mm256_storeu_ps(s + 16 * i + 8, _mm256_mul_ps(_mm256_loadu_ps(s + 16 * i + 8), b));
     }
-}
-
-#if defined(__AVX512F__)
-// exp_nonpos8 in sixteen lanes (the same operations lane by lane: the same numbers)
-inline __m512 exp_nonpos16(__m512 x) {
-    const __m512 shifter = _mm512_set1_ps(12582912.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 t = _mm512_fmadd_ps(x, log2e, shifter);
-    const __m512 n = _mm512_sub_ps(t, shifter);
-    const __m512 f = _mm512_fmsub_ps(x, log2e, n);
-    __m512 p = _mm512_set1_ps(1.3278164e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6755559e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507079e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022119e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314694e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001f));
-    const __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
-                                          _mm512_set1_epi32(127 << 23));
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), y);
-}
-
-// the low and high eight lanes added: the ymm loops' a0 + a1
-inline __m256 fold_halves(__m512 x) {
-    return _mm256_add_ps(_mm512_castps512_ps256(x),
-                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-}
 #endif
+}
+
 
 inline float row_max(const float* s, i64 n) {
     __m256 m0 = _mm256_set1_ps(kNegInf), m1 = m0;
