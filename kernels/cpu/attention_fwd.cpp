@@ -647,6 +647,32 @@ inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64
     _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
 }
 
+// S[12 rows][16] = Q[12 rows][0..d) . Kpanel (two 6-row blocks sharing each load of the panel:
+// twelve FMA chains in flight where six wait on the FMA latency)
+inline void micro_qk1z12(const float* q, i64 d, const float* kpanel, float* s, i64 ld) {
+    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0, z7 = z0,
+           z8 = z0, z9 = z0, z10 = z0, z11 = z0;
+    for (i64 p = 0; p < d; ++p) {
+        const __m512 b = _mm512_loadu_ps(kpanel + p * kNR);
+        z0 = _mm512_fmadd_ps(_mm512_set1_ps(q[p]), b, z0);
+        z1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + p]), b, z1);
+        z2 = _mm512_fmadd_ps(_mm512_set1_ps(q[2 * d + p]), b, z2);
+        z3 = _mm512_fmadd_ps(_mm512_set1_ps(q[3 * d + p]), b, z3);
+        z4 = _mm512_fmadd_ps(_mm512_set1_ps(q[4 * d + p]), b, z4);
+        z5 = _mm512_fmadd_ps(_mm512_set1_ps(q[5 * d + p]), b, z5);
+        z6 = _mm512_fmadd_ps(_mm512_set1_ps(q[6 * d + p]), b, z6);
+        z7 = _mm512_fmadd_ps(_mm512_set1_ps(q[7 * d + p]), b, z7);
+        z8 = _mm512_fmadd_ps(_mm512_set1_ps(q[8 * d + p]), b, z8);
+        z9 = _mm512_fmadd_ps(_mm512_set1_ps(q[9 * d + p]), b, z9);
+        z10 = _mm512_fmadd_ps(_mm512_set1_ps(q[10 * d + p]), b, z10);
+        z11 = _mm512_fmadd_ps(_mm512_set1_ps(q[11 * d + p]), b, z11);
+    }
+    _mm512_storeu_ps(s, z0), _mm512_storeu_ps(s + ld, z1), _mm512_storeu_ps(s + 2 * ld, z2);
+    _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
+    _mm512_storeu_ps(s + 6 * ld, z6), _mm512_storeu_ps(s + 7 * ld, z7), _mm512_storeu_ps(s + 8 * ld, z8);
+    _mm512_storeu_ps(s + 9 * ld, z9), _mm512_storeu_ps(s + 10 * ld, z10), _mm512_storeu_ps(s + 11 * ld, z11);
+}
+
 // OUT rows o[0..6) (NULL: not stored), columns [cp, cp + 64) = P[6 rows][0..n) . Vp[0..n)[64
 // cols] from zero (micro_pv_out for four 16-column blocks at once); stream: every o[i] + cp is
 // 64-byte aligned, and the stores bypass the cache
@@ -1082,26 +1108,35 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
     const i64 d64 = !stream || (reinterpret_cast<uintptr_t>(c.out) % 64 == 0 && c.o_stride % 16 == 0)
                         ? d / 64 * 64 : 0;
 #endif
-    auto store_out = [&](float* const* o) {
+    auto store_out = [&](const float* sb, float* const* o) {
         i64 cp = 0;
 #if defined(__AVX512F__)
-        for (; cp < d64; cp += 64) micro_pv_out4(s, ld, nkt, w.vp_all + cp, da, o, cp, stream);
+        for (; cp < d64; cp += 64) micro_pv_out4(sb, ld, nkt, w.vp_all + cp, da, o, cp, stream);
 #endif
-        for (; cp < d; cp += kNR) micro_pv_out(s, ld, nkt, w.vp_all + cp, da, o, cp, d - cp, stream);
+        for (; cp < d; cp += kNR) micro_pv_out(sb, ld, nkt, w.vp_all + cp, da, o, cp, d - cp, stream);
     };
     for (i64 r0 = 0; r0 < rows; r0 += kMR) {
         const i64 nr = std::min(kMR, rows - r0);
-        micro_qk_panels(qt + r0 * d, d, w.kp_all, panels, s, ld);
+        float* sb = s;
+#if defined(__AVX512F__)
+        // one panel: twelve rows' scores at once where two whole blocks remain (the first block
+        // computes both; the second reads its rows 6..11)
+        const bool paired = panels == 1 && (r0 % 12 == 0 ? r0 + 12 <= rows : r0 + 6 <= rows);
+        if (paired && r0 % 12 == 0) micro_qk1z12(qt + r0 * d, d, w.kp_all, s, ld);
+        if (paired && r0 % 12 == 6) sb = s + kMR * ld;
+        if (!paired)
+#endif
+            micro_qk_panels(qt + r0 * d, d, w.kp_all, panels, s, ld);
         float* o[kMR] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
         if (panels == 1) {  // at most 16 keys: the six rows' statistics as vectors
             alignas(32) float lse6[8];
-            softmax6_16(s, nkt, lse6);
+            softmax6_16(sb, nkt, lse6);
             for (i64 i = 0; i < nr; ++i) {
                 const i64 r = r0 + i, n = t0 + r / g, gi = r % g;
                 c.lse[gi * c.lse_head_stride + n] = lse6[i];
                 o[i] = c.out + n * c.o_stride + gi * d;
             }
-            store_out(o);
+            store_out(sb, o);
             continue;
         }
         for (i64 i = 0; i < nr; ++i) {
@@ -1116,7 +1151,7 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
             c.lse[gi * c.lse_head_stride + n] = mx + std::log(sum);
             o[i] = c.out + n * c.o_stride + gi * d;
         }
-        store_out(o);
+        store_out(s, o);
     }
 }
 #endif
