@@ -6,8 +6,8 @@ Three kernels compute the same ``(out, lse)`` (the first and last also the gradi
   fallback, which takes every mask (causal on any positions, windows, packed sequences) and dtype;
 * ``cpp-fused``: ``hpcattn.cpu_fused``, the same blockwise forward compiled at run time (g++;
   register-blocked AVX2 or AVX-512 products, or NumPy's own sgemm elsewhere), float32, every
-  mask, also as a ring rank's online state: auto's float32 forward wherever it builds (its reason is shown
-  where it does not);
+  mask, also as a ring rank's online state: auto's float32 forward wherever it builds (its
+  reason is shown where it does not);
 * ``torch-flash``: PyTorch's CPU flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``
   and its backward), where torch is installed. It returns the log-sum-exp hpcattn needs, takes
   GQA as it is and reads hpcattn's (batch, N, heads, d) arrays as zero-copy transposed views
