@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import pytest
 
-from hpcattn import HpcattnError, attention, merge_partials
+from hpcattn import HpcattnError, attention, machine, merge_partials
 from hpcattn.reference import naive_attention
 
 TOL = {"float32": 2e-6, "float64": 1e-12}
@@ -118,7 +118,10 @@ def test_never_materialises_the_score_matrix():
     (lambda q, k, v: (q[..., :3, :], k, v), r"q has 3 heads and k/v 2; expected q heads to be a multiple"),
     (lambda q, k, v: (q[..., :4], k, v), r"k/v head_dim 8 differs from q head_dim 4"),
 ])
-def test_bad_input_is_a_one_line_error(bad, message):
+def test_bad_input_is_a_one_line_error(bad, message, monkeypatch):
+    # a CPU without half-precision instructions, so float16 is refused wherever this runs (a CPU
+    # with AVX512_FP16 or AMX-FP16 runs it: tests/test_cpu_kernels_unit.py covers both)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
     rng = np.random.default_rng(8)
     q, k, v = bad(*make(rng, 1, 8, 8, 4, 2, 8, "float32"))
     with pytest.raises(HpcattnError, match=message) as info:
