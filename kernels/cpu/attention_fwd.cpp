@@ -597,22 +597,25 @@ inline void micro_qk2(const float* q, i64 d, const float* kp, i64 pstride, float
 #undef HPCATTN_STORE
 }
 
-// ACC[6 rows][64 cols] += P[6 rows][0..n) . Vp[0..n)[64 cols]  (P rows ld apart, Vp/ACC rows d16)
-inline void micro_pv4(const float* p, i64 ld, i64 n, const float* vcol, i64 d16, float* acc) {
+// ACC[6 rows][64 cols] += P[6 rows][0..n) . V[0..n)[64 cols]: P's rows p_row and its keys PKey
+// floats apart (score rows: ld and 1; few-row folds' key-major ST: 1 and kFewLanes), V's rows vs
+// floats apart (packed Vp: d16; in place: the input's stride), ACC's rows da
+template <i64 PKey>
+inline void micro_pv4(const float* p, i64 p_row, i64 n, const float* v, i64 vs, float* acc, i64 da) {
 #define HPCATTN_LOAD(i)                                                                         \
-    __m512 z##i##0 = _mm512_loadu_ps(acc + i * d16), z##i##1 = _mm512_loadu_ps(acc + i * d16 + 16), \
-           z##i##2 = _mm512_loadu_ps(acc + i * d16 + 32), z##i##3 = _mm512_loadu_ps(acc + i * d16 + 48);
+    __m512 z##i##0 = _mm512_loadu_ps(acc + i * da), z##i##1 = _mm512_loadu_ps(acc + i * da + 16), \
+           z##i##2 = _mm512_loadu_ps(acc + i * da + 32), z##i##3 = _mm512_loadu_ps(acc + i * da + 48);
     HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
 #undef HPCATTN_LOAD
     for (i64 j = 0; j < n; ++j) {
-        const float* b = vcol + j * d16;
+        const float* b = v + j * vs;
         const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
                      b3 = _mm512_loadu_ps(b + 48);
-        HPCATTN_ZSIX(HPCATTN_ZFMA4, p + j, ld)
+        HPCATTN_ZSIX(HPCATTN_ZFMA4, p + j * PKey, p_row)
     }
 #define HPCATTN_STORE(i)                                                                        \
-    _mm512_storeu_ps(acc + i * d16, z##i##0), _mm512_storeu_ps(acc + i * d16 + 16, z##i##1),    \
-        _mm512_storeu_ps(acc + i * d16 + 32, z##i##2), _mm512_storeu_ps(acc + i * d16 + 48, z##i##3);
+    _mm512_storeu_ps(acc + i * da, z##i##0), _mm512_storeu_ps(acc + i * da + 16, z##i##1),      \
+        _mm512_storeu_ps(acc + i * da + 32, z##i##2), _mm512_storeu_ps(acc + i * da + 48, z##i##3);
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
 }
@@ -716,7 +719,7 @@ inline void micro_qk_panels(const float* q, i64 d, const float* kp, i64 panels, 
 inline void micro_pv_cols(const float* p, i64 ld, i64 n, const float* vp, i64 da, float* acc) {
     i64 cp = 0;
 #if defined(__AVX512F__)
-    for (; cp + 64 <= da; cp += 64) micro_pv4(p, ld, n, vp + cp, da, acc + cp);
+    for (; cp + 64 <= da; cp += 64) micro_pv4<1>(p, ld, n, vp + cp, da, acc + cp, da);
     for (; cp + 32 <= da; cp += 32) micro_pv2(p, ld, n, vp + cp, da, acc + cp);
 #endif
     for (; cp < da; cp += kNR) micro_pv(p, ld, n, vp + cp, da, acc + cp);
@@ -805,26 +808,6 @@ inline void few_qk6z(const float* k, i64 ks, const float* qt, i64 d, float* st) 
     _mm512_storeu_ps(st + 5 * kFewLanes, z5);
 }
 
-// few_pv6<false> for 64 columns at once: ACC[6 rows][64 cols] += PT[0..n)[6 lanes]^T . V[0..n)[64
-// cols] (V rows vs floats apart, read in place; ACC rows da)
-inline void few_pv6z4(const float* pt, i64 n, const float* v, i64 vs, float* acc, i64 da) {
-#define HPCATTN_LOAD(i)                                                                         \
-    __m512 z##i##0 = _mm512_loadu_ps(acc + i * da), z##i##1 = _mm512_loadu_ps(acc + i * da + 16), \
-           z##i##2 = _mm512_loadu_ps(acc + i * da + 32), z##i##3 = _mm512_loadu_ps(acc + i * da + 48);
-    HPCATTN_LOAD(0) HPCATTN_LOAD(1) HPCATTN_LOAD(2) HPCATTN_LOAD(3) HPCATTN_LOAD(4) HPCATTN_LOAD(5)
-#undef HPCATTN_LOAD
-    for (i64 j = 0; j < n; ++j) {
-        const float* b = v + j * vs;
-        const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32),
-                     b3 = _mm512_loadu_ps(b + 48);
-        HPCATTN_ZSIX(HPCATTN_ZFMA4, pt + j * kFewLanes, 1)
-    }
-#define HPCATTN_STORE(i)                                                                        \
-    _mm512_storeu_ps(acc + i * da, z##i##0), _mm512_storeu_ps(acc + i * da + 16, z##i##1),      \
-        _mm512_storeu_ps(acc + i * da + 32, z##i##2), _mm512_storeu_ps(acc + i * da + 48, z##i##3);
-    HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
-#undef HPCATTN_STORE
-}
 #endif
 
 // OUT rows o[0..6) (NULL: not stored), columns [cp, cp + 16) = P[6 rows][0..n) . Vp[0..n)[16
@@ -1021,7 +1004,8 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
         for (i64 r0 = 0; r0 < rows; r0 += kMR) {
             i64 cp = 0;
 #if defined(__AVX512F__)
-            for (; cp + 64 <= dfull; cp += 64) few_pv6z4(st + r0, n, vr + cp, vs, acc + r0 * da + cp, da);
+            for (; cp + 64 <= dfull; cp += 64)
+                micro_pv4<kFewLanes>(st + r0, 1, n, vr + cp, vs, acc + r0 * da + cp, da);
 #endif
             for (; cp < dfull; cp += kNR)
                 few_pv6<false>(st + r0, n, vr + cp, vs, acc + r0 * da + cp, da, cm0, cm1);
