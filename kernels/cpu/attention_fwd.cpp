@@ -893,10 +893,12 @@ inline void clear_few_lanes(float* st, i64 kc) {
 // fold() for at most kFewRows query rows: the rows in lanes (see kFewRows). qt's rows are
 // transposed into w.kp (d x 16), scores go key-major into w.s in sub-tiles of kFewKeys keys.
 // qtt_ready: qt already transposed (and w.s's padding lanes zero), as run_heads keeps them for
-// all of a query tile's folds.
+// all of a query tile's folds. next_k/next_v (n_next rows, or NULL): the key and value rows this
+// head folds next, fetched into L2 while this fold computes (run_heads, where fetch_next_tile()).
 void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0, i64 j1,
               bool masked, const float* qt, float* acc, float* m, double* l,
-              const float* qtt_ready = nullptr) {
+              const float* qtt_ready = nullptr, const float* next_k = nullptr,
+              const float* next_v = nullptr, i64 n_next = 0) {
     const i64 d = c.d, g = c.g, da = w.da, ks = c.k_stride, vs = c.v_stride;
     float* const st = w.s;
     const i64 kc = few_subtile_keys(w);
@@ -935,6 +937,11 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
                     if (a + j + 12 + i < j1) __builtin_prefetch(kr + (j + 12 + i) * ks + x, 0, 3);
                     __builtin_prefetch(vr + (j + i) * vs + x, 0, 3);
                 }
+            for (i64 r = a - j0 + j; r < std::min(n_next, a - j0 + j + 6); ++r)
+                for (i64 x = 0; x < d; x += 16) {
+                    __builtin_prefetch(next_k + r * ks + x, 0, 2);
+                    __builtin_prefetch(next_v + r * vs + x, 0, 2);
+                }
 #if defined(__AVX512F__)
             few_qk6z(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
 #else
@@ -942,6 +949,12 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
 #endif
         }
         for (; j < n; ++j) few_qk1(kr + j * ks, ks, qtt, d, st + j * kFewLanes);
+        if (a + n == j1)  // the next rows this fold's blocks did not reach
+            for (i64 r = a - j0 + j; r < n_next; ++r)
+                for (i64 x = 0; x < d; x += 16) {
+                    __builtin_prefetch(next_k + r * ks + x, 0, 2);
+                    __builtin_prefetch(next_v + r * vs + x, 0, 2);
+                }
         if (masked)
             for (i64 r = 0; r < rows; ++r)
                 for (i64 jj = 0; jj < n; ++jj)
@@ -1422,10 +1435,18 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
 // queries against a long cache), heads innermost. Key rows hold every kv head (k_stride floats
 // apart), so one head's keys and values are 256-byte pieces of rows several KiB apart, which the
 // hardware prefetcher does not follow; head after head over one key tile reads the tile's rows
-// whole (fold_few fetches each block's rows a little ahead). Fetching the next tile's rows into
-// L2 while a head computes this one was measured 13% slower on a Xeon (docs/performance-notes.md)
-// and is not done. The tile: kHeadsTileBytes of keys and values, all heads.
+// whole (fold_few fetches each block's rows a little ahead). Where fetch_next_tile(), each head
+// also fetches its rows of the next tile into L2 while it computes this one. The tile:
+// kHeadsTileBytes of keys and values, all heads.
 constexpr i64 kHeadsTileBytes = 384 * 1024;
+
+// Whether run_heads fetches the next key tile ahead: measured (16 queries x 100,000 keys, H=8,
+// d=64; docs/performance-notes.md) 1.46x faster on a Zen 4 EPYC and 13% slower on a Xeon with
+// AVX512_FP16 and AMX, so on AMD CPUs only. No effect on the numbers.
+bool fetch_next_tile() {
+    static const bool yes = __builtin_cpu_is("amd");
+    return yes;
+}
 
 bool heads_inner(const hpcattn_cpu_call& c) {
     const i64 bq = std::max<i64>(1, c.block_q);
@@ -1499,9 +1520,14 @@ int run_heads(const hpcattn_cpu_call& c) {
                 while (b > a && hidden_from_all(c, qr, b - 1)) --b;
                 if (a == b) continue;
             }
-            for (i64 h = 0; h < nh; ++h)
-                fold_few(head_of(c, h), w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h),
-                         m_of(h), l_of(h), qtt_of(h));
+            const i64 nj0 = (t + 1) * bk;
+            const i64 n_next = fetch_next_tile() ? std::max<i64>(0, std::min(c.nk, nj0 + bk) - nj0) : 0;
+            for (i64 h = 0; h < nh; ++h) {
+                const hpcattn_cpu_call ch = head_of(c, h);
+                fold_few(ch, w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h), m_of(h),
+                         l_of(h), qtt_of(h), n_next ? ch.k + nj0 * ch.k_stride : nullptr,
+                         n_next ? ch.v + nj0 * ch.v_stride : nullptr, n_next);
+            }
         }
         for (i64 h = 0; h < nh; ++h) finalize(head_of(c, h), t0, t1, acc_of(h), da, m_of(h), l_of(h));
     }
