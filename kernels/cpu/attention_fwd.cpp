@@ -1087,15 +1087,27 @@ void fold(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, i64 j0, i64 
 namespace {
 
 #ifdef HPCATTN_MICRO
+// Whether the decode-like paths fetch their next tile into L2 while they compute this one (the
+// next key tile in run_heads, the next query tile in run_direct_heads). Measured side by side
+// (H=8, d=64; docs/performance-notes.md): on a Zen 4 EPYC 16 x 100,000 ran 1.35-1.46x faster
+// and 100,000 x 16 1.12-1.16x; on a Xeon with AVX512_FP16 and AMX both ran slower (13% and
+// 9%), so on AMD CPUs only. No effect on the numbers.
+bool fetch_next_tile() {
+    static const bool yes = __builtin_cpu_is("amd");
+    return yes;
+}
+
 // The forward of query positions [t0, t1) when every key is in one tile, packed, and visible to
 // every row (a decode-like shape: many queries against a few keys): per six rows S = qt K^T,
 // each row's softmax normalised in place (P / l), lse = m + log l, and out = P V stored straight
 // into out. No accumulator is zeroed, rescaled or divided afterwards: at 16 keys those passes
 // cost more than the products (docs/performance-notes.md). At most 16 keys: the six rows' max,
 // sum, 1 / l and log l as vectors across the rows (softmax6_16; 56.4 against 61.7 ms per
-// call with one row at a time, 100,000 x 16, H=8, d=64).
+// call with one row at a time, 100,000 x 16, H=8, d=64). pf: pf_bytes to fetch into L2 while
+// this tile computes (run_direct_heads: the head's share of the next tile's q), spread over the
+// six-row blocks.
 void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const float* qt,
-                 bool stream = false) {
+                 bool stream = false, const char* pf = nullptr, i64 pf_bytes = 0) {
     const i64 d = c.d, g = c.g, rows = (t1 - t0) * g, nkt = c.nk, da = w.da;
     const i64 panels = (nkt + kNR - 1) / kNR, ld = panels * kNR;
     float* const s = w.s;
@@ -1112,9 +1124,12 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
 #endif
         for (; cp < d; cp += kNR) micro_pv_out(sb, ld, nkt, w.vp_all + cp, da, o, cp, d - cp, stream);
     };
+    const char* const pf_end = pf + pf_bytes;
+    const i64 pf_step = pf_bytes ? (pf_bytes / ((rows + kMR - 1) / kMR) + 63) / 64 * 64 : 0;
     for (i64 r0 = 0; r0 < rows; r0 += kMR) {
         const i64 nr = std::min(kMR, rows - r0);
         float* sb = s;
+        for (const char* e = std::min(pf + pf_step, pf_end); pf < e; pf += 64) __builtin_prefetch(pf, 0, 2);
 #if defined(__AVX512F__)
         // one panel: twelve rows' scores at once where two whole blocks remain (the first block
         // computes both; the second reads its rows 6..11)
@@ -1420,10 +1435,17 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
                 for (i64 x = 0; x < gd; ++x) dst[x] = sh[x] * c.scale;
             }
         }
+        // where fetch_next_tile() and q's positions are contiguous: each head fetches 1/nh of
+        // the next tile's q
+        const i64 next = fetch_next_tile() && c.q_stride == nh * gd
+                             ? (std::min(c.nq, t1 + tq) - t1) * c.q_stride * i64(sizeof(float)) : 0;
+        const i64 share = (next / nh + 63) / 64 * 64;
         for (i64 h = 0; h < nh; ++h) {
             w.kp_all = packed + h * dp.packed;
             w.vp_all = packed + h * dp.packed + p.nk16 * da;
-            direct_tile(head_of(c, h), w, t0, t1, qts + h * dp.qt_head, stream);
+            direct_tile(head_of(c, h), w, t0, t1, qts + h * dp.qt_head, stream,
+                        reinterpret_cast<const char*>(c.q + t1 * c.q_stride) + h * share,
+                        std::clamp<i64>(next - h * share, 0, share));
         }
     }
     if (stream) _mm_sfence();
@@ -1439,14 +1461,6 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
 // also fetches its rows of the next tile into L2 while it computes this one. The tile:
 // kHeadsTileBytes of keys and values, all heads.
 constexpr i64 kHeadsTileBytes = 384 * 1024;
-
-// Whether run_heads fetches the next key tile ahead: measured (16 queries x 100,000 keys, H=8,
-// d=64; docs/performance-notes.md) 1.46x faster on a Zen 4 EPYC and 13% slower on a Xeon with
-// AVX512_FP16 and AMX, so on AMD CPUs only. No effect on the numbers.
-bool fetch_next_tile() {
-    static const bool yes = __builtin_cpu_is("amd");
-    return yes;
-}
 
 bool heads_inner(const hpcattn_cpu_call& c) {
     const i64 bq = std::max<i64>(1, c.block_q);
