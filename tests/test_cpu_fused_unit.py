@@ -115,6 +115,22 @@ def test_strided_inputs_are_read_in_place_or_copied():
 
 
 @needs_fused
+@pytest.mark.parametrize("nk, d", [(16, 64), (5, 40), (11, 128)])
+def test_many_queries_against_a_few_keys_from_head_slices(nk, d):
+    """The decode-like path reads q's rows in place where it can (AMD CPUs: the scale folded into
+    the packed keys): a slice of heads (rows 12 heads apart), partial last blocks (1,003 rows),
+    and FlashAttention's accuracy rule (error <= 2x a float32 reference's)."""
+    q, k, v = _qkv(nk + d, 1, 1003, nk, 12, 12, d)
+    qv, kv, vv = q[:, :, 2:10], k[:, :, 3:11], v[:, :, 1:9]
+    args = [np.ascontiguousarray(x) for x in (qv, kv, vv)]
+    exact = naive_attention(*args, scale=0.3)
+    same = naive_attention(*args, scale=0.3, dtype=np.float32)[0]
+    got = cpu_fused.attention(qv, kv, vv, scale=0.3)
+    _check(got, exact)
+    assert np.abs(got[0] - exact[0]).max() <= 2 * np.abs(same - exact[0]).max()
+
+
+@needs_fused
 def test_flashattention_accuracy_rule():
     """float32 error <= 2x that of a float32 reference (FlashAttention's failing case)."""
     for seed in range(3):
