@@ -1440,8 +1440,8 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
     // where the next tile is fetched ahead (fetch_next_tile), every key is in one panel and each
     // position has one row per head (g = 1): q read in place, the scale folded into the packed
     // keys instead of a scaled copy of q (the products' bits where the scale is a power of two,
-    // as at d = 64). 100,000 x 16, H=8, d=64 on Zen 4, side by side: 66.2 GFLOP/s against 57.9
-    // and 61.6 with the copy. Without the fetch ahead (as on the Xeon) reading one head's rows in
+    // as at d = 64). 100,000 x 16, H=8, d=64 on Zen 4, two copies of each build alternating:
+    // 65.5 and 65.8 GFLOP/s against 60.4 and 62.3 with the copy. Without the fetch ahead (as on the Xeon) reading one head's rows in
     // place measured slower (52.2 against 55.1; a head's rows are pieces of positions several
     // KiB apart), so there the copy stays.
 #if defined(__AVX512F__)
