@@ -634,9 +634,8 @@ inline void micro_pv2(const float* p, i64 ld, i64 n, const float* vcol, i64 d16,
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
 }
-// S[6 rows][16] = Q[6 rows][0..d) . Kpanel: micro_qk in one zmm per row
-inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq = 0) {
-    if (!lq) lq = d;
+// S[6 rows][16] = Q[6 rows][0..d) . Kpanel: micro_qk in one zmm per row (Q rows lq apart)
+inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
     __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0;
     for (i64 p = 0; p < d; ++p) {
         const __m512 b = _mm512_loadu_ps(kpanel + p * kNR);
@@ -651,8 +650,8 @@ inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64
     _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
 }
 
-// S[12 rows][16] = Q[12 rows][0..d) . Kpanel (two 6-row blocks sharing each load of the panel:
-// twelve FMA chains in flight where six wait on the FMA latency)
+// S[12 rows][16] = Q[12 rows][0..d) . Kpanel, Q rows lq apart (two 6-row blocks sharing each
+// load of the panel: twelve FMA chains in flight where six wait on the FMA latency)
 inline void micro_qk1z12(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
     __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0, z7 = z0,
            z8 = z0, z9 = z0, z10 = z0, z11 = z0;
@@ -711,7 +710,7 @@ inline void micro_qk_panels(const float* q, i64 d, const float* kp, i64 panels, 
 #if defined(__AVX512F__)
     for (; pn + 4 <= panels; pn += 4) micro_qk4(q, d, kp + pn * ps, ps, s + pn * kNR, ld);
     for (; pn + 2 <= panels; pn += 2) micro_qk2(q, d, kp + pn * ps, ps, s + pn * kNR, ld);
-    if (pn < panels) micro_qk1z(q, d, kp + pn * ps, s + pn * kNR, ld), ++pn;
+    if (pn < panels) micro_qk1z(q, d, kp + pn * ps, s + pn * kNR, ld, d), ++pn;
 #endif
     for (; pn < panels; ++pn) micro_qk(q, d, kp + pn * ps, s + pn * kNR, ld);
 }
@@ -1151,7 +1150,7 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
             if (nr < kMR) {
                 std::fill(pad, pad + kMR * d, 0.0f);
                 for (i64 i = 0; i < nr; ++i) std::copy(qb + i * lq, qb + i * lq + d, pad + i * d);
-                micro_qk1z(pad, d, w.kp_all, s, ld);
+                micro_qk1z(pad, d, w.kp_all, s, ld, d);
             } else {
                 micro_qk1z(qb, d, w.kp_all, s, ld, lq);
             }
@@ -1441,9 +1440,9 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
     // position has one row per head (g = 1): q read in place, the scale folded into the packed
     // keys instead of a scaled copy of q (the products' bits where the scale is a power of two,
     // as at d = 64). 100,000 x 16, H=8, d=64 on Zen 4, two copies of each build alternating:
-    // 65.5 and 65.8 GFLOP/s against 60.4 and 62.3 with the copy. Without the fetch ahead (as on the Xeon) reading one head's rows in
-    // place measured slower (52.2 against 55.1; a head's rows are pieces of positions several
-    // KiB apart), so there the copy stays.
+    // 65.5 and 65.8 GFLOP/s against 60.4 and 62.3 with the copy. Without the fetch ahead (as on
+    // the Xeon) reading one head's rows in place measured slower (52.2 against 55.1; a head's
+    // rows are pieces of positions several KiB apart), so there the copy stays.
 #if defined(__AVX512F__)
     const bool in_place = fetch_next_tile() && g == 1 && p.nk16 == kNR && d <= 256;
 #else
@@ -1462,7 +1461,7 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
     for (i64 t0 = 0; t0 < c.nq; t0 += tq) {
         const i64 t1 = std::min(c.nq, t0 + tq);
         // every head's scaled rows, position by position: q in memory order
-        for (i64 n = t0; n < t1 && !in_place; ++n) {
+        for (i64 n = t0; n < t1 && !in_place; ++n) {  // (in place: no copy)
             const float* src = c.q + n * c.q_stride;
             for (i64 h = 0; h < nh; ++h) {
                 const float* sh = src + h * c.q_hs;
