@@ -634,46 +634,26 @@ inline void micro_pv2(const float* p, i64 ld, i64 n, const float* vcol, i64 d16,
     HPCATTN_STORE(0) HPCATTN_STORE(1) HPCATTN_STORE(2) HPCATTN_STORE(3) HPCATTN_STORE(4) HPCATTN_STORE(5)
 #undef HPCATTN_STORE
 }
-// S[6 rows][16] = Q[6 rows][0..d) . Kpanel: micro_qk in one zmm per row (Q rows lq apart)
-inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
-    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0;
+// S[R rows][16] = Q[R rows][0..d) . Kpanel: micro_qk in one zmm per row (Q rows lq apart); R
+// FMA chains in flight, each row's the same FMAs in the same order whatever R
+template <int R>
+inline void micro_qk1zr(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
+    __m512 z[R];
+    for (int i = 0; i < R; ++i) z[i] = _mm512_setzero_ps();
     for (i64 p = 0; p < d; ++p) {
         const __m512 b = _mm512_loadu_ps(kpanel + p * kNR);
-        z0 = _mm512_fmadd_ps(_mm512_set1_ps(q[p]), b, z0);
-        z1 = _mm512_fmadd_ps(_mm512_set1_ps(q[lq + p]), b, z1);
-        z2 = _mm512_fmadd_ps(_mm512_set1_ps(q[2 * lq + p]), b, z2);
-        z3 = _mm512_fmadd_ps(_mm512_set1_ps(q[3 * lq + p]), b, z3);
-        z4 = _mm512_fmadd_ps(_mm512_set1_ps(q[4 * lq + p]), b, z4);
-        z5 = _mm512_fmadd_ps(_mm512_set1_ps(q[5 * lq + p]), b, z5);
+        for (int i = 0; i < R; ++i) z[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * lq + p]), b, z[i]);
     }
-    _mm512_storeu_ps(s, z0), _mm512_storeu_ps(s + ld, z1), _mm512_storeu_ps(s + 2 * ld, z2);
-    _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
+    for (int i = 0; i < R; ++i) _mm512_storeu_ps(s + i * ld, z[i]);
 }
-
-// S[12 rows][16] = Q[12 rows][0..d) . Kpanel, Q rows lq apart (two 6-row blocks sharing each
-// load of the panel: twelve FMA chains in flight where six wait on the FMA latency)
+// six rows (a 6-row block)
+inline void micro_qk1z(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
+    micro_qk1zr<6>(q, d, kpanel, s, ld, lq);
+}
+// twelve rows: two 6-row blocks sharing each load of the panel (twelve FMA chains in flight
+// where six wait on the FMA latency)
 inline void micro_qk1z12(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
-    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0, z7 = z0,
-           z8 = z0, z9 = z0, z10 = z0, z11 = z0;
-    for (i64 p = 0; p < d; ++p) {
-        const __m512 b = _mm512_loadu_ps(kpanel + p * kNR);
-        z0 = _mm512_fmadd_ps(_mm512_set1_ps(q[p]), b, z0);
-        z1 = _mm512_fmadd_ps(_mm512_set1_ps(q[lq + p]), b, z1);
-        z2 = _mm512_fmadd_ps(_mm512_set1_ps(q[2 * lq + p]), b, z2);
-        z3 = _mm512_fmadd_ps(_mm512_set1_ps(q[3 * lq + p]), b, z3);
-        z4 = _mm512_fmadd_ps(_mm512_set1_ps(q[4 * lq + p]), b, z4);
-        z5 = _mm512_fmadd_ps(_mm512_set1_ps(q[5 * lq + p]), b, z5);
-        z6 = _mm512_fmadd_ps(_mm512_set1_ps(q[6 * lq + p]), b, z6);
-        z7 = _mm512_fmadd_ps(_mm512_set1_ps(q[7 * lq + p]), b, z7);
-        z8 = _mm512_fmadd_ps(_mm512_set1_ps(q[8 * lq + p]), b, z8);
-        z9 = _mm512_fmadd_ps(_mm512_set1_ps(q[9 * lq + p]), b, z9);
-        z10 = _mm512_fmadd_ps(_mm512_set1_ps(q[10 * lq + p]), b, z10);
-        z11 = _mm512_fmadd_ps(_mm512_set1_ps(q[11 * lq + p]), b, z11);
-    }
-    _mm512_storeu_ps(s, z0), _mm512_storeu_ps(s + ld, z1), _mm512_storeu_ps(s + 2 * ld, z2);
-    _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
-    _mm512_storeu_ps(s + 6 * ld, z6), _mm512_storeu_ps(s + 7 * ld, z7), _mm512_storeu_ps(s + 8 * ld, z8);
-    _mm512_storeu_ps(s + 9 * ld, z9), _mm512_storeu_ps(s + 10 * ld, z10), _mm512_storeu_ps(s + 11 * ld, z11);
+    micro_qk1zr<12>(q, d, kpanel, s, ld, lq);
 }
 
 // OUT rows o[0..6) (NULL: not stored), columns [cp, cp + 64) = P[6 rows][0..n) . Vp[0..n)[64
@@ -842,26 +822,6 @@ inline void micro_pv_out(const float* p, i64 ld, i64 n, const float* vcol, i64 d
 #undef HPCATTN_STORE
 }
 #if defined(__AVX512F__)
-// S[8 rows][16] = Q[8 rows][0..d) . Kpanel, Q rows lq apart (micro_qk1z for eight rows: eight
-// FMA chains in flight)
-inline void micro_qk1z8(const float* q, i64 d, const float* kpanel, float* s, i64 ld, i64 lq) {
-    __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0, z4 = z0, z5 = z0, z6 = z0, z7 = z0;
-    for (i64 p = 0; p < d; ++p) {
-        const __m512 b = _mm512_loadu_ps(kpanel + p * kNR);
-        z0 = _mm512_fmadd_ps(_mm512_set1_ps(q[p]), b, z0);
-        z1 = _mm512_fmadd_ps(_mm512_set1_ps(q[lq + p]), b, z1);
-        z2 = _mm512_fmadd_ps(_mm512_set1_ps(q[2 * lq + p]), b, z2);
-        z3 = _mm512_fmadd_ps(_mm512_set1_ps(q[3 * lq + p]), b, z3);
-        z4 = _mm512_fmadd_ps(_mm512_set1_ps(q[4 * lq + p]), b, z4);
-        z5 = _mm512_fmadd_ps(_mm512_set1_ps(q[5 * lq + p]), b, z5);
-        z6 = _mm512_fmadd_ps(_mm512_set1_ps(q[6 * lq + p]), b, z6);
-        z7 = _mm512_fmadd_ps(_mm512_set1_ps(q[7 * lq + p]), b, z7);
-    }
-    _mm512_storeu_ps(s, z0), _mm512_storeu_ps(s + ld, z1), _mm512_storeu_ps(s + 2 * ld, z2);
-    _mm512_storeu_ps(s + 3 * ld, z3), _mm512_storeu_ps(s + 4 * ld, z4), _mm512_storeu_ps(s + 5 * ld, z5);
-    _mm512_storeu_ps(s + 6 * ld, z6), _mm512_storeu_ps(s + 7 * ld, z7);
-}
-
 // r[i] = row i of a 16 x 16 block; afterwards r[j] = its column j (lane i = the old r[i][j])
 inline void transpose16(__m512* r) {
     __m512 t[16], u[16];
@@ -1247,8 +1207,8 @@ void direct_tile(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 t1, const
             for (i64 r = r0 + kQAhead; r < std::min(rows, r0 + kQAhead + 16); ++r)
                 for (i64 x = 0; x < d; x += 16) __builtin_prefetch(qt + r * lq + x, 0, 3);
         alignas(64) float sc[256], pt[256], lse16[16];
-        micro_qk1z8(qt + r0 * lq, d, w.kp_all, sc, 16, lq);
-        micro_qk1z8(qt + (r0 + 8) * lq, d, w.kp_all, sc + 128, 16, lq);
+        micro_qk1zr<8>(qt + r0 * lq, d, w.kp_all, sc, 16, lq);
+        micro_qk1zr<8>(qt + (r0 + 8) * lq, d, w.kp_all, sc + 128, 16, lq);
         softmax16_16(sc, nkt, pt, lse16);
         float* o[16];
         for (i64 i = 0; i < 16; ++i) {
