@@ -396,7 +396,7 @@ def test_many_queries_against_a_few_keys_every_head_in_one_call(shape, workers):
     """Keys that fit one tile, no mask: one call for all kv heads (per row chunk on several
     workers), query tiles head after head, out stored straight from the products (no
     accumulator): head dims with a partial last 16 columns (72, 24, 8), GQA, batches, a query
-    tile boundary inside the rows (1030); an out of 41 MB (past L3: streaming stores into the
+    tile boundary inside the rows (1030); an out of 41 MB (past 4 MiB: streaming stores into the
     64-byte aligned out). Several workers give the one-worker bits."""
     b, nq, nk, h, hkv, d = shape
     q, k, v = _qkv(nq + nk + d, b, nq, nk, h, hkv, d)

@@ -1545,9 +1545,13 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
     else
         std::fill(qts, qts + dp.qt, 0.0f);  // padding rows: finite, never stored
     const i64 gd = g * d;
-    // out past L3's size, rows of whole 32-byte pieces: streaming stores (no read of each line
-    // before it is written, no eviction of q and the tiles)
-    const bool stream = c.nq * c.o_stride * i64(sizeof(float)) > (i64(32) << 20) && d % 16 == 0 &&
+    // out past 4 MiB, rows of whole 32-byte pieces: streaming stores (no read of each line
+    // before it is written, no eviction of q and the tiles). The bound was L3's size (32 MiB);
+    // on Zen 4, H=8, d=64, 16 keys, each call followed by a sum over its out (the next op's read
+    // of it), three builds rotating: 3,072 queries (6 MiB) 53.3 against 46.0/44.0 GFLOP/s, 4,096
+    // 49.0 against 40.0/39.1, 16,384 (32 MiB) 49.8 against 36.3/36.5; 2,048 (4 MiB) 49.5 against
+    // 48.3/43.5 and 512 51.2 against 48.5/52.6 (no gain: kept below 4 MiB)
+    const bool stream = c.nq * c.o_stride * i64(sizeof(float)) > (i64(4) << 20) && d % 16 == 0 &&
                         reinterpret_cast<uintptr_t>(c.out) % 32 == 0 && c.o_stride % 8 == 0;
     for (i64 t0 = 0; t0 < c.nq; t0 += tq) {
         const i64 t1 = std::min(c.nq, t0 + tq);
