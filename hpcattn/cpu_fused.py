@@ -54,9 +54,23 @@ DECODE_ROWS = 2048
 #: at most this many query rows (positions x GQA group): every kv head in one call, heads innermost
 #: (the kernel's kFewRows)
 FEW_ROWS = 16
+#: query rows against keys past one tile that run in groups of FEW_ROWS, keys and values read in
+#: place, never packed: at most HEADS_ROWS_ANY_KEYS, or HEADS_ROWS against HEADS_MIN_KEYS keys or
+#: more (the kernel's kHeadsRowsAnyKeys, kHeadsRows, kHeadsMinKeys)
+HEADS_ROWS_ANY_KEYS = 128
+HEADS_ROWS = 256
+HEADS_MIN_KEYS = 2048
 #: fewer query rows in a call: the AVX2 path neither packs every key once nor stores out straight
 #: (the kernel's kMicroMinRows)
 MICRO_MIN_ROWS = 48
+
+
+def heads_inner(rows: int, nk: int, block_k: int) -> bool:
+    """Whether ``rows`` query rows (per kv head) against ``nk`` keys run heads innermost in one
+    call for every kv head (the kernel's heads_inner)."""
+    if rows <= FEW_ROWS:
+        return True
+    return nk > block_k and (rows <= HEADS_ROWS_ANY_KEYS or (rows <= HEADS_ROWS and nk >= HEADS_MIN_KEYS))
 
 
 def key_tile(d: int) -> int:
@@ -299,7 +313,7 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
                   v_hs=v.strides[2] // 4, o_hs=g * d, lse_hs=g * nq, **base)
         _run(st["lib"], c)
 
-    if nq * g <= FEW_ROWS and hkv > 1:
+    if hkv > 1 and heads_inner(nq * g, nk, base["block_k"]):
         # a few query rows against the cache: one call per group of kv heads, which folds every
         # head of the group over a key tile before the next tile (a head's keys alone are pieces
         # of rows that hold every head: read head by head, they are strided reads)

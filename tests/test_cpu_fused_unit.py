@@ -142,6 +142,23 @@ def test_flashattention_accuracy_rule():
 
 
 @needs_fused
+@pytest.mark.parametrize("shape, kw", [((2, 40, 3000, 6, 2, 96), dict(causal=True, align="bottom-right")),
+                                       ((1, 100, 2500, 4, 2, 64), {}), ((3, 16, 4000, 8, 8, 128), {})])
+def test_flashattention_accuracy_rule_with_rows_in_groups(shape, kw):
+    """The same rule where 17 to 256 query rows run in groups of 16 against keys past one tile
+    (keys and values read in place, never packed)."""
+    b, nq, nk, h, hkv, d = shape
+    q, k, v = _qkv(nq + nk, b, nq, nk, h, hkv, d)
+    k *= np.linspace(0.3, 3.0, nk, dtype=np.float32)[None, :, None, None]  # maxima that grow
+    m = make_mask(**kw).bind(nq, nk) if kw else None
+    exact = naive_attention(q, k, v, **kw)
+    same = naive_attention(q, k, v, dtype=np.float32, **kw)[0]
+    got = cpu_fused.attention(q, k, v, mask=m)
+    _check(got, exact)
+    assert np.abs(got[0] - exact[0]).max() <= 2 * np.abs(same - exact[0]).max()
+
+
+@needs_fused
 def test_auto_takes_it_for_float32_and_records_it(monkeypatch):
     monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
     q, k, v = _qkv(4, 1, 64, 64, 2, 1, 16)
@@ -352,7 +369,12 @@ def test_few_query_rows_against_many_keys(rows, d):
 
 
 FEW_HEADS = [(2, 3, 1000, 8, 4, 64), (1, 16, 777, 4, 4, 72), (1, 1, 500, 6, 6, 8), (1, 8, 1300, 4, 2, 128),
-             (3, 5, 97, 3, 3, 24)]
+             (3, 5, 97, 3, 3, 24),
+             # 17 to 64 rows against keys past one tile: groups of 16 rows (a partial last one; a
+             # group boundary inside a position's GQA rows; one kv head, a call per head)
+             (1, 24, 1300, 4, 4, 64), (2, 16, 900, 8, 2, 72), (1, 11, 700, 6, 2, 40), (1, 40, 800, 1, 1, 128),
+             # up to 128 rows against any keys past a tile, up to 256 against 2,048 keys or more
+             (1, 50, 700, 4, 2, 64), (1, 120, 2100, 4, 2, 48)]
 FEW_MASKS = [None, dict(causal=True, align="bottom-right"), dict(window=(300, 0), align="bottom-right"),
              dict(window=(-1, 40)), dict(cu_seqlens="three sequences")]
 
@@ -363,8 +385,8 @@ FEW_MASKS = [None, dict(causal=True, align="bottom-right"), dict(window=(300, 0)
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("kv_layout", ["bnhd", "bhnd"])
 def test_few_rows_every_kv_head_in_one_call(shape, mask, workers, kv_layout):
-    """At most 16 query rows: one kernel call per group of kv heads, heads innermost over key
-    tiles. Batches, GQA, head dims with a partial last 16 columns and below 16, key counts that
+    """At most 16 query rows (or 64 against keys past one tile): one kernel call per group of
+    kv heads, heads innermost over key tiles. Batches, GQA, head dims with a partial last 16 columns and below 16, key counts that
     are no multiple of the tile, every mask class (a window that hides whole tiles, a sequence
     boundary), worker groups of heads, keys and values in either layout (rows holding every
     head, or each head's rows contiguous); keys grow along the cache so maxima rise tile to

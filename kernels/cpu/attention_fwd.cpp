@@ -952,10 +952,11 @@ inline void clear_few_lanes(float* st, i64 kc) {
 // qtt_ready: qt already transposed (and w.s's padding lanes zero), as run_heads keeps them for
 // all of a query tile's folds. next_k/next_v (n_next rows, or NULL): the key and value rows this
 // head folds next, fetched into L2 while this fold computes (run_heads, where fetch_next_tile()).
+// r_off: the rows are rows [r_off, r_off + rows) of the tile at position t0 (run_heads' groups).
 void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0, i64 j1,
               bool masked, const float* qt, float* acc, float* m, double* l,
               const float* qtt_ready = nullptr, const float* next_k = nullptr,
-              const float* next_v = nullptr, i64 n_next = 0) {
+              const float* next_v = nullptr, i64 n_next = 0, i64 r_off = 0) {
     const i64 d = c.d, g = c.g, da = w.da, ks = c.k_stride, vs = c.v_stride;
     float* const st = w.s;
     const i64 kc = few_subtile_keys(w);
@@ -1015,7 +1016,7 @@ void fold_few(const hpcattn_cpu_call& c, const Work& w, i64 t0, i64 rows, i64 j0
         if (masked)
             for (i64 r = 0; r < rows; ++r)
                 for (i64 jj = 0; jj < n; ++jj)
-                    if (!visible(c, t0 + r / g, a + jj)) st[jj * kFewLanes + r] = kNegInf;
+                    if (!visible(c, t0 + (r_off + r) / g, a + jj)) st[jj * kFewLanes + r] = kNegInf;
         // the online softmax down the lanes: max, exp(s - max) and sums, rescales
 #if defined(__AVX512F__)
         {  // the sixteen lanes in one zmm (the same operations lane by lane)
@@ -1583,27 +1584,46 @@ int run_direct_heads(const hpcattn_cpu_call& c) {
     return 0;
 }
 
-// run_heads: a forward of c.nh kv heads whose query tiles have at most kFewRows rows (a few
+// run_heads: a forward of c.nh kv heads whose query tiles have at most kHeadsRows rows (a few
 // queries against a long cache), heads innermost. Key rows hold every kv head (k_stride floats
 // apart), so one head's keys and values are 256-byte pieces of rows several KiB apart, which the
 // hardware prefetcher does not follow; head after head over one key tile reads the tile's rows
 // whole (fold_few fetches each block's rows a little ahead). Where fetch_next_tile(), each head
 // also fetches its rows of the next tile into L2 while it computes this one. The tile:
-// kHeadsTileBytes of keys and values, all heads.
+// kHeadsTileBytes of keys and values, all heads. A tile's rows are folded in groups of kFewRows
+// (fold_few, rows in lanes, keys and values read in place), one after another over the head's
+// key tile (the first group reads it from memory, the others from L2): no key is packed. Side by
+// side on Zen 4 (H=8, d=64, 50,000 keys) against packing every key once: 24 rows 57.1 against
+// 26.5 GFLOP/s, 64 rows 71.6 against 34.2, 128 78.5 against 53.3, 256 79.6 against 67.5, 512
+// 77.5 against 79.7 (so at most kHeadsRows); 200 rows against 600 keys 54.8 against 64.5, 1,024
+// keys 69.7 against 70.9, 256 rows 2,048 keys 69.6 against 66.8 (so past kHeadsRowsAnyKeys rows
+// only against kHeadsMinKeys keys or more); docs/performance-notes.md.
 constexpr i64 kHeadsTileBytes = 384 * 1024;
+constexpr i64 kHeadsRows = 256;
+constexpr i64 kHeadsRowsAnyKeys = 128;
+constexpr i64 kHeadsMinKeys = 2048;
+
+i64 heads_of(const hpcattn_cpu_call& c) { return std::max<i64>(1, c.nh); }  // nh 0: one head
 
 bool heads_inner(const hpcattn_cpu_call& c) {
     const i64 bq = std::max<i64>(1, c.block_q);
-    return c.nh > 1 && std::min(bq, std::max<i64>(c.nq, 1)) * c.g <= kFewRows;
+    const i64 rows = std::min(bq, std::max<i64>(c.nq, 1)) * c.g;
+    if (rows <= kFewRows) return c.nh > 1;
+    // more rows: counted over the whole call (a call of many small query tiles packs its keys
+    // once for all of them instead), and only against keys past one tile (keys in one tile take
+    // direct_tile or the packed path, whose bits a call split into row chunks on workers keeps)
+    const i64 all = std::max<i64>(c.nq, 1) * c.g;
+    return c.nk > std::max<i64>(1, c.block_k) &&
+           (all <= kHeadsRowsAnyKeys || (all <= kHeadsRows && c.nk >= kHeadsMinKeys));
 }
 
 i64 heads_block_k(const hpcattn_cpu_call& c) {
-    const i64 bk = kHeadsTileBytes / (c.nh * c.d * i64(2 * sizeof(float))) / 6 * 6;
+    const i64 bk = kHeadsTileBytes / (heads_of(c) * c.d * i64(2 * sizeof(float))) / 6 * 6;
     return std::min(std::clamp<i64>(bk, 6, kFewKeys), std::max<i64>(1, c.block_k));
 }
 
 struct HeadsPlan {
-    i64 qtt, st, kr, qt, acc, m, l, qtt_h, per_head, total;
+    i64 groups, qtt, st, kr, qt, acc, acc_group, m, l, qtt_h, per_head, total;
 };
 
 HeadsPlan heads_plan(const hpcattn_cpu_call& c) {
@@ -1611,22 +1631,44 @@ HeadsPlan heads_plan(const hpcattn_cpu_call& c) {
     const i64 bq = std::max<i64>(1, c.block_q), rows = std::min(bq, std::max<i64>(c.nq, 1)) * c.g;
     const i64 da = (c.d + kNR - 1) / kNR * kNR, bk = heads_block_k(c);
     const i64 n_ktiles = std::max<i64>(1, (c.nk + bk - 1) / bk);
+    p.groups = (rows + kFewRows - 1) / kFewRows;
     p.qtt = round16(c.d * kFewRows);
     p.st = round16(bk * kFewLanes);
     p.kr = round16(n_ktiles * i64(sizeof(Range) / sizeof(float)));
     p.qt = round16((rows + 8) * c.d);
-    p.acc = round16((rows + 8) * da);
+    p.acc_group = round16((kFewRows + 8) * da);  // fold_few's 6-row blocks run past a group's rows
+    p.acc = p.groups * p.acc_group;
     p.m = round16(rows);
     p.l = round16(2 * rows);  // doubles
-    p.qtt_h = round16(c.d * kFewRows);
+    p.qtt_h = p.groups * round16(c.d * kFewRows);
     p.per_head = p.qt + p.acc + p.m + p.l + p.qtt_h;
-    p.total = p.qtt + p.st + p.kr + c.nh * p.per_head + 16;
+    p.total = p.qtt + p.st + p.kr + heads_of(c) * p.per_head + 16;
     return p;
+}
+
+// out and lse of rows [r0, r1) of the query tile at position t0 (row r: position t0 + r / g,
+// group member r % g) from their state: acc's rows from r0, m and l's from the tile's first row
+void finalize_rows(const hpcattn_cpu_call& c, i64 t0, i64 r0, i64 r1, const float* acc, i64 da,
+                   const float* m, const double* l) {
+    const i64 g = c.g, d = c.d;
+    for (i64 r = r0; r < r1; ++r) {
+        const i64 n = t0 + r / g, gi = r % g;
+        float* o = c.out + n * c.o_stride + gi * d;
+        const float* ar = acc + (r - r0) * da;
+        if (l[r] > 0) {
+            const float lr = float(l[r]);
+            for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
+            c.lse[gi * c.lse_head_stride + n] = float(double(m[r]) + std::log(l[r]));
+        } else {
+            std::memset(o, 0, size_t(d) * sizeof(float));
+            c.lse[gi * c.lse_head_stride + n] = kNegInf;
+        }
+    }
 }
 
 int run_heads(const hpcattn_cpu_call& c) {
     const HeadsPlan p = heads_plan(c);
-    const i64 nh = c.nh, g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = heads_block_k(c);
+    const i64 nh = heads_of(c), g = c.g, d = c.d, bq = std::max<i64>(1, c.block_q), bk = heads_block_k(c);
     const i64 da = (d + kNR - 1) / kNR * kNR;
     void* own = nullptr;
     int rc = 0;
@@ -1639,20 +1681,26 @@ int run_heads(const hpcattn_cpu_call& c) {
     for (i64 t = 0; t < n_ktiles; ++t)
         kr[t] = range_of(c.k_pos, c.k_seg, t * bk, std::min(c.nk, (t + 1) * bk));
     auto qt_of = [&](i64 h) { return heads + h * p.per_head; };
-    auto acc_of = [&](i64 h) { return heads + h * p.per_head + p.qt; };
+    auto acc_of = [&](i64 h, i64 gr) { return heads + h * p.per_head + p.qt + gr * p.acc_group; };
     auto m_of = [&](i64 h) { return heads + h * p.per_head + p.qt + p.acc; };
     auto l_of = [&](i64 h) { return reinterpret_cast<double*>(heads + h * p.per_head + p.qt + p.acc + p.m); };
-    auto qtt_of = [&](i64 h) { return heads + h * p.per_head + p.qt + p.acc + p.m + p.l; };
+    auto qtt_of = [&](i64 h, i64 gr) {
+        return heads + h * p.per_head + p.qt + p.acc + p.m + p.l + gr * round16(d * kFewRows);
+    };
     // every fold of a query tile reads its rows transposed once, and ST's padding lanes stay zero
     clear_few_lanes(w.s, few_subtile_keys(w));
     for (i64 t0 = 0; t0 < c.nq; t0 += bq) {
         const i64 t1 = std::min(c.nq, t0 + bq), rows = (t1 - t0) * g;
+        const i64 groups = (rows + kFewRows - 1) / kFewRows;
+        auto rows_of = [&](i64 gr) { return std::min(kFewRows, rows - gr * kFewRows); };
         for (i64 h = 0; h < nh; ++h) {
             scale_rows(head_of(c, h), t0, t1, qt_of(h));
             std::fill(m_of(h), m_of(h) + rows, kNegInf);
             std::fill(l_of(h), l_of(h) + rows, 0.0);
-            std::fill(acc_of(h), acc_of(h) + (rows + 6) * da, 0.0f);
-            transpose_few(qt_of(h), rows, d, qtt_of(h));
+            for (i64 gr = 0; gr < groups; ++gr) {
+                std::fill(acc_of(h, gr), acc_of(h, gr) + (kFewRows + 6) * da, 0.0f);
+                transpose_few(qt_of(h) + gr * kFewRows * d, rows_of(gr), d, qtt_of(h, gr));
+            }
         }
         const Range qr = range_of(c.q_pos, c.q_seg, t0, t1);
         for (i64 t = 0; t < n_ktiles; ++t) {
@@ -1668,12 +1716,19 @@ int run_heads(const hpcattn_cpu_call& c) {
             const i64 n_next = fetch_next_tile() ? std::max<i64>(0, std::min(c.nk, nj0 + bk) - nj0) : 0;
             for (i64 h = 0; h < nh; ++h) {
                 const hpcattn_cpu_call ch = head_of(c, h);
-                fold_few(ch, w, t0, rows, a, b, cls == kPartial, qt_of(h), acc_of(h), m_of(h),
-                         l_of(h), qtt_of(h), n_next ? ch.k + nj0 * ch.k_stride : nullptr,
-                         n_next ? ch.v + nj0 * ch.v_stride : nullptr, n_next);
+                for (i64 gr = 0; gr < groups; ++gr) {  // the first group fetches the next tile
+                    const i64 r0 = gr * kFewRows, nn = gr ? 0 : n_next;
+                    fold_few(ch, w, t0, rows_of(gr), a, b, cls == kPartial, qt_of(h) + r0 * d,
+                             acc_of(h, gr), m_of(h) + r0, l_of(h) + r0, qtt_of(h, gr),
+                             nn ? ch.k + nj0 * ch.k_stride : nullptr, nn ? ch.v + nj0 * ch.v_stride : nullptr,
+                             nn, r0);
+                }
             }
         }
-        for (i64 h = 0; h < nh; ++h) finalize(head_of(c, h), t0, t1, acc_of(h), da, m_of(h), l_of(h));
+        for (i64 h = 0; h < nh; ++h)
+            for (i64 gr = 0; gr < groups; ++gr)
+                finalize_rows(head_of(c, h), t0, gr * kFewRows, gr * kFewRows + rows_of(gr), acc_of(h, gr), da,
+                              m_of(h), l_of(h));
     }
     std::free(own);
     return 0;
