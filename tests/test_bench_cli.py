@@ -136,6 +136,6 @@ def test_serial_part_shows_kernels_cores_half_and_decode_lines(monkeypatch):
     text = res.output
     for needle in ("hpcattn attention [", "hpcattn blockwise (numpy-blockwise kernel)",
                    "one process on 1 core vs", "bfloat16", "decode-like shapes", "4,096 x 16",
-                   "16 x 4,096", "reuse the last one freed: on (HPCATTN_REUSE_OUT=1)",
+                   "16 x 4,096", "64 x 4,096", "reuse the last one freed: on (HPCATTN_REUSE_OUT=1)",
                    "timed with these rows: "):
         assert needle in text, needle

@@ -9,7 +9,8 @@ drift and the other work on the machine hit all of them alike:
   may use;
 * ``half_rates``: bfloat16 on the torch kernel beside torch SDPA bf16, or the one-line reason it
   is unavailable here;
-* ``decode_rates``: decode-like shapes (many queries against 16 keys, 16 queries against many
+* ``decode_rates``: decode-like shapes (many queries against 16 keys; 16 queries, a decode step
+  of a batch or of a GQA group, and 64, a chunk of a prompt or a speculative step, against many
   keys) against the square shape's rate of the same kernel.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .backward import interleaved
 from .config import BenchConfig
 
 DECODE_SHORT = 16
+DECODE_CHUNK = 64
 DECODE_LONG = 100_000
 
 
@@ -136,7 +138,7 @@ def half_rates(cfg: BenchConfig, q, k, v) -> dict:
 def decode_shapes(cfg: BenchConfig) -> list:
     """(queries, keys) of the decode-like shapes (the long side shrinks with --quick's N)."""
     long = min(DECODE_LONG, 16 * cfg.seq_len)
-    return [(long, DECODE_SHORT), (DECODE_SHORT, long)]
+    return [(long, DECODE_SHORT), (DECODE_SHORT, long), (DECODE_CHUNK, long)]
 
 
 def decode_rates(cfg: BenchConfig) -> list:
