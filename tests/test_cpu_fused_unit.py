@@ -410,6 +410,63 @@ def test_few_rows_every_kv_head_in_one_call(shape, mask, workers, kv_layout):
     _check(got, want)
 
 
+TINY = [(1, 1, 1000, 8, 8, 64), (2, 1, 2003, 8, 2, 32), (1, 2, 17, 4, 4, 96), (1, 4, 1500, 2, 2, 48),
+        (3, 1, 777, 12, 3, 16), (1, 1, 5000, 4, 4, 128), (1, 3, 1, 2, 2, 64), (2, 2, 600, 4, 2, 80)]
+TINY_MASKS = [None, dict(causal=True, align="bottom-right"), dict(window=(100, 0), align="bottom-right"),
+              dict(window=(-1, 40)), dict(cu_seqlens="three sequences")]
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", TINY)
+@pytest.mark.parametrize("mask", TINY_MASKS)
+@pytest.mark.parametrize("kv_layout", ["bnhd", "bhnd"])
+def test_a_decode_step_of_at_most_four_rows_per_kv_head(shape, mask, kv_layout):
+    """At most four query rows per kv head (one query of a GQA group, or a few queries), head
+    dims that are multiples of 16 (on AMD CPUs: the streamed decode path, key and value rows in
+    memory order, blocks of sixteen keys, spans of 64): key counts off the block and span (17,
+    600, 2,003), one key (three causal queries of which two see nothing: out 0, lse -inf),
+    every mask class (windows that hide whole blocks, a sequence boundary), keys and values in
+    either layout, keys that grow along the cache so maxima rise span to span. The float64
+    reference's results, and FlashAttention's rule (error <= 2x a float32 reference's)."""
+    b, nq, nk, h, hkv, d = shape
+    q, k, v = _qkv(nq * 7 + nk + d, b, nq, nk, h, hkv, d)
+    k *= np.linspace(0.3, 3.0, nk, dtype=np.float32)[None, :, None, None]
+    if kv_layout == "bhnd":
+        k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (k, v))
+    kw = {} if mask is None else dict(mask)
+    if "cu_seqlens" in kw:   # three packed sequences over the cache, the queries across a boundary
+        if nk < 3:
+            pytest.skip("three sequences need three keys")
+        kw = dict(cu_seqlens=np.array([0, nk // 3, nk // 3 + 1, nk]))
+        q_pos = np.arange(nk // 3 - nq // 2 - 1, nk // 3 - nq // 2 - 1 + nq) % nk
+        m = make_mask(**kw).bind(nk, nk)
+        got = cpu_fused.attention(q, k, v, q_pos=q_pos, mask=m)
+        want = naive_attention(q, k, v, q_pos=q_pos, n_q=nk, n_k=nk, **kw)
+        same = naive_attention(q, k, v, q_pos=q_pos, n_q=nk, n_k=nk, dtype=np.float32, **kw)[0]
+    else:
+        m = make_mask(**kw).bind(nq, nk) if kw else None
+        got = cpu_fused.attention(q, k, v, mask=m)
+        want = naive_attention(q, k, v, **kw)
+        same = naive_attention(q, k, v, dtype=np.float32, **kw)[0]
+    _check(got, want)
+    assert np.abs(got[0] - want[0]).max() <= 2 * np.abs(same - want[0]).max()
+
+
+@needs_fused
+@pytest.mark.parametrize("spike", [0, 5, 19, 39, 63, 81, 299])
+def test_a_decode_step_with_one_score_far_above_the_rest(spike):
+    """One key whose score is ~100 above every other (past exp's float32 range), in any block
+    of a span and the last key: a row's max must cover every key it exponentiates, or exp
+    overflows."""
+    q, k, v = _qkv(spike, 1, 2, 300, 4, 2, 64)
+    qh = q[0, 0, ::2]                                  # query 0's rows of kv heads 0 and 1
+    k[0, spike] = 100.0 * 8.0 * qh / (qh * qh).sum(axis=-1, keepdims=True)   # score 100 (scale 1/8)
+    got = cpu_fused.attention(q, k, v)
+    want = naive_attention(q, k, v)
+    assert np.isfinite(got[0]).all() and np.isfinite(got[1]).all()
+    _check(got, want)
+
+
 @needs_fused
 @pytest.mark.parametrize("shape", [(2, 301, 16, 8, 4, 72), (1, 500, 3, 2, 2, 8), (1, 97, 40, 3, 3, 128),
                                    (2, 1030, 512, 2, 1, 24), (1, 260, 17, 4, 2, 64), (1, 20000, 16, 8, 8, 64)])

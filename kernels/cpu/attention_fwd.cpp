@@ -1733,12 +1733,241 @@ int run_heads(const hpcattn_cpu_call& c) {
     std::free(own);
     return 0;
 }
+
+#if defined(__AVX512F__)
+// run_tiny: a decode step, at most kTinyRows query rows per kv head (one query of a GQA group of
+// up to four heads, or up to four queries of one head) against any number of keys. So few rows
+// leave most of fold_few's lanes empty, and the call is a stream of the keys and values from
+// memory: here a row's scores are dot products (each key's d floats against the row's scaled q,
+// sixteen keys' partial sums reduced into one zmm by sum16) and P V adds each key's value row to
+// the rows' accumulators. Blocks of kTinyKeys keys; each block's key rows and then its value rows
+// are read in memory order, every head's part of a row before the next row (rows holding every
+// head are then one sequential stream each), with each key and value row fetched kTinyAheadBytes
+// of rows ahead (prefetcht2). Online softmax per span of kTinySpan keys: its max, a rescale where
+// a row's max grows, exp, and its sum added in double; P V per block summed apart and then added
+// to the accumulators. (Per block of 16 and one FMA chain through every key, the error at 1 x
+// 5,000, d=128, was 2.0e-6 against a float32 reference's 4.1e-7, past FlashAttention's 2x rule,
+// as run_heads' 1.6e-6; with both it is 7.2e-7.)
+//
+// Side by side against run_heads (fold_few) on Zen 4, H=8, d=64, two builds of each alternating
+// (docs/performance-notes.md): 1 query x 100,000 keys 22.7/21.9 against 46.4/48.3 ms, 2 queries
+// 25.0 against 45.4/47.0, 4 queries 35.6 against 43.4/46.4, 1 x 2,000 0.56/0.51 against
+// 0.81/0.95; GQA (H=32, 8 kv heads) 1 x 100,000 32.4/31.4 against 41.5/41.0; d=128 1 x 50,000
+// 19.3/19.4 against 42.1/39.7. Head dim 128 with several rows gained nothing (2 x 50,000 44.8
+// against 45.1 ms; 4 x 30,000 25.1 against 23.6), so more than one row only up to d = 96. Without
+// the fetch ahead the stream ran slower than run_heads from two rows on (4 x 100,000 58.4 against
+// 39.2 ms on the same Zen 4), and it was never measured on another CPU: like the other fetches
+// ahead, on AMD CPUs only (fetch_next_tile).
+constexpr i64 kTinyRows = 4;
+constexpr i64 kTinyKeys = 16;
+constexpr i64 kTinySpan = 64;  // keys per step of the online softmax (one max, at most one rescale)
+constexpr i64 kTinyAheadBytes = 512 * 1024;  // 1 x 100,000, H=8, d=64 (256 rows): 20.6 ms; 64 rows
+                                             // 20.9, 1,024 rows 28.3, none 29.8, prefetchnta 32.2
+
+// lane j of the result: the sum of z[j]'s sixteen lanes (one fixed order of additions)
+inline __m512 sum16(const __m512* z) {
+    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 8; ++i)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(z[2 * i], z[2 * i + 1]), _mm512_unpackhi_ps(z[2 * i], z[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: the partial sums of keys 4i .. 4i + 3
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; ++i)
+        v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xdd));
+}
+
+bool tiny_rows(const hpcattn_cpu_call& c) {
+    const i64 rows = c.nq * c.g;
+    return fetch_next_tile() && c.nq >= 1 && c.nk >= 1 && rows <= kTinyRows && c.d % 16 == 0 &&
+           c.d <= (rows == 1 ? 128 : 96);
+}
+
+struct TinyPlan {
+    i64 qs, acc, bacc, m, l, per_head, z, p, total;
+};
+
+TinyPlan tiny_plan(const hpcattn_cpu_call& c) {
+    TinyPlan p{};
+    p.qs = round16(kTinyRows * c.d);
+    p.acc = round16(kTinyRows * c.d);
+    p.bacc = round16(kTinyRows * c.d);
+    p.m = 16;
+    p.l = 16;  // kTinyRows doubles
+    p.per_head = p.qs + p.acc + p.bacc + p.m + p.l;
+    p.z = heads_of(c) * kTinyRows * kTinyKeys * 16;  // a block's partial sums, one zmm per key and row
+    p.p = heads_of(c) * kTinyRows * kTinySpan;       // a span's scores, then probabilities
+    p.total = heads_of(c) * p.per_head + p.z + p.p + 16;
+    return p;
+}
+
+template <int C>  // C = d / 16
+int run_tiny_c(const hpcattn_cpu_call& c) {
+    const TinyPlan tp = tiny_plan(c);
+    const i64 nh = heads_of(c), g = c.g, d = c.d, rows = c.nq * g, nk = c.nk;
+    void* own = nullptr;
+    int rc = 0;
+    float* base = scratch_of(c, tp.total, &own, &rc);
+    if (!base) return rc;
+    auto qs_of = [&](i64 h) { return base + h * tp.per_head; };
+    auto acc_of = [&](i64 h) { return base + h * tp.per_head + tp.qs; };
+    auto bacc_of = [&](i64 h) { return base + h * tp.per_head + tp.qs + tp.acc; };
+    auto m_of = [&](i64 h) { return base + h * tp.per_head + tp.qs + tp.acc + tp.bacc; };
+    auto l_of = [&](i64 h) {
+        return reinterpret_cast<double*>(base + h * tp.per_head + tp.qs + tp.acc + tp.bacc + tp.m);
+    };
+    __m512* const zb = reinterpret_cast<__m512*>(base + nh * tp.per_head);  // [head][row][key]
+    float* const pb = base + nh * tp.per_head + tp.z;                         // [head][row][span key]
+    for (i64 h = 0; h < nh; ++h) {
+        const hpcattn_cpu_call ch = head_of(c, h);
+        for (i64 r = 0; r < rows; ++r) {  // row r: position r / g, group member r % g
+            const float* src = ch.q + (r / g) * c.q_stride + (r % g) * d;
+            for (i64 x = 0; x < d; ++x) qs_of(h)[r * d + x] = src[x] * c.scale;
+        }
+        std::fill(acc_of(h), acc_of(h) + rows * d, 0.0f);
+        std::fill(m_of(h), m_of(h) + rows, kNegInf);
+        std::fill(l_of(h), l_of(h) + rows, 0.0);
+    }
+    const Range qr = range_of(c.q_pos, c.q_seg, 0, c.nq);
+    const i64 ahead = std::max<i64>(kTinyKeys, kTinyAheadBytes / (nh * d * i64(sizeof(float))));
+    constexpr i64 blocks = kTinySpan / kTinyKeys;
+    __mmask16 vis[blocks][kTinyRows];
+    bool any[blocks];
+    for (i64 s0 = 0; s0 < nk; s0 += kTinySpan) {
+        const i64 ns = std::min(kTinySpan, nk - s0), nb = (ns + kTinyKeys - 1) / kTinyKeys;
+        // scores: each block's key rows in memory order, each row's part of every head, the
+        // block's sums into pb (keys a row does not see: -inf)
+        for (i64 b = 0; b < nb; ++b) {
+            const i64 j0 = s0 + b * kTinyKeys, n = std::min(kTinyKeys, nk - j0);
+            const int cls = classify(c, qr, range_of(c.k_pos, c.k_seg, j0, j0 + n));
+            any[b] = cls != kNone;
+            for (i64 r = 0; r < rows; ++r) {  // the keys each row sees
+                vis[b][r] = cls == kNone ? __mmask16(0) : __mmask16((1u << n) - 1u);
+                if (cls == kPartial)
+                    for (i64 j = 0; j < n; ++j)
+                        if (!visible(c, r / g, j0 + j)) vis[b][r] &= __mmask16(~(1u << j));
+            }
+            if (!any[b]) {
+                for (i64 h = 0; h < nh; ++h)
+                    for (i64 r = 0; r < rows; ++r)
+                        _mm512_storeu_ps(pb + (h * kTinyRows + r) * kTinySpan + b * kTinyKeys, _mm512_set1_ps(kNegInf));
+                continue;
+            }
+            for (i64 j = 0; j < kTinyKeys; ++j)
+                for (i64 h = 0; h < nh; ++h) {
+                    __m512* z = zb + h * kTinyRows * kTinyKeys + j;
+                    if (j >= n) {  // past the last key: partial sums 0 (their lanes are masked)
+                        for (i64 r = 0; r < rows; ++r) z[r * kTinyKeys] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    const float* kj = c.k + h * c.k_hs + (j0 + j) * c.k_stride;
+                    if (j0 + j + ahead < nk)
+                        for (i64 x = 0; x < d; x += 16) __builtin_prefetch(kj + ahead * c.k_stride + x, 0, 1);
+                    __m512 kv[C];
+                    for (int cc = 0; cc < C; ++cc) kv[cc] = _mm512_loadu_ps(kj + 16 * cc);
+                    const float* q = qs_of(h);
+                    for (i64 r = 0; r < rows; ++r) {
+                        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q + r * d), kv[0]);
+                        for (int cc = 1; cc < C; ++cc)
+                            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * d + 16 * cc), kv[cc], a);
+                        z[r * kTinyKeys] = a;
+                    }
+                }
+            for (i64 h = 0; h < nh; ++h)
+                for (i64 r = 0; r < rows; ++r)
+                    _mm512_storeu_ps(pb + (h * kTinyRows + r) * kTinySpan + b * kTinyKeys,
+                                     _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), vis[b][r],
+                                                        sum16(zb + (h * kTinyRows + r) * kTinyKeys)));
+        }
+        // the online softmax of each head's rows over the span: one max, at most one rescale
+        for (i64 h = 0; h < nh; ++h) {
+            float* acc = acc_of(h);
+            float* m = m_of(h);
+            double* l = l_of(h);
+            for (i64 r = 0; r < rows; ++r) {
+                float* p = pb + (h * kTinyRows + r) * kTinySpan;
+                __m512 mx = _mm512_loadu_ps(p);
+                for (i64 b = 1; b < nb; ++b) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + b * kTinyKeys));
+                const float mnew = std::max(m[r], _mm512_reduce_max_ps(mx));
+                if (mnew == kNegInf) {  // nothing visible yet: adds nothing
+                    for (i64 b = 0; b < nb; ++b) _mm512_storeu_ps(p + b * kTinyKeys, _mm512_setzero_ps());
+                    continue;
+                }
+                if (mnew != m[r]) {
+                    if (m[r] != kNegInf) {  // (a row that saw nothing yet has zero acc and sum)
+                        const float alpha = std::exp(m[r] - mnew);
+                        const __m512 av = _mm512_set1_ps(alpha);
+                        for (i64 x = 0; x < d; x += 16)
+                            _mm512_storeu_ps(acc + r * d + x, _mm512_mul_ps(_mm512_loadu_ps(acc + r * d + x), av));
+                        l[r] *= alpha;
+                    }
+                    m[r] = mnew;
+                }
+                __m512 sz = _mm512_setzero_ps();
+                for (i64 b = 0; b < nb; ++b) {
+                    const __m512 pz = exp_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(p + b * kTinyKeys), _mm512_set1_ps(mnew)));
+                    _mm512_storeu_ps(p + b * kTinyKeys, pz);
+                    sz = _mm512_add_ps(sz, pz);
+                }
+                l[r] += double(_mm512_reduce_add_ps(sz));
+            }
+        }
+        // P V: each block's value rows in memory order, summed apart from the accumulators and
+        // then added to them (sums of 16 products, not one chain through every key)
+        for (i64 b = 0; b < nb; ++b) {
+            if (!any[b]) continue;
+            const i64 j0 = s0 + b * kTinyKeys, n = std::min(kTinyKeys, nk - j0);
+            for (i64 h = 0; h < nh; ++h) std::fill(bacc_of(h), bacc_of(h) + rows * d, 0.0f);
+            for (i64 j = 0; j < n; ++j)
+                for (i64 h = 0; h < nh; ++h) {
+                    const float* vj = c.v + h * c.v_hs + (j0 + j) * c.v_stride;
+                    if (j0 + j + ahead < nk)
+                        for (i64 x = 0; x < d; x += 16) __builtin_prefetch(vj + ahead * c.v_stride + x, 0, 1);
+                    __m512 vv[C];
+                    for (int cc = 0; cc < C; ++cc) vv[cc] = _mm512_loadu_ps(vj + 16 * cc);
+                    float* bacc = bacc_of(h);
+                    for (i64 r = 0; r < rows; ++r) {
+                        const __m512 pr = _mm512_set1_ps(pb[(h * kTinyRows + r) * kTinySpan + b * kTinyKeys + j]);
+                        for (int cc = 0; cc < C; ++cc) {
+                            float* a = bacc + r * d + 16 * cc;
+                            _mm512_storeu_ps(a, _mm512_fmadd_ps(pr, vv[cc], _mm512_loadu_ps(a)));
+                        }
+                    }
+                }
+            for (i64 h = 0; h < nh; ++h)
+                for (i64 x = 0; x < rows * d; x += 16)
+                    _mm512_storeu_ps(acc_of(h) + x,
+                                     _mm512_add_ps(_mm512_loadu_ps(acc_of(h) + x), _mm512_loadu_ps(bacc_of(h) + x)));
+        }
+    }
+    for (i64 h = 0; h < nh; ++h) finalize_rows(head_of(c, h), 0, 0, rows, acc_of(h), d, m_of(h), l_of(h));
+    std::free(own);
+    return 0;
+}
+
+int run_tiny(const hpcattn_cpu_call& c) {
+    switch (c.d / 16) {
+        case 1: return run_tiny_c<1>(c);
+        case 2: return run_tiny_c<2>(c);
+        case 3: return run_tiny_c<3>(c);
+        case 4: return run_tiny_c<4>(c);
+        case 5: return run_tiny_c<5>(c);
+        case 6: return run_tiny_c<6>(c);
+        case 7: return run_tiny_c<7>(c);
+        default: return run_tiny_c<8>(c);
+    }
+}
+#endif
 #endif
 
 }  // namespace
 
 extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
 #ifdef HPCATTN_MICRO
+#if defined(__AVX512F__)
+    if (tiny_rows(*call)) return run_tiny(*call);
+#endif
     if (heads_inner(*call)) return run_heads(*call);
     if (direct_heads(*call)) return run_direct_heads(*call);
 #endif
@@ -1759,6 +1988,9 @@ extern "C" int hpcattn_cpu_fold_f32(const hpcattn_cpu_call* call, float* acc, fl
 // Floats of scratch a call needs (folding: hpcattn_cpu_fold_f32, else the forward)
 extern "C" int64_t hpcattn_cpu_scratch_floats(const hpcattn_cpu_call* call, int32_t folding) {
 #ifdef HPCATTN_MICRO
+#if defined(__AVX512F__)
+    if (!folding && tiny_rows(*call)) return tiny_plan(*call).total;
+#endif
     if (!folding && heads_inner(*call)) return heads_plan(*call).total;
     if (!folding && direct_heads(*call)) return direct_plan(*call).total;
 #endif
