@@ -1353,24 +1353,27 @@ void scale_rows(const hpcattn_cpu_call& c, i64 t0, i64 t1, float* qt) {
     }
 }
 
+// out and lse of query position n's group member gi from its accumulator row ar, max m, sum l
+inline void finalize_row(const hpcattn_cpu_call& c, i64 n, i64 gi, const float* ar, float m, double l) {
+    const i64 d = c.d;
+    float* o = c.out + n * c.o_stride + gi * d;
+    if (l > 0) {
+        const float lr = float(l);
+        for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
+        c.lse[gi * c.lse_head_stride + n] = float(double(m) + std::log(l));
+    } else {
+        std::memset(o, 0, size_t(d) * sizeof(float));
+        c.lse[gi * c.lse_head_stride + n] = kNegInf;
+    }
+}
+
 // out and lse of query positions [t0, t1) from their state; (position n, group member gi) as two
 // loops: a 64-bit division per row costs more than the row's output at decode-like shapes
 void finalize(const hpcattn_cpu_call& c, i64 t0, i64 t1, const float* acc, i64 da, const float* m,
               const double* l) {
-    const i64 g = c.g, d = c.d;
+    const i64 g = c.g;
     for (i64 n = t0, r = 0; n < t1; ++n) {
-        for (i64 gi = 0; gi < g; ++gi, ++r) {
-            float* o = c.out + n * c.o_stride + gi * d;
-            const float* ar = acc + r * da;
-            if (l[r] > 0) {
-                const float lr = float(l[r]);
-                for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
-                c.lse[gi * c.lse_head_stride + n] = float(double(m[r]) + std::log(l[r]));
-            } else {
-                std::memset(o, 0, size_t(d) * sizeof(float));
-                c.lse[gi * c.lse_head_stride + n] = kNegInf;
-            }
-        }
+        for (i64 gi = 0; gi < g; ++gi, ++r) finalize_row(c, n, gi, acc + r * da, m[r], l[r]);
     }
 }
 
@@ -1650,19 +1653,10 @@ HeadsPlan heads_plan(const hpcattn_cpu_call& c) {
 // group member r % g) from their state: acc's rows from r0, m and l's from the tile's first row
 void finalize_rows(const hpcattn_cpu_call& c, i64 t0, i64 r0, i64 r1, const float* acc, i64 da,
                    const float* m, const double* l) {
-    const i64 g = c.g, d = c.d;
+    const i64 g = c.g;
     for (i64 r = r0; r < r1; ++r) {
         const i64 n = t0 + r / g, gi = r % g;
-        float* o = c.out + n * c.o_stride + gi * d;
-        const float* ar = acc + (r - r0) * da;
-        if (l[r] > 0) {
-            const float lr = float(l[r]);
-            for (i64 x = 0; x < d; ++x) o[x] = ar[x] / lr;
-            c.lse[gi * c.lse_head_stride + n] = float(double(m[r]) + std::log(l[r]));
-        } else {
-            std::memset(o, 0, size_t(d) * sizeof(float));
-            c.lse[gi * c.lse_head_stride + n] = kNegInf;
-        }
+        finalize_row(c, n, gi, acc + (r - r0) * da, m[r], l[r]);
     }
 }
 
