@@ -1814,11 +1814,7 @@ int run_tiny_c(const hpcattn_cpu_call& c) {
     __m512* const zb = reinterpret_cast<__m512*>(base + nh * tp.per_head);  // [head][row][key]
     float* const pb = base + nh * tp.per_head + tp.z;                         // [head][row][span key]
     for (i64 h = 0; h < nh; ++h) {
-        const hpcattn_cpu_call ch = head_of(c, h);
-        for (i64 r = 0; r < rows; ++r) {  // row r: position r / g, group member r % g
-            const float* src = ch.q + (r / g) * c.q_stride + (r % g) * d;
-            for (i64 x = 0; x < d; ++x) qs_of(h)[r * d + x] = src[x] * c.scale;
-        }
+        scale_rows(head_of(c, h), 0, c.nq, qs_of(h));  // row r: position r / g, group member r % g
         std::fill(acc_of(h), acc_of(h) + rows * d, 0.0f);
         std::fill(m_of(h), m_of(h) + rows, kNegInf);
         std::fill(l_of(h), l_of(h) + rows, 0.0);
