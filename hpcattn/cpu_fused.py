@@ -60,6 +60,11 @@ FEW_ROWS = 16
 HEADS_ROWS_ANY_KEYS = 128
 HEADS_ROWS = 256
 HEADS_MIN_KEYS = 2048
+#: a call of fewer flops (4 b Nq H Nk d) runs on the calling thread whatever the workers: waking
+#: a pool thread costs tens to hundreds of microseconds on a VM. Two workers against one, side by
+#: side (H=8, d=64, a Zen 4 VM): 1 x 16 keys 297 against 65 us; 128 x 128 keys (33.6 MFLOP)
+#: 1.81x slower, 32 x 512 1.00x; 32 x 1024 (67.1 MFLOP) 0.78x, 256 x 256 0.68x
+MIN_SPLIT_FLOPS = 1 << 26
 #: fewer query rows in a call: the AVX2 path neither packs every key once nor stores out straight
 #: (the kernel's kMicroMinRows)
 MICRO_MIN_ROWS = 48
@@ -187,6 +192,8 @@ def build(native: bool = True) -> ctypes.CDLL:
     lib.hpcattn_cpu_acc_stride.restype = ctypes.c_int64
     lib.hpcattn_cpu_acc_stride.argtypes = [ctypes.c_int64]
     lib.hpcattn_cpu_scratch_floats.restype = ctypes.c_int64
+    lib.hpcattn_cpu_streams.restype = ctypes.c_int
+    lib.hpcattn_cpu_streams.argtypes = [ctypes.POINTER(_Call)]
     lib.hpcattn_cpu_scratch_floats.argtypes = [ctypes.POINTER(_Call), ctypes.c_int32]
     return lib
 
@@ -302,8 +309,8 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
     def ptr(arr, offset_elems=0):
         return None if arr is None else arr.ctypes.data + offset_elems * arr.itemsize
 
-    def call(i, j, r0, r1, nh=1):
-        c = _Call(q=q.ctypes.data + i * q.strides[0] + j * g * q.strides[2] + r0 * q.strides[1],
+    def make(i, j, r0, r1, nh=1):
+        return _Call(q=q.ctypes.data + i * q.strides[0] + j * g * q.strides[2] + r0 * q.strides[1],
                   k=k.ctypes.data + i * k.strides[0] + j * k.strides[2],
                   v=v.ctypes.data + i * v.strides[0] + j * v.strides[2],
                   out=ptr(out, (i * nq + r0) * h * d + j * g * d),
@@ -311,12 +318,19 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
                   q_pos=ptr(q_pos, r0), k_pos=ptr(k_pos), q_seg=ptr(segs[0], r0),
                   k_seg=ptr(segs[1]), nh=nh, q_hs=g * q.strides[2] // 4, k_hs=k.strides[2] // 4,
                   v_hs=v.strides[2] // 4, o_hs=g * d, lse_hs=g * nq, **base)
-        _run(st["lib"], c)
 
+    def call(i, j, r0, r1, nh=1):
+        _run(st["lib"], make(i, j, r0, r1, nh))
+
+    if 4 * b * nq * h * nk * d < MIN_SPLIT_FLOPS:
+        workers = 1  # the same calls, on this thread: handing them to workers would cost more
     if hkv > 1 and heads_inner(nq * g, nk, base["block_k"]):
         # a few query rows against the cache: one call per group of kv heads, which folds every
         # head of the group over a key tile before the next tile (a head's keys alone are pieces
-        # of rows that hold every head: read head by head, they are strided reads)
+        # of rows that hold every head: read head by head, they are strided reads). A decode
+        # step the kernel streams keeps memory busy from one thread: one group
+        if st["lib"].hpcattn_cpu_streams(ctypes.byref(make(0, 0, 0, nq, nh=hkv))):
+            workers = 1
         n_groups = min(max(1, workers), hkv)
         groups = [(hkv * s // n_groups, hkv * (s + 1) // n_groups) for s in range(n_groups)]
         tasks = [(lambda i=i, a=a, e=e: call(i, a, 0, nq, nh=e - a)) for i in range(b) for a, e in groups]

@@ -282,3 +282,47 @@ def test_threaded_ring_state_equals_one_state(causal):
     for a, b in zip(one.result(), many.result()):
         assert np.array_equal(a, b)
     assert calls
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_run_tasks_runs_every_task_once_on_this_thread_among_others(workers, n):
+    import threading
+
+    seen = []
+    lock = threading.Lock()
+
+    def task(i):
+        def run():
+            with lock:
+                seen.append((i, threading.get_ident()))
+        return run
+
+    cpu_pool.run_tasks([task(i) for i in range(n)], workers)
+    assert sorted(i for i, _ in seen) == list(range(n))
+    threads = {t for _, t in seen}
+    if workers == 1 or n == 1:
+        assert threads == {threading.get_ident()}
+    assert len(threads) <= workers
+
+
+def test_run_tasks_reraises_and_starts_nothing_after_a_failure():
+    import threading
+
+    started = []
+    gate = threading.Event()
+
+    def bad():
+        started.append("bad")
+        raise ValueError("task 0 failed")
+
+    def later(i):
+        def run():
+            started.append(i)
+            gate.wait(1.0)  # long past the failure being recorded
+        return run
+
+    with pytest.raises(ValueError, match="task 0 failed"):
+        cpu_pool.run_tasks([bad] + [later(i) for i in range(20)], 2)
+    # at most the one task the other thread had already taken when the first one failed
+    assert "bad" in started and len(started) <= 3

@@ -1969,6 +1969,18 @@ extern "C" int hpcattn_cpu_forward_f32(const hpcattn_cpu_call* call) {
     return 0;
 }
 
+// 1 where the forward of *call runs as the decode stream (run_tiny), which one thread's reads
+// already keep memory busy: split over threads by heads, each thread reads pieces of every row
+// (hpcattn.cpu_fused then runs such a call on one worker)
+extern "C" int hpcattn_cpu_streams(const hpcattn_cpu_call* call) {
+#if defined(HPCATTN_MICRO) && defined(__AVX512F__)
+    return tiny_rows(*call) ? 1 : 0;
+#else
+    (void)call;
+    return 0;
+#endif
+}
+
 // Fold the keys of *call into a state: acc (nq*g + 6 rows of hpcattn_cpu_acc_stride(d) floats,
 // zero to start), m (nq*g floats, -inf to start), l (nq*g doubles, 0 to start); out/lse unused.
 extern "C" int hpcattn_cpu_fold_f32(const hpcattn_cpu_call* call, float* acc, float* m, double* l) {
