@@ -192,9 +192,9 @@ def build(native: bool = True) -> ctypes.CDLL:
     lib.hpcattn_cpu_acc_stride.restype = ctypes.c_int64
     lib.hpcattn_cpu_acc_stride.argtypes = [ctypes.c_int64]
     lib.hpcattn_cpu_scratch_floats.restype = ctypes.c_int64
+    lib.hpcattn_cpu_scratch_floats.argtypes = [ctypes.POINTER(_Call), ctypes.c_int32]
     lib.hpcattn_cpu_streams.restype = ctypes.c_int
     lib.hpcattn_cpu_streams.argtypes = [ctypes.POINTER(_Call)]
-    lib.hpcattn_cpu_scratch_floats.argtypes = [ctypes.POINTER(_Call), ctypes.c_int32]
     return lib
 
 
@@ -333,14 +333,10 @@ def attention(q, k, v, *, causal=False, scale=None, q_pos=None, k_pos=None, mask
             workers = 1
         n_groups = min(max(1, workers), hkv)
         groups = [(hkv * s // n_groups, hkv * (s + 1) // n_groups) for s in range(n_groups)]
-        tasks = [(lambda i=i, a=a, e=e: call(i, a, 0, nq, nh=e - a)) for i in range(b) for a, e in groups]
-        if workers <= 1:
-            for task in tasks:
-                task()
-            return out, lse
         from .cpu_pool import run_tasks
 
-        run_tasks(tasks, workers)
+        run_tasks([(lambda i=i, a=a, e=e: call(i, a, 0, nq, nh=e - a)) for i in range(b) for a, e in groups],
+                  workers)  # on this thread alone for one worker
         return out, lse
     if mask.trivial and nk <= base["block_k"] and hkv > 1:
         # many queries against keys that fit one tile, no mask: one call per batch entry (and
