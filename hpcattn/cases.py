@@ -58,10 +58,11 @@ class AttentionCase:
     backward: bool = False           # also time (and check) the gradients dq, dk, dv
     window: str | None = None        # "LEFT,RIGHT" (FlashAttention's window_size; -1 unbounded)
     cu_seqlens: str | None = None    # "0,c1,...,N": packed variable-length sequences
+    kv_pieces: int = 1               # ring/hybrid: each K/V block travels in this many pieces
 
     def validate(self, size: int) -> None:
         """Collective-safe: every rank evaluates the same case and raises the same error."""
-        for name in ("seq_len", "batch", "heads", "head_dim", "repeats"):
+        for name in ("seq_len", "batch", "heads", "head_dim", "repeats", "kv_pieces"):
             val = getattr(self, name)
             if not isinstance(val, (int, np.integer)) or val < 1:
                 raise CollectiveError(f"{name}={val!r} is invalid; expected a positive integer")
@@ -97,6 +98,9 @@ class AttentionCase:
         elif self.ulysses_size is not None:
             raise CollectiveError(f"ulysses_size={self.ulysses_size} is for strategy 'hybrid', not "
                                   f"{self.strategy!r}; expected no ulysses_size")
+        if self.kv_pieces != 1 and self.strategy == "ulysses":
+            raise CollectiveError(f"kv_pieces={self.kv_pieces} is for the ring and hybrid strategies "
+                                  "(ulysses passes no K/V blocks); expected 1")
         if self.backward and self.strategy not in BACKWARD:
             raise CollectiveError(f"backward = true needs a strategy with a backward pass "
                                   f"({', '.join(BACKWARD)}); {self.strategy!r} has a forward only")
@@ -195,6 +199,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
         xdout = be.to_device(dout)
     blocks = {key: val for key, val in (("block_q", case.block_q), ("block_k", case.block_k)) if val}
     kw = dict(causal=case.causal, layout=case.layout, **case.mask_kw, **blocks)
+    pieces = {"kv_pieces": case.kv_pieces} if case.kv_pieces != 1 else {}
     walls, stats, bstats = [], {}, {}
 
     def repeats():
@@ -203,7 +208,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
             exchange.barrier(comm, "starting a repeat")
             t0 = time.perf_counter()
             res = context_attention(xq, xk, xv, comm, strategy=case.strategy,
-                                    ulysses_size=case.ulysses_size, stats=stats, **kw)
+                                    ulysses_size=case.ulysses_size, stats=stats, **kw, **pieces)
             if case.backward:
                 grid = {"ulysses_size": case.ulysses_size} if case.strategy == "hybrid" else {}
                 grads = BACKWARD[case.strategy](xq, xk, xv, *res, xdout, comm, stats=bstats, **kw,
@@ -273,7 +278,8 @@ def case_memory(case: AttentionCase, dist: Distribution, rank: int):
     return footprint.rank_memory(dist.count(rank), batch=case.batch, heads=case.heads, kv_heads=kvh,
                                  head_dim=case.head_dim, dtype=case.dtype, n_max=max(dist.counts),
                                  ranks=dist.size, device=case.device, check_rows=case.check_rows,
-                                 backward=case.backward, workers=kernel_workers())
+                                 backward=case.backward, workers=kernel_workers(),
+                                 kv_pieces=case.kv_pieces)
 
 
 def check_memory(case: AttentionCase, comm, dist: Distribution, be) -> None:

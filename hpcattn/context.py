@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend
-from .errors import CollectiveError
+from .errors import CollectiveError, HpcattnError
 from .ring import check_context_inputs, mask_spec, ring_attention, ring_over
 from .ring_backward import check_backward_context, ring_attention_backward, ring_backward_over
 from .ulysses import _Relayout, head_plan, over_heads, ulysses_attention, ulysses_attention_backward
@@ -101,16 +101,18 @@ def _self_attention_only(dist, dist_k):
 def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = False,
                      layout: str = "contiguous", scale: float | None = None,
                      stats: dict | None = None, window=None, cu_seqlens=None,
-                     align: str = "top-left", **block_kw):
+                     align: str = "top-left", kv_pieces: int = 1, **block_kw):
     """The 2-D strategy (see the module docstring); same contract as ``ring_attention`` (masks
-    included: the ring across groups applies them by global positions)."""
+    included: the ring across groups applies them by global positions; ``kv_pieces`` for the
+    ring across groups)."""
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be,
-                                              mask_spec(causal, window, cu_seqlens, align))
+                                              mask_spec(causal, window, cu_seqlens, align),
+                                              kv_pieces)
     _self_attention_only(dist, dist_k)
     with _Grid(comm, dist, ulysses_size, q.shape[2], k.shape[2], be) as grid:
         ring_stats: dict = {}
@@ -118,7 +120,7 @@ def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = Fa
         def attend(qg, kg, vg):
             return ring_over(be.to_device(qg), be.to_device(kg), be.to_device(vg), grid.across,
                              grid.dist, be, causal=causal, scale=scale, stats=ring_stats, mask=mask,
-                             **block_kw)
+                             kv_pieces=kv_pieces, **block_kw)
 
         t0 = time.perf_counter()
         out, lse, sent = over_heads(q, k, v, grid.move, attend)
@@ -181,6 +183,9 @@ def context_attention(q, k, v, comm=None, *, strategy: str = "ring", ulysses_siz
     if strategy == "ring":
         return ring_attention(q, k, v, comm, **kw)
     if strategy == "ulysses":
+        if kw.pop("kv_pieces", 1) != 1:
+            raise HpcattnError(f"kv_pieces={block_kw['kv_pieces']!r} is for the ring and hybrid "
+                               "strategies (ulysses passes no K/V blocks); expected 1")
         return ulysses_attention(q, k, v, comm, **kw)
     if strategy == "hybrid":
         return hybrid_attention(q, k, v, comm, ulysses_size=ulysses_size, **kw)

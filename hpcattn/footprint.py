@@ -6,8 +6,8 @@ The model follows what a ring rank really allocates (``hpcattn.cases``, ``hpcatt
 
 * ``inputs``: q, k, v of its ``n`` positions (host; on GPU also the float32 rows they are drawn as);
 * ``outputs``: out and lse;
-* ``ring``: the K/V data of the two ring buffers, sized for the largest rank's block (one buffer
-  on a single rank);
+* ``ring``: the K/V data of the two ring buffers, sized for the largest rank's block, or with
+  ``kv_pieces`` for its largest piece (one buffer on a single rank);
 * ``packing``: the CPU layout's extra column of ones per key and value row (``[k, 1]``, ``[v, 1]``);
 * ``state``: the running state: on CPU the scaled query copy ``[scale*q, -m]``, the accumulator
   ``[acc, l]`` and ``m``, and a score tile per kernel worker; on GPU each block's kernel output
@@ -76,13 +76,16 @@ class RankMemory:
 def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                 n_max: int | None = None, ranks: int = 2, device: str = "cpu",
                 check_rows: int = 0, backward: bool = False,
-                workers: int = 1) -> tuple[RankMemory, RankMemory]:
+                workers: int = 1, kv_pieces: int = 1) -> tuple[RankMemory, RankMemory]:
     """(host, device) bytes of a rank holding ``n`` of the positions (``n_max``: the largest
-    rank's count, which sizes the ring buffers; ``workers``: its CPU kernel threads). On CPU
-    ``device`` is empty. ``backward`` adds what the gradients hold on top (:func:`backward_bytes`)."""
+    rank's count, which sizes the ring buffers, or ``kv_pieces`` of it rounded up; ``workers``:
+    its CPU kernel threads). On CPU ``device`` is empty. ``backward`` adds what the gradients
+    hold on top (:func:`backward_bytes`; the backward ring passes whole blocks)."""
+    n_max = n if n_max is None else n_max
     host, device_mem = _forward_memory(n, batch=batch, heads=heads, kv_heads=kv_heads,
                                        head_dim=head_dim, dtype=dtype, n_max=n_max, ranks=ranks,
-                                       device=device, check_rows=check_rows, workers=workers)
+                                       device=device, check_rows=check_rows, workers=workers,
+                                       n_block=n_max if ranks == 1 else -(-n_max // max(1, kv_pieces)))
     if backward:
         extra = backward_bytes(n, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                dtype=dtype, n_max=n_max, ranks=ranks)
@@ -127,13 +130,16 @@ def fused_bytes(n: int, n_max: int, *, batch: int, heads: int, head_dim: int) ->
 
 def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
                     n_max: int | None, ranks: int, device: str,
-                    check_rows: int, workers: int = 1) -> tuple[RankMemory, RankMemory]:
+                    check_rows: int, workers: int = 1,
+                    n_block: int | None = None) -> tuple[RankMemory, RankMemory]:
+    """``n_block``: the keys one ring message carries at most (default ``n_max``)."""
     item = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
     n_max = n if n_max is None else n_max
+    n_block = n_max if n_block is None else n_block
     b, h, hkv, d = batch, heads, kv_heads, head_dim
     q_row, kv_row, lse_row = b * h * d, b * hkv * d, b * h       # elements per position
     buffers = 2 if ranks > 1 else 1
-    kv_data = buffers * 2 * n_max * kv_row * item
+    kv_data = buffers * 2 * n_block * kv_row * item
     rows = min(check_rows, n * ranks)
     keys = min(CHECK_KEY_CHUNK, n)
     # per chunk of keys: the float64 scores (the reference works in place), their causal mask,
@@ -146,12 +152,12 @@ def _forward_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: 
         tile = TILE_ROWS * TILE_ROWS * item + TILE_ROWS * (d + 1) * item
         state = n * (2 * b * h * (d + 1) + lse_row) * item
         if dtype == "float32":  # the larger of the two kernels' terms
-            f_state, f_call = fused_bytes(n, n_max, batch=b, heads=h, head_dim=d)
+            f_state, f_call = fused_bytes(n, n_block, batch=b, heads=h, head_dim=d)
             state, tile = max(state, f_state), max(tile, f_call)
         state += workers * tile   # each kernel worker's call: tiles while the ring runs
         host = RankMemory(
             inputs=qkv * item, outputs=n * (q_row + lse_row) * item, ring=kv_data,
-            packing=buffers * 2 * n_max * b * hkv * item,
+            packing=buffers * 2 * n_block * b * hkv * item,
             state=state,
             # finishing: the accumulator [acc, l] and m stay; seen, l_safe and lse in float64
             result=n * (b * h * (d + 1) + lse_row) * item + n * lse_row * 3 * 8,

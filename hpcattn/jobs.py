@@ -111,7 +111,7 @@ ATTENTION_KEYS: dict[str, Spec] = {
     "causal": Spec(bool), "layout": Spec(str, choices=LAYOUTS), "seed": Spec(int, minimum=0),
     "repeats": Spec(int, minimum=1, maximum=MAX_REPEATS), "check_rows": Spec(int, minimum=0),
     "tolerance": Spec(float, minimum=0),
-    "block_q": POSITIVE, "block_k": POSITIVE,
+    "block_q": POSITIVE, "block_k": POSITIVE, "kv_pieces": POSITIVE,
     "strategy": Spec(str, choices=("ring", "ulysses", "hybrid")), "ulysses_size": POSITIVE,
     "backward": Spec(bool),
     # masks as the command line writes them: "LEFT,RIGHT" and "0,c1,...,N" (a list sweeps them)

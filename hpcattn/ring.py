@@ -15,6 +15,11 @@ once no remaining block is visible to any rank (:func:`ring_plan`: every rank co
 number of steps from the distribution and the mask, no communication). A causal window of w on
 the contiguous layout thus runs ceil(w / (N/P)) + 1 steps: O(N·w) work and traffic. (Zigzag and
 striped spread every rank over the whole sequence, so windows there keep all P steps.)
+
+``kv_pieces=p`` trades messages for memory: each rank's K/V block travels in p pieces, one
+whole ring per piece, so the two ring buffers hold a piece (1/p of the largest block) instead of
+a block. The same keys reach the same queries (only the order the online state folds them in
+changes, so the rounding does); p times the messages, each 1/p the size.
 """
 from __future__ import annotations
 
@@ -32,17 +37,18 @@ def mask_spec(causal=False, window=None, cu_seqlens=None, align="top-left") -> d
     return {"causal": causal, "window": window, "cu_seqlens": cu_seqlens, "align": align}
 
 
-def _describe(q, k, v, be, spec):
+def _describe(q, k, v, be, spec, kv_pieces=1):
     """What every rank tells the others before the ring starts (and its local error, if any)."""
     digest = None
     try:
         check_qkv(q, k, v, allowed=be.dtypes, xp=be.xp)
         digest = make_mask(**spec).digest()
+        check_pieces(kv_pieces)
         err = None
     except HpcattnError as exc:
         err = str(exc)
     return {"err": err, "q": tuple(getattr(q, "shape", ())), "kv": tuple(getattr(k, "shape", ())),
-            "dtype": str(getattr(q, "dtype", "?")), "mask": digest}
+            "dtype": str(getattr(q, "dtype", "?")), "mask": digest, "pieces": repr(kv_pieces)}
 
 
 def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
@@ -51,17 +57,19 @@ def check_ring_inputs(q, k, v, comm, layout: str, be=None) -> Distribution:
     return check_context_inputs(q, k, v, comm, layout, be)[0]
 
 
-def check_context_inputs(q, k, v, comm, layout: str, be=None, spec=None):
+def check_context_inputs(q, k, v, comm, layout: str, be=None, spec=None, kv_pieces=1):
     """:func:`check_ring_inputs` plus the mask and the keys' distribution: ``(distribution of the
     queries, bound Mask, distribution of the keys)``, or the same CollectiveError on every rank (a
     bad window or cu_seqlens, ranks that disagree on them, a backend that cannot apply the mask).
     Queries and keys are sharded independently by ``layout`` (cross-attention: Nq != Nk); for
-    self-attention the two distributions are one object. ``spec``: :func:`mask_spec`."""
+    self-attention the two distributions are one object. ``spec``: :func:`mask_spec`;
+    ``kv_pieces``: the ring's (valid, and the same on every rank)."""
     check_layout(layout)
     size = comm.size
     be = backend.select(q) if be is None else be
     spec = mask_spec() if spec is None else spec
-    infos = exchange.allgather(comm, _describe(q, k, v, be, spec), "checking the ring's inputs")
+    infos = exchange.allgather(comm, _describe(q, k, v, be, spec, kv_pieces),
+                               "checking the ring's inputs")
     for r, info in enumerate(infos):
         if info["err"]:
             raise CollectiveError(f"rank {r}: {info['err']}")
@@ -70,6 +78,9 @@ def check_context_inputs(q, k, v, comm, layout: str, be=None, spec=None):
         if info["mask"] != ref["mask"]:
             raise CollectiveError(f"rank {r} was given another mask than rank 0 (causal, window, "
                                   "cu_seqlens or align differ); expected the same on every rank")
+        if info["pieces"] != ref["pieces"]:
+            raise CollectiveError(f"rank {r} was given kv_pieces={info['pieces']} but rank 0 "
+                                  f"kv_pieces={ref['pieces']}; expected the same on every rank")
     for r, info in enumerate(infos):
         if info["q"][0] != ref["q"][0] or info["q"][2:] != ref["q"][2:] or info["kv"][2:] != ref["kv"][2:] \
                 or info["dtype"] != ref["dtype"]:
@@ -128,7 +139,7 @@ def ring_plan(dist, mask, size: int, rank: int, dist_k=None) -> tuple[int, list]
 
 def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
                    scale: float | None = None, stats: dict | None = None, window=None,
-                   cu_seqlens=None, align: str = "top-left", **block_kw):
+                   cu_seqlens=None, align: str = "top-left", kv_pieces: int = 1, **block_kw):
     """Exact attention over the global sequence whose shards the ranks of ``comm`` hold.
 
     ``q``, ``k``, ``v`` are this rank's shards, (batch, n_local, heads, head_dim), laid out by
@@ -138,7 +149,8 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
     packed sequence, the same on every rank). If ``stats`` is a dict it receives ``compute_s``
     (time in attention), ``wait_s`` (time blocked in the exchange), ``steps`` (ring steps run:
     fewer than P when a window lets the ring stop early) and ``skipped`` (steps whose block
-    the mask hid entirely).
+    the mask hid entirely). ``kv_pieces``: send each K/V block in this many pieces (a positive
+    integer; see the module docstring): the ring buffers shrink to one piece.
     """
     if comm is None:
         from mpi4py import MPI
@@ -146,13 +158,27 @@ def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "c
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be,
-                                              mask_spec(causal, window, cu_seqlens, align))
+                                              mask_spec(causal, window, cu_seqlens, align),
+                                              kv_pieces)
     return ring_over(q, k, v, comm, dist, be, causal=causal, scale=scale, stats=stats, mask=mask,
-                     dist_k=dist_k, **block_kw)
+                     dist_k=dist_k, kv_pieces=kv_pieces, **block_kw)
+
+
+def check_pieces(kv_pieces) -> int:
+    """``kv_pieces`` as an int, or HpcattnError (every rank passes the same value)."""
+    if isinstance(kv_pieces, bool) or not isinstance(kv_pieces, (int, np.integer)) or kv_pieces < 1:
+        raise HpcattnError(f"kv_pieces={kv_pieces!r} is invalid; expected a positive integer")
+    return int(kv_pieces)
+
+
+def piece_bounds(n: int, pieces: int) -> list:
+    """``[(start, stop), ...]``: the ``pieces`` near-equal runs a block of ``n`` keys travels in
+    (the same on every rank, from ``n`` alone; a run is empty when ``n < pieces``)."""
+    return [(j * n // pieces, (j + 1) * n // pieces) for j in range(pieces)]
 
 
 def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=None, dist_k=None,
-              **block_kw):
+              kv_pieces: int = 1, **block_kw):
     """The ring loop on validated shards. ``dist`` says which rows rank r of ``comm`` holds:
     ``counts``, ``count(r)``, ``positions(r)`` (a ``layouts.Distribution``, or any value with
     those, e.g. the groups of ranks of the hybrid strategy; positions need not be sorted);
@@ -160,6 +186,7 @@ def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=
     ``mask``: a ``hpcattn.masks.Mask`` (bound to the global lengths unless it is); None: plain
     ``causal``."""
     size, rank = comm.size, comm.rank
+    pieces = check_pieces(kv_pieces)
     dist_k = dist if dist_k is None else dist_k
     mask = resolve(mask, causal, dist.n, dist_k.n)
     kw = backend.mask_kwargs(be, mask)
@@ -180,26 +207,32 @@ def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
         # per head), and every block is folded into one running state: no per-step output
         part = be.partial(q, k.shape[2], scale=scale, q_pos=q_pos, **kw, **block_kw)
-        bufs = [be.xp.empty(part.packed_size(max(dist_k.counts)), dtype=k.dtype) for _ in range(2)]
-        part.pack(k, v, bufs[0])
-        for step in range(steps):
-            src = (rank - step) % size          # whose block we hold now
-            cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
-            n_src = dist_k.count(src)
-            if step < steps - 1:
-                n_next = dist_k.count((src - 1) % size)
-                ring.send_recv(cur[: part.packed_size(n_src)], nxt[: part.packed_size(n_next)], step=step)
-            clock.start()
-            if useful[step]:
-                part.add_packed(cur[: part.packed_size(n_src)], n_src, dist_k.positions(src),
-                                progress=ring.progress)
-            else:
-                skipped += 1                     # the mask hides every key from every query
-            clock.computed()
-            ring.wait()
-            busy, idle = clock.stop()
-            t_compute += busy
-            t_wait += idle
+        bounds = [piece_bounds(dist_k.count(r), pieces) for r in range(size)]
+        widest = max(hi - lo for b in bounds for lo, hi in b)
+        bufs = [be.xp.empty(part.packed_size(widest), dtype=k.dtype) for _ in range(2)]
+        for piece in range(pieces):   # one whole ring per piece (one piece: the plain ring)
+            lo, hi = bounds[rank][piece]
+            part.pack(k[:, lo:hi], v[:, lo:hi], bufs[0])
+            for step in range(steps):
+                src = (rank - step) % size          # whose block's piece we hold now
+                cur, nxt = bufs[step % 2], bufs[(step + 1) % 2]
+                lo, hi = bounds[src][piece]
+                if step < steps - 1:
+                    next_lo, next_hi = bounds[(src - 1) % size][piece]
+                    ring.send_recv(cur[: part.packed_size(hi - lo)],
+                                   nxt[: part.packed_size(next_hi - next_lo)],
+                                   step=step if pieces == 1 else f"{step} (piece {piece})")
+                clock.start()
+                if not useful[step]:
+                    skipped += piece == 0        # the mask hides every key from every query
+                elif hi > lo:
+                    part.add_packed(cur[: part.packed_size(hi - lo)], hi - lo,
+                                    dist_k.positions(src)[lo:hi], progress=ring.progress)
+                clock.computed()
+                ring.wait()
+                busy, idle = clock.stop()
+                t_compute += busy
+                t_wait += idle
         del cur, nxt
         bufs.clear()  # the ring buffers are free before the output exists (peak memory)
         clock.start()

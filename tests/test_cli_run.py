@@ -24,7 +24,7 @@ def test_help_explains_every_option(hpcattn_cmd):
     assert proc.returncode == 0
     for opt in ("--np", "--seq-len", "--heads", "--kv-heads", "--head-dim", "--dtype", "--causal",
                 "--layout", "--seed", "--repeats", "--check", "--check-rows", "--tolerance",
-                "--strategy", "--ulysses-size", "--backward"):
+                "--strategy", "--ulysses-size", "--backward", "--kv-pieces"):
         assert opt in proc.stdout
 
 
@@ -32,6 +32,7 @@ def test_help_explains_every_option(hpcattn_cmd):
     (2, "zigzag", ["--causal"]),
     (3, "striped", ["--causal", "--kv-heads", "2"]),
     (4, "contiguous", ["--dtype", "float64"]),
+    (3, "zigzag", ["--causal", "--kv-pieces", "3"]),
 ])
 def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout, extra):
     proc = run(hpcattn_cmd + ["run", "--np", str(np_), "-N", "1001", "-H", "4", "-d", "16",
@@ -108,6 +109,8 @@ def test_check_failure_exits_1(hpcattn_cmd, mpiexec):
      "ulysses_size=3 on P=4 ranks; expected a positive divisor of 4"),
     (["--np", "2", "--ulysses-size", "2", "-N", "64"], "ulysses_size=2 is for strategy 'hybrid', not 'ring'"),
     (["--np", "2", "-N", "64", "--check", "--tolerance", "nan"], "tolerance=nan is invalid; expected a finite number"),
+    (["--np", "2", "-N", "64", "--strategy", "ulysses", "--kv-pieces", "2"],
+     "kv_pieces=2 is for the ring and hybrid strategies (ulysses passes no K/V blocks); expected 1"),
 ])
 def test_bad_input_exits_2_with_one_line(hpcattn_cmd, mpiexec, args, message):
     proc = run(hpcattn_cmd + ["run", *args])

@@ -5,7 +5,7 @@ and GQA/MQA; every strategy agrees with every other. Runs serially and under mpi
 import numpy as np
 import pytest
 
-from hpcattn import CollectiveError, LAYOUTS, shard, unshard
+from hpcattn import CollectiveError, HpcattnError, LAYOUTS, shard, unshard
 from hpcattn.context import STRATEGIES, GroupDistribution, context_attention, context_attention_backward
 from hpcattn.layouts import Distribution
 from hpcattn.reference import naive_attention, naive_attention_backward
@@ -98,6 +98,25 @@ def test_ulysses_size_that_does_not_divide_p_is_one_collective_error():
     with pytest.raises(CollectiveError, match=rf"ulysses_size={comm.size + 1} on P={comm.size} ranks; "
                                               rf"expected a positive divisor of {comm.size}"):
         context_attention(*local, comm, strategy="hybrid", ulysses_size=comm.size + 1)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_and_hybrid_in_pieces_equal_reference(layout):
+    """K/V in pieces: the ring, and the hybrid strategy's ring across groups; Ulysses refuses."""
+    comm = MPI.COMM_WORLD
+    q, k, v = global_inputs(37, b=1, h=4, hkv=2)
+    ref, _ = naive_attention(q, k, v, causal=True)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    for strategy, u in grids(comm.size):
+        if strategy == "ulysses":
+            with pytest.raises(HpcattnError, match=r"kv_pieces=3 is for the ring and hybrid"):
+                context_attention(*local, comm, strategy=strategy, kv_pieces=3)
+            continue
+        out, _ = context_attention(*local, comm, strategy=strategy, ulysses_size=u, causal=True,
+                                   layout=layout, block_q=8, block_k=8, kv_pieces=3)
+        assert np.abs(unshard(out, comm, layout) - ref).max() < 1e-12, (strategy, u)
 
 
 def test_unknown_strategy_is_named():

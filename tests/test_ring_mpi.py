@@ -154,3 +154,98 @@ def test_ring_with_the_gpu_running_state_on_the_host(layout, monkeypatch):
     ref, ref_lse = naive_attention(q, k, v, causal=True)
     assert np.abs(unshard(out, comm, layout) - ref).max() < 1e-12
     assert np.abs(unshard(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pieces", [2, 3, 7])
+@pytest.mark.parametrize("n", [11, 203])  # 11 on 4 ranks: blocks of 2-3 keys, empty pieces
+def test_ring_in_pieces_equals_reference(layout, causal, pieces, n):
+    comm = MPI.COMM_WORLD
+    q, k, v = global_inputs(n)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    stats = {}
+    out, lse = ring_attention(*local, comm, causal=causal, layout=layout, block_q=16, block_k=16,
+                              kv_pieces=pieces, stats=stats)
+    ref, ref_lse = naive_attention(q, k, v, causal=causal)
+    assert np.abs(unshard(out, comm, layout) - ref).max() < 1e-12
+    assert np.abs(unshard(lse, comm, layout, axis=2) - ref_lse).max() < 1e-12
+    plain = {}
+    ring_attention(*local, comm, causal=causal, layout=layout, stats=plain)
+    assert (stats["steps"], stats["skipped"]) == (plain["steps"], plain["skipped"])  # blocks, not pieces
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_in_pieces_float32_window_and_packed(layout):
+    """The fused float32 state, a window and packed sequences, with K/V in pieces."""
+    comm = MPI.COMM_WORLD
+    n = 400
+    q, k, v = global_inputs(n, b=1, h=4, hkv=2, d=16, dtype="float32")
+    cu = np.array([0, 37, 250, n])
+    single, _ = hpcattn.attention(q, k, v, causal=True, window=(60, 0), cu_seqlens=cu)
+    local = [shard(x, comm, layout) for x in (q, k, v)]
+    out, _ = ring_attention(*local, comm, causal=True, layout=layout, window=(60, 0),
+                            cu_seqlens=cu, kv_pieces=3)
+    assert np.abs(unshard(out, comm, layout) - single).max() < 2e-6
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_ring_in_pieces_holds_a_piece_not_a_block():
+    """The two ring buffers shrink to a piece: the traced peak falls by about (1 - 1/p) of them."""
+    import tracemalloc
+
+    comm = MPI.COMM_WORLD
+    n = 1024 * comm.size
+    q, k, v = [shard(x, comm, "contiguous") for x in global_inputs(n, b=1, h=4, hkv=4, d=32,
+                                                                       dtype="float32")]
+    buffers = 2 * 2 * 4 * (n // comm.size) * 33 * 4     # two packed [k, 1], [v, 1] blocks
+    peaks = {}
+    for pieces in (1, 4):
+        tracemalloc.start()
+        ring_attention(q, k, v, comm, kv_pieces=pieces)
+        peaks[pieces] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[1] - peaks[4] > 0.6 * buffers, (peaks, buffers)
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(60)
+def test_bad_kv_pieces_is_one_error_everywhere():
+    comm = MPI.COMM_WORLD
+    local = [shard(x, comm, "contiguous") for x in global_inputs(16)]
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(CollectiveError, match=rf"kv_pieces={bad!r} is invalid; expected a positive"):
+            ring_attention(*local, comm, kv_pieces=bad)
+    if comm.size > 1:
+        with pytest.raises(CollectiveError, match=r"rank 1 was given kv_pieces=3 but rank 0 kv_pieces=2"):
+            ring_attention(*local, comm, kv_pieces=3 if comm.rank == 1 else 2)
+    comm.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pieces", [1, 4])
+def test_memory_model_counts_the_pieces(pieces):
+    """The up-front estimate of a ring case with K/V in pieces bounds its traced peak (and is
+    not far above it): the same rule as the single-rank estimate test."""
+    import tracemalloc
+
+    from hpcattn.cases import AttentionCase, case_memory, run_attention_case
+    from hpcattn.layouts import Distribution
+
+    comm = MPI.COMM_WORLD
+    case = AttentionCase(seq_len=2048 * comm.size, heads=4, head_dim=32, kv_pieces=pieces)
+    host = case_memory(case, Distribution(case.seq_len, comm.size, "contiguous"), comm.rank)[0]
+    run_attention_case(case, comm)   # lazy imports out of the measured run
+    tracemalloc.start()
+    try:
+        run_attention_case(case, comm)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= host.total <= 1.3 * peak, (host.total, peak, host.parts())

@@ -23,6 +23,7 @@ class BenchConfig:
     ranks: tuple = (1, 2)
     repeats: int = 3
     budget_mb: float = 256.0         # per-rank memory budget of the max-N comparison
+    kv_pieces: int | None = None     # the ring's K/V pieces; None: 1, and max-N picks its own
     gemm_n: int = 2048
     torch: bool = True
     sections: tuple = SECTIONS

@@ -77,12 +77,13 @@ def shard_footprint(cfg: BenchConfig, n_local: int, heads: int | None = None) ->
 
 
 def _ring_case(cfg: BenchConfig, comm, n: int, repeats: int, check_rows: int = 0,
-               heads: int | None = None) -> dict:
+               heads: int | None = None, kv_pieces: int | None = None) -> dict:
     from ..cases import AttentionCase, run_attention_case
 
     case = AttentionCase(seq_len=n, batch=cfg.batch, heads=heads or cfg.heads,
                          head_dim=cfg.head_dim, dtype=cfg.dtype, causal=cfg.causal,
-                         layout=cfg.layout, repeats=repeats, check_rows=check_rows)
+                         layout=cfg.layout, repeats=repeats, check_rows=check_rows,
+                         kv_pieces=kv_pieces or cfg.kv_pieces or 1)
     res = run_attention_case(case, comm)
     item = {"float32": 4, "float64": 8}[cfg.dtype]
     inputs = [3 * c * cfg.batch * case.heads * cfg.head_dim * item for c in res["counts"]]
@@ -116,6 +117,10 @@ def _fit(xs, ys, powers):
     return [float(c) for c in np.linalg.lstsq(a, np.array(ys, float), rcond=None)[0]]
 
 
+#: the K/V piece counts the max-N part measures when --kv-pieces is not given
+PIECES_TRIED = (1, 2, 4, 8, 16)
+
+
 def ring_max_n(cfg: BenchConfig, comm) -> dict:
     """Per-rank array bytes per local token from two small runs, the N that fills the budget on
     this many ranks, and a real run at that N (with a sampled float64 check)."""
@@ -123,7 +128,18 @@ def ring_max_n(cfg: BenchConfig, comm) -> dict:
     budget = cfg.budget_mb * 2 ** 20
     unit = size * 64
     probes = [unit * 16, unit * 64]   # n_local >= one 512-row tile: tile buffers at full size
-    peaks = [max(_ring_case(cfg, comm, n, 1)["peak_array_bytes"]) for n in probes]
+
+    def peak(n, pieces):
+        return max(_ring_case(cfg, comm, n, 1, kv_pieces=pieces)["peak_array_bytes"])
+
+    # K/V in pieces (the ring buffers hold one): unless --kv-pieces says, the fewest of
+    # PIECES_TRIED whose measured peak at the larger probe is within 2% of the least of them
+    # (past it, finishing, the outputs beside the state, sets the peak: more pieces only add
+    # messages)
+    tried = {p: peak(probes[-1], p) for p in ((cfg.kv_pieces,) if cfg.kv_pieces else PIECES_TRIED)}
+    least = min(tried.values())
+    pieces = min(p for p, b in tried.items() if b <= 1.02 * least)
+    peaks = [peak(probes[0], pieces), tried[pieces]]
     slope, const = _fit([n / size for n in probes], peaks, (1, 0))
     # the line through the probes, or where it predicts more, the larger probe's bytes per local
     # token (fixed costs included): the cost per token still grows a little past the probes (the
@@ -131,9 +147,10 @@ def ring_max_n(cfg: BenchConfig, comm) -> dict:
     per_token = peaks[-1] / (probes[-1] / size)
     n_max = int(min((budget - const) / slope, budget / per_token) * size) // unit * unit
     res = {"probe_n": probes, "probe_peak_bytes": peaks, "bytes_per_token": slope,
-           "fixed_bytes": const, "predicted_n": n_max, "ranks": size, "budget_bytes": budget}
+           "fixed_bytes": const, "predicted_n": n_max, "ranks": size, "budget_bytes": budget,
+           "kv_pieces": pieces, "pieces_tried": {str(p): b for p, b in tried.items()}}
     if n_max >= unit:
-        run = _ring_case(cfg, comm, n_max, 1, check_rows=16)
+        run = _ring_case(cfg, comm, n_max, 1, check_rows=16, kv_pieces=pieces)
         res.update(n=n_max, peak_array_bytes=max(run["peak_array_bytes"]),
                    peak_rss_bytes=max(run["peak_rss_bytes"]), wall_s=run["wall_s"][0],
                    gflops=run["gflops"], max_abs_err=run.get("max_abs_err"))

@@ -163,11 +163,17 @@ def maxn_table(cfg: BenchConfig, res: dict) -> str:
         lines.append(f"  {name:<31s}{e['bytes_per_n2']:8.1f} B per N^2  {e['predicted_n']:12,d}"
                      f"{e.get('n', 0):13,d}{_mib(e.get('peak_array_bytes', 0)):>14s}"
                      f"{e.get('wall_s', 0):9.2f}")
-    name = f"ring attention, {ring['ranks']} ranks"
+    pieces = ring.get("kv_pieces", 1)
+    name = (f"ring attention, {ring['ranks']} ranks" if pieces == 1
+            else f"ring, {ring['ranks']} ranks, K/V in {pieces} pcs")
     err = f"   check max abs err {ring['max_abs_err']:.1e}" if ring.get("max_abs_err") is not None else ""
     lines.append(f"  {name:<31s}{ring['bytes_per_token']:8.0f} B per token{ring['predicted_n']:12,d}"
                  f"{ring.get('n', 0):13,d}{_mib(ring.get('peak_array_bytes', 0)):>14s}"
                  f"{ring.get('wall_s', 0):9.2f}{err}")
+    if len(ring.get("pieces_tried", {})) > 1:
+        tried = ", ".join(f"{p} {_mib(b)}" for p, b in ring["pieces_tried"].items())
+        lines.append(f"  ring K/V pieces: peak arrays per rank at N={ring['probe_n'][-1]:,d} with {tried}; "
+                     f"ran {pieces} (the fewest within 2% of the least)")
     if ring.get("n"):
         over = [f"{name} {_mib(e['peak_array_bytes'])}" for name, e in
                 (("vanilla", van["all_heads"]), ("vanilla one head", van["per_head"]), ("ring", ring))

@@ -52,6 +52,10 @@ def _sections(ctx, param, value):
 @click.option("--max-n-budget", "budget_mb", type=click.FloatRange(min=1), default=None,
               help="Per-rank memory budget (MiB of arrays) of the max-N comparison, which uses the "
                    "largest --ranks. [default: 256; --quick: 8]")
+@click.option("--kv-pieces", type=click.IntRange(min=1), default=None,
+              help="Each ring K/V block travels in this many pieces (the ring buffers hold one). "
+                   "[default: 1; max-N: the fewest past which the memory model says a rank's "
+                   "peak stops falling]")
 @click.option("--parts", "sections", default=",".join(SECTIONS), callback=_sections,
               help="Which parts to run.")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch SDPA comparison.")
@@ -59,7 +63,7 @@ def _sections(ctx, param, value):
               help="HDF5 results file (hpcattn results format; replaced if it exists).")
 @click.option("--no-output", is_flag=True, help="Print the tables only.")
 def bench(quick, seq_len, batch, heads, head_dim, dtype, causal, threads, ranks, repeats,
-          budget_mb, sections, no_torch, output, no_output):
+          budget_mb, kv_pieces, sections, no_torch, output, no_output):
     """Measure blockwise and ring attention side by side with this machine's GEMM rate, vanilla
     NumPy attention and (when installed) PyTorch's SDPA, in one run under one load.
 
@@ -85,7 +89,7 @@ def bench(quick, seq_len, batch, heads, head_dim, dtype, causal, threads, ranks,
     given = {"seq_len": seq_len, "heads": heads, "head_dim": head_dim, "repeats": repeats,
              "budget_mb": budget_mb}
     cfg = dataclasses.replace(base, batch=batch, dtype=dtype, causal=causal, threads=threads,
-                              ranks=ranks, sections=sections, torch=not no_torch,
+                              ranks=ranks, sections=sections, torch=not no_torch, kv_pieces=kv_pieces,
                               **{k: v for k, v in given.items() if v is not None})
     if cfg.seq_len < max(cfg.ranks):
         raise click.BadParameter(f"--seq-len {cfg.seq_len} is smaller than the largest rank count "

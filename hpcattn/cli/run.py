@@ -99,7 +99,7 @@ OVERRIDES = {"seq_len": "seq_len", "batch": "batch", "heads": "heads", "kv_heads
              "seed": "seed", "repeats": "repeats", "tolerance": "tolerance", "block_q": "block_q",
              "block_k": "block_k", "device": "device", "strategy": "strategy",
              "ulysses_size": "ulysses_size", "backward": "backward", "window": "window",
-             "cu_seqlens": "cu_seqlens"}
+             "cu_seqlens": "cu_seqlens", "kv_pieces": "kv_pieces"}
 JOB_ONLY = ("output", "array_task", "array_tasks", "force")
 
 
@@ -181,10 +181,15 @@ def _load(job_file, overrides):
                    "lengths from 0 to N): tokens never attend across sequences.")
 @click.option("--block-q", type=click.IntRange(min=1), default=None, help="Query tile rows (tuning).")
 @click.option("--block-k", type=click.IntRange(min=1), default=None, help="Key tile rows (tuning).")
+@click.option("--kv-pieces", type=click.IntRange(min=1), default=1,
+              help="Ring and hybrid: each K/V block travels in this many pieces, one ring per "
+                   "piece, so the two ring buffers hold a piece, not a block (less memory per "
+                   "rank, more messages).")
 @click.pass_context
 def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, seq_len, batch, heads,
         kv_heads, head_dim, dtype, device, causal, layout, seed, repeats, check, check_rows,
-        tolerance, strategy, ulysses_size, backward, window, cu_seqlens, block_q, block_k):
+        tolerance, strategy, ulysses_size, backward, window, cu_seqlens, block_q, block_k,
+        kv_pieces):
     """Run exact ring attention on random inputs, or every case of a job file.
 
     Without JOB.toml: one case, and rank 0 prints N, ranks, layout, dtype, wall time, GFLOP/s
@@ -236,7 +241,7 @@ def run(ctx, job_file, np_, output, array_task, array_tasks, force, progress, se
                          repeats=repeats, check_rows=check_rows if check else 0,
                          block_q=block_q, block_k=block_k, device=device, strategy=strategy,
                          ulysses_size=ulysses_size, backward=backward, window=window,
-                         cu_seqlens=cu_seqlens)
+                         cu_seqlens=cu_seqlens, kv_pieces=kv_pieces)
     from ..cases import run_attention_case
 
     try:
