@@ -33,14 +33,16 @@ def accumulator_dtype(dtype) -> np.dtype:
 
 
 def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True, allowed=None,
-                         xp=np) -> str | None:
+                         xp=np, find_nonfinite=None) -> str | None:
     """The one-line reason ``(q, k, v, out, lse, dout)`` cannot be differentiated, or None.
 
     ``allowed``/``xp``: the dtype names and array module of q's backend (default NumPy's), as
-    ``validate.check_qkv`` takes them; every backend's backward checks its inputs here.
+    ``validate.check_qkv`` takes them (with ``find_nonfinite``); every backend's backward checks
+    its inputs here.
     """
     try:
-        check_qkv(q, k, v, check_finite=check_finite, allowed=allowed, xp=xp)
+        check_qkv(q, k, v, check_finite=check_finite, allowed=allowed, xp=xp,
+                  find_nonfinite=find_nonfinite)
         b, nq, h, _ = q.shape
         for name, x, shape in (("out", out, q.shape), ("dout", dout, q.shape), ("lse", lse, (b, h, nq))):
             got = tuple(getattr(x, "shape", ()))
@@ -55,8 +57,8 @@ def backward_input_error(q, k, v, out, lse, dout, *, check_finite: bool = True, 
         if str(lse.dtype) not in ("float32", "float64"):
             raise HpcattnError(f"lse has dtype {lse.dtype}; expected float32 or float64")
         if check_finite:
-            check_finite_array("out", out, xp)
-            check_finite_array("dout", dout, xp)
+            check_finite_array("out", out, xp, find_nonfinite)
+            check_finite_array("dout", dout, xp, find_nonfinite)
             if lse.size and not bool((xp.isfinite(lse) | (lse == -xp.inf)).all()):
                 raise HpcattnError("lse contains NaN or +Inf; expected finite values or -inf "
                                    "(rows that see no key)")

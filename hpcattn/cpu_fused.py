@@ -195,6 +195,9 @@ def build(native: bool = True) -> ctypes.CDLL:
     lib.hpcattn_cpu_scratch_floats.argtypes = [ctypes.POINTER(_Call), ctypes.c_int32]
     lib.hpcattn_cpu_streams.restype = ctypes.c_int
     lib.hpcattn_cpu_streams.argtypes = [ctypes.POINTER(_Call)]
+    for name in ("hpcattn_cpu_first_nonfinite_f32", "hpcattn_cpu_first_nonfinite_f64"):
+        getattr(lib, name).restype = ctypes.c_int64
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 
@@ -249,6 +252,17 @@ def _load():
         except (HpcattnError, OSError, subprocess.SubprocessError) as exc:
             _state["why"] = f"the fused CPU kernel is unavailable ({str(exc).splitlines()[0]})"
     return _state
+
+
+def first_nonfinite(x) -> int | None:
+    """``hpcattn.cpu_kernels.first_nonfinite`` on a C-contiguous float32/float64 array, or None
+    without the compiled library."""
+    st = _load()
+    if st["why"]:
+        return None
+    fn = (st["lib"].hpcattn_cpu_first_nonfinite_f32 if x.dtype == np.float32
+          else st["lib"].hpcattn_cpu_first_nonfinite_f64)
+    return int(fn(x.ctypes.data, x.size))
 
 
 def reason() -> str | None:

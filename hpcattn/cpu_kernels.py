@@ -126,6 +126,26 @@ def fused_reason() -> str | None:
     return cpu_fused.reason()
 
 
+#: elements from which the input check searches for NaN/Inf in compiled code (below it NumPy's
+#: isfinite costs microseconds, and a first call need not load the compiled library for it)
+COMPILED_CHECK_MIN = 1 << 16
+
+
+def first_nonfinite(x) -> int | None:
+    """The flat index of the first NaN or Inf of ``x``, -1 when there is none, or None where the
+    compiled search does not apply (not a C-contiguous float32/float64 NumPy array of at least
+    :data:`COMPILED_CHECK_MIN` elements, no compiled library here, or ``HPCATTN_CPU_KERNEL``
+    asks for a kernel other than the fused one, which is then not built for this): one pass
+    over ``x`` instead of NumPy's isfinite, which writes a boolean array as large as ``x`` and
+    reads it."""
+    if (type(x) is not np.ndarray or x.size < COMPILED_CHECK_MIN or not x.flags.c_contiguous
+            or x.dtype not in (np.float32, np.float64) or requested() not in ("auto", "fused")):
+        return None
+    from . import cpu_fused
+
+    return cpu_fused.first_nonfinite(x)
+
+
 def _fused_for(want: str) -> bool:
     """Whether the fused kernel runs a call it can take under ``want`` (auto or fused); a
     ``fused`` request it cannot serve is an error."""

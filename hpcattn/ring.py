@@ -41,7 +41,8 @@ def _describe(q, k, v, be, spec, kv_pieces=1):
     """What every rank tells the others before the ring starts (and its local error, if any)."""
     digest = None
     try:
-        check_qkv(q, k, v, allowed=be.dtypes, xp=be.xp)
+        check_qkv(q, k, v, allowed=be.dtypes, xp=be.xp,
+                  find_nonfinite=getattr(be, "find_nonfinite", None))
         digest = make_mask(**spec).digest()
         check_pieces(kv_pieces)
         err = None

@@ -13,11 +13,12 @@ def _library(x) -> str:
     return type(x).__module__.partition(".")[0]
 
 
-def check_qkv(q, k, v, *, check_finite: bool = True, allowed=None, xp=np) -> None:
+def check_qkv(q, k, v, *, check_finite: bool = True, allowed=None, xp=np, find_nonfinite=None) -> None:
     """Raise HpcattnError unless q/k/v are (batch, seq, heads, head_dim) arrays that fit together.
 
     ``allowed``: the dtype names accepted (default: the CPU kernels', ``devices.CPU_DTYPES``);
-    ``xp``: the array module of q (the caller's backend), used for the finiteness check.
+    ``xp``: the array module of q (the caller's backend), used for the finiteness check;
+    ``find_nonfinite``: the backend's faster form of that check (see :func:`check_finite_array`).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
@@ -46,10 +47,19 @@ def check_qkv(q, k, v, *, check_finite: bool = True, allowed=None, xp=np) -> Non
         raise HpcattnError("head_dim is 0; expected at least 1")
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
-            check_finite_array(name, x, xp)
+            check_finite_array(name, x, xp, find_nonfinite)
 
 
-def check_finite_array(name, x, xp=np) -> None:
+def check_finite_array(name, x, xp=np, find_nonfinite=None) -> None:
+    """HpcattnError naming the first NaN or Inf of ``x``. ``find_nonfinite(x)``, where given:
+    the flat index of the first one, -1 for none, or None where it does not apply to ``x``
+    (then ``xp.isfinite`` decides)."""
+    first = find_nonfinite(x) if find_nonfinite is not None and x.size else None
+    if first is not None:
+        if first < 0:
+            return
+        bad = tuple(int(i) for i in np.unravel_index(first, x.shape))
+        raise HpcattnError(f"{name} contains NaN or Inf (first at index {bad}); expected finite values")
     if x.size and not bool(xp.isfinite(x).all()):
         bad = tuple(int(i) for i in xp.argwhere(~xp.isfinite(x))[0])
         raise HpcattnError(f"{name} contains NaN or Inf (first at index {bad}); expected finite values")

@@ -521,3 +521,50 @@ def test_decode_like_shapes_run_in_row_chunks_all_heads_each(monkeypatch, mask):
     kw = mask or {}
     m = make_mask(**kw).bind(1000, 20) if kw else None
     _check(cpu_fused.attention(q, k, v, mask=m), naive_attention(q, k, v, **kw))
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, "nan-payload"])
+@pytest.mark.parametrize("where", [0, 4095, 4096, 70_001, -1])   # block edges, the last value
+def test_compiled_nonfinite_search_finds_the_first_one(dtype, bad, where):
+    x = np.random.default_rng(1).standard_normal(70_002).astype(dtype)
+    x[[1, -2]] = [np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal]   # finite extremes
+    x[2] = -0.0
+    assert cpu_kernels.first_nonfinite(x) == -1
+    bits = x.view(np.uint32 if dtype == np.float32 else np.uint64)
+    if bad == "nan-payload":   # a NaN whose mantissa is not the default one
+        bits[where] = (0x7f800001 if dtype == np.float32 else 0x7ff0000000000001)
+    else:
+        x[where] = bad
+    want = where % x.size
+    if want + 7 < x.size:
+        x[want + 7] = np.nan   # a later one
+
+    assert cpu_kernels.first_nonfinite(x) == want
+    assert np.flatnonzero(~np.isfinite(x))[0] == want   # NumPy agrees
+
+
+@needs_fused
+def test_compiled_nonfinite_search_applies_only_where_it_can(monkeypatch):
+    big = np.zeros((2, 40_000), np.float32)
+    assert cpu_kernels.first_nonfinite(big) == -1
+    assert cpu_kernels.first_nonfinite(big[:, ::2]) is None           # not contiguous
+    assert cpu_kernels.first_nonfinite(big[:1, :100]) is None         # small: NumPy's is as fast
+    assert cpu_kernels.first_nonfinite(big.astype(np.float16)) is None
+    monkeypatch.setenv("HPCATTN_CPU_KERNEL", "numpy")                 # no compiled code asked for
+    assert cpu_kernels.first_nonfinite(big) is None
+
+
+@needs_fused
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_nan_in_a_large_cache_is_named_the_same_either_way(layout):
+    """The public check names the same first bad index with the compiled search (contiguous k)
+    as with NumPy's (a strided view of k)."""
+    q, k, v = _qkv(3, 1, 2, 9000, 8, 2, 64)
+    if layout == "strided":
+        k = np.concatenate([k, k], axis=3)[..., :64]
+    k[0, 8000, 1, 5] = np.inf
+    k[0, 8500, 0, 0] = np.nan
+    with pytest.raises(HpcattnError, match=r"^k contains NaN or Inf \(first at index \(0, 8000, 1, 5\)\)"):
+        hpcattn.attention(q, k, v)

@@ -117,7 +117,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     """
     be = select(q)
     allowed = getattr(be, "attention_dtypes", be.dtypes)  # CPU: half types where the CPU has them
-    check_qkv(q, k, v, check_finite=check_finite, allowed=allowed, xp=be.xp)
+    check_qkv(q, k, v, check_finite=check_finite, allowed=allowed, xp=be.xp,
+              find_nonfinite=getattr(be, "find_nonfinite", None))
     kw = mask_kwargs(be, _mask(causal, window, cu_seqlens, align, q.shape[1], k.shape[1]))
     return be.attention(q, k, v, scale=scale, q_pos=q_pos, k_pos=k_pos, block_q=block_q,
                         block_k=block_k, progress=progress, **kw)
@@ -142,7 +143,7 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool = False, scale: 
         be.check_dtype(q)
     err = backward_input_error(q, k, v, out, lse, dout, check_finite=check_finite,
                                allowed=getattr(be, "attention_dtypes", be.dtypes),
-                               xp=be.xp)
+                               xp=be.xp, find_nonfinite=getattr(be, "find_nonfinite", None))
     if err:
         raise HpcattnError(err)
     kw = mask_kwargs(be, _mask(causal, window, cu_seqlens, align, q.shape[1], k.shape[1]))

@@ -40,6 +40,9 @@ class NumpyBackend:
     head_dims = None  # any
     masks = True      # the kernels take mask= (hpcattn.masks.Mask)
 
+    #: the input check's NaN/Inf search (compiled, for large contiguous float arrays)
+    find_nonfinite = staticmethod(cpu_kernels.first_nonfinite)
+
     @staticmethod
     def check_dtype(q):
         """HpcattnError (with the reason) for a half type this CPU has no instructions for."""

@@ -2007,3 +2007,36 @@ extern "C" int64_t hpcattn_cpu_acc_stride(int64_t d) {
     return d;
 #endif
 }
+
+// The flat index of the first NaN or Inf among n contiguous values (exponent bits all ones), or
+// -1 when every one is finite: one pass at memory speed, in blocks whose test the compiler
+// vectorizes (the position is looked for only in a block that has one). hpcattn's input check
+// (hpcattn.validate.check_qkv) calls it for large contiguous float32/float64 arrays instead of
+// NumPy's isfinite, which writes a boolean array as large as the input and reads it again.
+namespace {
+
+template <class U, U kExp>
+int64_t first_nonfinite(const void* data, int64_t n) {
+    typedef U __attribute__((may_alias)) alias_t;
+    const alias_t* u = static_cast<const alias_t*>(data);
+    constexpr int64_t kBlock = 4096;
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+        const int64_t i1 = std::min(n, i0 + kBlock);
+        U bad = 0;
+        for (int64_t i = i0; i < i1; ++i) bad |= U((u[i] & kExp) == kExp);
+        if (bad)
+            for (int64_t i = i0; i < i1; ++i)
+                if ((u[i] & kExp) == kExp) return i;
+    }
+    return -1;
+}
+
+}  // namespace
+
+extern "C" int64_t hpcattn_cpu_first_nonfinite_f32(const float* x, int64_t n) {
+    return first_nonfinite<uint32_t, 0x7f800000u>(x, n);
+}
+
+extern "C" int64_t hpcattn_cpu_first_nonfinite_f64(const double* x, int64_t n) {
+    return first_nonfinite<uint64_t, 0x7ff0000000000000ull>(x, n);
+}
