@@ -212,7 +212,7 @@ def run_attention_case(case: AttentionCase, comm, *, keep_activations: bool = Fa
             if case.backward:
                 grid = {"ulysses_size": case.ulysses_size} if case.strategy == "hybrid" else {}
                 grads = BACKWARD[case.strategy](xq, xk, xv, *res, xdout, comm, stats=bstats, **kw,
-                                                **grid)
+                                                **grid, **pieces)
             be.synchronize()
             walls.append(exchange.allreduce(comm, time.perf_counter() - t0, "timing a repeat",
                                             op=_max_op()))

@@ -134,7 +134,8 @@ def hybrid_attention(q, k, v, comm=None, *, ulysses_size: int, causal: bool = Fa
 def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_size: int,
                               causal: bool = False, layout: str = "contiguous",
                               scale: float | None = None, stats: dict | None = None, window=None,
-                              cu_seqlens=None, align: str = "top-left", **block_kw):
+                              cu_seqlens=None, align: str = "top-left", kv_pieces: int = 1,
+                              **block_kw):
     """``(dq, dk, dv)`` of this rank's shard for the 2-D strategy: the group's all-to-all gives
     every member the group's rows of q, k, v, out, dout and lse for its heads, a backward ring
     across the groups differentiates them, and the gradients go back to the rows' owners. Same
@@ -145,7 +146,8 @@ def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_siz
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist, mask, dist_k = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
-                                                mask_spec(causal, window, cu_seqlens, align))
+                                                mask_spec(causal, window, cu_seqlens, align),
+                                                kv_pieces)
     _self_attention_only(dist, dist_k)
     h, hkv = q.shape[2], k.shape[2]
     with _Grid(comm, dist, ulysses_size, h, hkv, be) as grid:
@@ -160,7 +162,8 @@ def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_siz
             qg, kg, vg, og, dg = (be.to_device(x) for x in (*full[:4], full[4]))
             grads = [be.to_host(g) for g in ring_backward_over(
                 qg, kg, vg, og, be.to_device(lse_full), dg, grid.across, grid.dist, be,
-                causal=causal, scale=scale, stats=ring_stats, mask=mask, **block_kw)]
+                causal=causal, scale=scale, stats=ring_stats, mask=mask, kv_pieces=kv_pieces,
+                **block_kw)]
         else:
             grads = [np.zeros_like(full[0]), np.zeros_like(full[1]), np.zeros_like(full[2])]
         replicated = hkv < move.comm.size
@@ -174,6 +177,16 @@ def hybrid_attention_backward(q, k, v, out, lse, dout, comm=None, *, ulysses_siz
         return be.to_device(dq), be.to_device(dk), be.to_device(dv)
 
 
+def _no_pieces(kw: dict) -> dict:
+    """``kw`` without ``kv_pieces``, which Ulysses has no use for: HpcattnError unless it is 1."""
+    kw = dict(kw)
+    pieces = kw.pop("kv_pieces", 1)
+    if pieces != 1:
+        raise HpcattnError(f"kv_pieces={pieces!r} is for the ring and hybrid strategies (ulysses "
+                           "passes no K/V blocks); expected 1")
+    return kw
+
+
 def context_attention(q, k, v, comm=None, *, strategy: str = "ring", ulysses_size: int | None = None,
                       causal: bool = False, layout: str = "contiguous", scale: float | None = None,
                       stats: dict | None = None, **block_kw):
@@ -183,10 +196,7 @@ def context_attention(q, k, v, comm=None, *, strategy: str = "ring", ulysses_siz
     if strategy == "ring":
         return ring_attention(q, k, v, comm, **kw)
     if strategy == "ulysses":
-        if kw.pop("kv_pieces", 1) != 1:
-            raise HpcattnError(f"kv_pieces={block_kw['kv_pieces']!r} is for the ring and hybrid "
-                               "strategies (ulysses passes no K/V blocks); expected 1")
-        return ulysses_attention(q, k, v, comm, **kw)
+        return ulysses_attention(q, k, v, comm, **_no_pieces(kw))
     if strategy == "hybrid":
         return hybrid_attention(q, k, v, comm, ulysses_size=ulysses_size, **kw)
     raise ValueError(f"strategy {strategy!r} is unknown; expected one of {', '.join(STRATEGIES)}")
@@ -202,7 +212,7 @@ def context_attention_backward(q, k, v, out, lse, dout, comm=None, *, strategy: 
     if strategy == "ring":
         return ring_attention_backward(q, k, v, out, lse, dout, comm, **kw)
     if strategy == "ulysses":
-        return ulysses_attention_backward(q, k, v, out, lse, dout, comm, **kw)
+        return ulysses_attention_backward(q, k, v, out, lse, dout, comm, **_no_pieces(kw))
     if strategy == "hybrid":
         return hybrid_attention_backward(q, k, v, out, lse, dout, comm, ulysses_size=ulysses_size, **kw)
     raise ValueError(f"strategy {strategy!r} is unknown; expected one of {', '.join(STRATEGIES)}")

@@ -88,7 +88,7 @@ def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int,
                                        n_block=n_max if ranks == 1 else -(-n_max // max(1, kv_pieces)))
     if backward:
         extra = backward_bytes(n, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                               dtype=dtype, n_max=n_max, ranks=ranks)
+                               dtype=dtype, n_max=n_max, ranks=ranks, kv_pieces=kv_pieces)
         # the gradients run beside the forward's outputs: counted in both phases (an upper bound)
         if device == "cpu":
             host = dataclasses.replace(host, state=host.state + extra, result=host.result + extra)
@@ -99,17 +99,19 @@ def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int,
 
 
 def backward_bytes(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
-                   n_max: int | None = None, ranks: int = 2) -> int:
+                   n_max: int | None = None, ranks: int = 2, kv_pieces: int = 1) -> int:
     """What the ring backward adds per rank (an upper estimate): dout, dq and its accumulator,
     the scaled q/dout copies with their extra column, dk/dv, and the travelling K/V blocks with
-    their dK/dV accumulators (two buffers each, accumulators in float32/float64)."""
+    their dK/dV accumulators (two buffers each, accumulators in float32/float64; with
+    ``kv_pieces`` a piece of the largest block each)."""
     item = np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
     acc = 8 if dtype == "float64" else 4
     n_max = n if n_max is None else n_max
     q_row, kv_row = batch * heads * (head_dim + 1), batch * kv_heads * (head_dim + 1)
     buffers = 2 if ranks > 1 else 1
+    n_block = n_max if ranks == 1 else -(-n_max // max(1, kv_pieces))
     return (n * q_row * (2 * item + 3 * acc) + 2 * n * kv_row * item
-            + buffers * 2 * n_max * kv_row * (item + acc))
+            + buffers * 2 * n_block * kv_row * (item + acc))
 
 
 def fused_bytes(n: int, n_max: int, *, batch: int, heads: int, head_dim: int) -> tuple[int, int]:

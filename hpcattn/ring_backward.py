@@ -14,6 +14,8 @@ Masks (causal, windows, packed sequences) as in the forward: a block the mask hi
 local query is skipped (its accumulator passes on unchanged), and the ring runs the forward's
 number of steps (``ring.ring_plan``); when that is S < P, the last hop of each accumulator goes
 from rank ``owner + S - 1`` straight home. Every layout, uneven N and GQA work as in the forward.
+``kv_pieces=p`` (as in the forward) runs one such ring per piece of every block, so the K/V
+buffers and the three dK/dV accumulators hold a piece, not a block.
 
 The backend (``hpcattn.backend``, chosen once from q) supplies the per-block state, the exchange
 and the step clock: on CPU ``blockwise_backward.BackwardState``, on GPU the backward kernels per
@@ -28,7 +30,7 @@ from . import backend, exchange
 from .blockwise_backward import backward_input_error
 from .errors import CollectiveError
 from .masks import resolve
-from .ring import check_context_inputs, mask_spec, ring_plan
+from .ring import check_context_inputs, mask_spec, piece_bounds, ring_plan
 
 KV_TAG, GRAD_TAG = 11, 12  # the two exchanges run at once between the same ranks
 
@@ -40,13 +42,14 @@ def check_backward_inputs(q, k, v, out, lse, dout, comm, layout, be=None):
     return check_backward_context(q, k, v, out, lse, dout, comm, layout, be)[0]
 
 
-def check_backward_context(q, k, v, out, lse, dout, comm, layout, be=None, spec=None):
-    """:func:`check_backward_inputs` plus the mask (``ring.mask_spec``): ``(dist, bound mask,
-    dist_k)`` as ``ring.check_context_inputs`` gives them."""
+def check_backward_context(q, k, v, out, lse, dout, comm, layout, be=None, spec=None, kv_pieces=1):
+    """:func:`check_backward_inputs` plus the mask (``ring.mask_spec``) and ``kv_pieces``:
+    ``(dist, bound mask, dist_k)`` as ``ring.check_context_inputs`` gives them."""
     be = backend.select(q) if be is None else be
-    dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be, spec)
+    dist, mask, dist_k = check_context_inputs(q, k, v, comm, layout, be, spec, kv_pieces)
     errors = exchange.allgather(comm, backward_input_error(q, k, v, out, lse, dout, allowed=be.dtypes,
-                                                           xp=be.xp),
+                                                           xp=be.xp,
+                                                           find_nonfinite=getattr(be, "find_nonfinite", None)),
                                 "checking the ring backward's inputs")
     for r, err in enumerate(errors):
         if err:
@@ -57,13 +60,14 @@ def check_backward_context(q, k, v, out, lse, dout, comm, layout, be=None, spec=
 def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool = False,
                             layout: str = "contiguous", scale: float | None = None,
                             stats: dict | None = None, window=None, cu_seqlens=None,
-                            align: str = "top-left", **block_kw):
+                            align: str = "top-left", kv_pieces: int = 1, **block_kw):
     """``(dq, dk, dv)`` of this rank's shard, given the forward's ``out``/``lse`` shards (from
     ``ring_attention``) and ``dout = dL/dout`` for them; identical (to rounding) to single-rank
     ``attention_backward`` on the global arrays. NumPy or CuPy arrays (the backend is chosen once
     from q). The mask (``causal``, ``window``, ``cu_seqlens``, ``align``) must be the forward's.
     ``stats`` (a dict) receives ``compute_s``, ``wait_s`` (time not covered by compute),
-    ``steps`` and ``skipped`` like the forward's.
+    ``steps`` and ``skipped`` like the forward's. ``kv_pieces`` as for ``ring_attention`` (it
+    need not be the forward's).
     """
     if comm is None:
         from mpi4py import MPI
@@ -71,13 +75,14 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm=None, *, causal: bool 
         comm = MPI.COMM_WORLD
     be = backend.select(q)
     dist, mask, dist_k = check_backward_context(q, k, v, out, lse, dout, comm, layout, be,
-                                                mask_spec(causal, window, cu_seqlens, align))
+                                                mask_spec(causal, window, cu_seqlens, align),
+                                                kv_pieces)
     return ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, causal=causal, scale=scale,
-                              stats=stats, mask=mask, dist_k=dist_k, **block_kw)
+                              stats=stats, mask=mask, dist_k=dist_k, kv_pieces=kv_pieces, **block_kw)
 
 
 def ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, *, causal: bool, scale, stats=None,
-                       mask=None, dist_k=None, **block_kw):
+                       mask=None, dist_k=None, kv_pieces: int = 1, **block_kw):
     """The backward ring on validated shards; ``dist`` as for ``hpcattn.ring.ring_over`` (any
     value with ``counts``, ``count(r)``, ``positions(r)``, e.g. the hybrid strategy's groups);
     ``mask`` and ``dist_k`` (the keys' distribution) as for ``ring_over``."""
@@ -98,22 +103,28 @@ def ring_backward_over(q, k, v, out, lse, dout, comm, dist, be, *, causal: bool,
         state = be.backward_state(q, out, lse, dout, k.shape[2], scale=scale,
                                   q_pos=dist.positions(rank), **kw, **block_kw)
         steps, useful = ring_plan(dist, mask, size, rank, dist_k)
-        grads, timing = _ring(state, be, clock, k, v, comm, dist_k, steps, useful)
+        grads, timing = _ring(state, be, clock, k, v, comm, dist_k, steps, useful, kv_pieces)
     if stats is not None:
         stats.update(steps=steps, **timing)
     return grads
 
 
-def _ring(state, be, clock, k, v, comm, dist, steps, useful):
-    """The loop; ``dist`` is the KEYS' distribution (the queries stay in ``state``)."""
+def _ring(state, be, clock, k, v, comm, dist, steps, useful, pieces=1):
+    """The loop, one ring per piece of every block; ``dist`` is the KEYS' distribution (the
+    queries stay in ``state``)."""
     size, rank = comm.size, comm.rank
-    widest = max(dist.counts)
+    bounds = [piece_bounds(dist.count(r), pieces) for r in range(size)]
+
+    def count(r, piece):
+        lo, hi = bounds[r][piece]
+        return hi - lo
+
+    widest = max(count(r, j) for r in range(size) for j in range(pieces))
     xp = be.xp
     # K/V travel in the form (and precision) the state consumes; dK/dV always in acc_dtype
     kv_bufs = [xp.empty(state.packed_size(widest), dtype=state.packed_dtype) for _ in range(2)]
     # accumulated dK/dV going out, the previous ranks' sum coming in, this rank's own share
     sending, arriving, mine = (xp.zeros(state.grads_size(widest), dtype=state.acc_dtype) for _ in range(3))
-    state.pack(k, v, kv_bufs[0])
     kv_ring, grad_ring = be.ring_comm(comm), be.ring_comm(comm)
 
     def progress():
@@ -122,51 +133,68 @@ def _ring(state, be, clock, k, v, comm, dist, steps, useful):
 
     compute_s = 0.0
     skipped = 0
+    dk = dv = None  # this rank's block's, filled piece by piece
     t_start = time.perf_counter()
-    for step in range(steps):
-        src = (rank - step) % size              # whose block we hold now
-        n_src = dist.count(src)
-        cur, nxt = kv_bufs[step % 2], kv_bufs[(step + 1) % 2]
-        if step < steps - 1:
-            kv_ring.send_recv(cur[: state.packed_size(n_src)],
-                              nxt[: state.packed_size(dist.count((src - 1) % size))], tag=KV_TAG,
-                              step=step)
-        if step > 0:  # last step's block goes on; this block's sum so far comes in
-            grad_ring.send_recv(sending[: state.grads_size(dist.count((src + 1) % size))],
-                                arriving[: state.grads_size(n_src)], tag=GRAD_TAG, step=step)
-        k_pos = dist.positions(src)
-        # step 0: nothing arrives, so this rank's share is the whole sum so far
-        share = (sending if step == 0 else mine)[: state.grads_size(n_src)]
-        visible = useful[step]                  # else the mask hides every key from every query
-        clock.start()
-        if visible:
-            share.fill(0)
-            state.add_block(cur, n_src, k_pos, share, progress=progress)
-        else:
-            skipped += 1
-        clock.computed()
-        kv_ring.wait()
+    for piece in range(pieces):
+        lo, hi = bounds[rank][piece]
+        state.pack(k[:, lo:hi], v[:, lo:hi], kv_bufs[0])
+        grad_ring.right, grad_ring.left = (rank + 1) % size, (rank - 1) % size
+        name = (lambda s: s) if pieces == 1 else (lambda s: f"{s} (piece {piece})")
+        for step in range(steps):
+            src = (rank - step) % size          # whose block's piece we hold now
+            n_src = count(src, piece)
+            cur, nxt = kv_bufs[step % 2], kv_bufs[(step + 1) % 2]
+            if step < steps - 1:
+                kv_ring.send_recv(cur[: state.packed_size(n_src)],
+                                  nxt[: state.packed_size(count((src - 1) % size, piece))],
+                                  tag=KV_TAG, step=name(step))
+            if step > 0:  # last step's block goes on; this block's sum so far comes in
+                grad_ring.send_recv(sending[: state.grads_size(count((src + 1) % size, piece))],
+                                    arriving[: state.grads_size(n_src)], tag=GRAD_TAG,
+                                    step=name(step))
+            slo, shi = bounds[src][piece]
+            k_pos = dist.positions(src)[slo:shi]
+            # step 0: nothing arrives, so this rank's share is the whole sum so far
+            share = (sending if step == 0 else mine)[: state.grads_size(n_src)]
+            visible = useful[step]              # else the mask hides every key from every query
+            clock.start()
+            if visible or step == 0:
+                share.fill(0)                   # (step 0 unseen: a zero sum starts the ring)
+            if visible and n_src:
+                state.add_block(cur, n_src, k_pos, share, progress=progress)
+            skipped += not visible and piece == 0
+            clock.computed()
+            kv_ring.wait()
+            grad_ring.wait()
+            compute_s += clock.stop()[0]
+            if step > 0:
+                if visible:
+                    clock.start()
+                    arriving[: share.size] += share
+                    clock.computed()
+                    compute_s += clock.stop()[0]
+                sending, arriving = arriving, sending
+        # the last hop: every rank holds the full sum of piece ``piece`` of block rank-(steps-1)
+        # (rank+1 after all P steps); send it home, receive ours from rank+(steps-1)
+        home = (rank - (steps - 1)) % size
+        grad_ring.right, grad_ring.left = home, (rank + steps - 1) % size
+        grad_ring.send_recv(sending[: state.grads_size(count(home, piece))],
+                            arriving[: state.grads_size(count(rank, piece))], tag=GRAD_TAG,
+                            step=name(steps))
+        if piece == pieces - 1:   # dq while the last accumulator travels home
+            clock.start()
+            dq = state.dq()
+            clock.computed()
+            compute_s += clock.stop()[0]
         grad_ring.wait()
-        compute_s += clock.stop()[0]
-        if step > 0:
-            if visible:
-                clock.start()
-                arriving[: share.size] += share
-                clock.computed()
-                compute_s += clock.stop()[0]
-            sending, arriving = arriving, sending
-    # the last hop: every rank holds the full sum of block rank-(steps-1) (rank+1 after all P
-    # steps); send it home, receive ours from rank+(steps-1)
-    home = (rank - (steps - 1)) % size
-    grad_ring.right, grad_ring.left = home, (rank + steps - 1) % size
-    grad_ring.send_recv(sending[: state.grads_size(dist.count(home))],
-                        arriving[: state.grads_size(dist.count(rank))], tag=GRAD_TAG, step=steps)
-    clock.start()
-    dq = state.dq()
-    clock.computed()
-    compute_s += clock.stop()[0]
-    grad_ring.wait()
-    dk, dv = state.unpack_grads(arriving, dist.count(rank))
+        dk_p, dv_p = state.unpack_grads(arriving, count(rank, piece))
+        if pieces == 1:
+            dk, dv = dk_p, dv_p
+            continue
+        if dk is None:
+            dk, dv = (xp.empty(k.shape, dtype=dk_p.dtype) for _ in range(2))
+        dk[:, lo:hi], dv[:, lo:hi] = dk_p, dv_p
+        del dk_p, dv_p
     be.synchronize()
     wall = time.perf_counter() - t_start
     return (dq, dk, dv), {"compute_s": compute_s, "wait_s": max(0.0, wall - compute_s), "skipped": skipped}

@@ -104,31 +104,35 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> t
 
 
 def ring_attention(q, k, v, comm=None, *, causal: bool = False, layout: str = "contiguous",
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, kv_pieces: int = 1) -> torch.Tensor:
     """Exact attention over the sequence whose shards the ranks of ``comm`` (default
-    ``MPI.COMM_WORLD``) hold, differentiable. Every rank calls it, forward and backward alike."""
+    ``MPI.COMM_WORLD``) hold, differentiable. Every rank calls it, forward and backward alike.
+    ``kv_pieces``: each K/V block travels in this many pieces, both ways (``hpcattn.ring``)."""
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     return _Attention.apply(q, k, v, _ring_attention, _ring_attention_backward,
-                            dict(comm=comm, causal=causal, layout=layout, scale=scale))
+                            dict(comm=comm, causal=causal, layout=layout, scale=scale,
+                                 kv_pieces=kv_pieces))
 
 
 class RingAttention(torch.nn.Module):
     """:func:`ring_attention` as a module: ``RingAttention(causal=True, layout="zigzag")(q, k, v)``."""
 
     def __init__(self, comm=None, *, causal: bool = False, layout: str = "contiguous",
-                 scale: float | None = None):
+                 scale: float | None = None, kv_pieces: int = 1):
         super().__init__()
         self.comm, self.causal, self.layout, self.scale = comm, causal, layout, scale
+        self.kv_pieces = kv_pieces
 
     def forward(self, q, k, v):
         return ring_attention(q, k, v, self.comm, causal=self.causal, layout=self.layout,
-                              scale=self.scale)
+                              scale=self.scale, kv_pieces=self.kv_pieces)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, layout={self.layout!r}"
+        pieces = f", kv_pieces={self.kv_pieces}" if self.kv_pieces != 1 else ""
+        return f"causal={self.causal}, layout={self.layout!r}{pieces}"
 
 
 def shard(x: torch.Tensor, comm=None, layout: str = "contiguous", axis: int = 1) -> torch.Tensor:

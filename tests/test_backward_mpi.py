@@ -175,3 +175,67 @@ def test_ring_backward_with_the_gpu_running_state_on_the_host(layout, dtype, tol
     assert max_relative_error(got, ref) <= tol
     if comm.size > 1:  # one rank runs the plain per-rank backward, no ring state
         assert asked == ({None} if dtype == "float64" else {"float32"})
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pieces", [2, 5])
+@pytest.mark.parametrize("n, h, hkv", [(11, 6, 1), (203, 8, 2)])  # 11 on 4 ranks: empty pieces
+def test_ring_backward_in_pieces_equals_single_rank(layout, causal, pieces, n, h, hkv):
+    comm = MPI.COMM_WORLD
+    q, k, v, dout = global_inputs(n, h=h, hkv=hkv)
+    stats, plain = {}, {}
+    got = ring_gradients(q, k, v, dout, comm, layout, causal, stats=stats, block_q=8, block_k=16,
+                         kv_pieces=pieces)
+    out, lse = attention(q, k, v, causal=causal)
+    single = attention_backward(q, k, v, out, lse, dout, causal=causal)
+    assert max_relative_error(got, single) < 1e-12
+    ring_gradients(q, k, v, dout, comm, layout, causal, stats=plain)
+    assert (stats["steps"], stats["skipped"]) == (plain["steps"], plain["skipped"])
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_ring_backward_in_pieces_with_a_window_and_packed_sequences():
+    """A window stops the ring early (the last hop goes straight home), per piece."""
+    comm = MPI.COMM_WORLD
+    n = 120
+    q, k, v, dout = global_inputs(n, b=1, h=4, hkv=2)
+    mask = dict(causal=True, window=(20, 0), cu_seqlens=np.array([0, 17, 90, n]))
+    import hpcattn
+
+    out, lse = attention(q, k, v, **mask)
+    single = hpcattn.attention_backward(q, k, v, out, lse, dout, **mask)
+    lq, lk, lv, ldo = (shard(x, comm, "contiguous") for x in (q, k, v, dout))
+    lout, llse = ring_attention(lq, lk, lv, comm, **mask, kv_pieces=3)
+    stats = {}
+    grads = ring_attention_backward(lq, lk, lv, lout, llse, ldo, comm, **mask, kv_pieces=3,
+                                    stats=stats)
+    got = [unshard(g, comm, "contiguous") for g in grads]
+    assert max_relative_error(got, single) < 1e-12
+    if comm.size == 4:
+        assert stats["steps"] < comm.size     # the window stopped the ring early
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_ring_backward_in_pieces_holds_a_piece_not_a_block():
+    """The K/V buffers and the three dK/dV accumulators shrink to a piece (traced peak)."""
+    import tracemalloc
+
+    comm = MPI.COMM_WORLD
+    n = 1024 * comm.size
+    q, k, v, dout = global_inputs(n, b=1, h=4, hkv=4, d=32, dtype="float32")
+    lq, lk, lv, ldo = (shard(x, comm, "contiguous") for x in (q, k, v, dout))
+    out, lse = ring_attention(lq, lk, lv, comm)
+    n_loc = n // comm.size
+    travelling = 2 * 2 * 4 * n_loc * 33 * 4 + 3 * 2 * 4 * n_loc * 32 * 4   # K/V; dK/dV x 3
+    peaks = {}
+    for pieces in (1, 4):
+        tracemalloc.start()
+        ring_attention_backward(lq, lk, lv, out, lse, ldo, comm, kv_pieces=pieces)
+        peaks[pieces] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[1] - peaks[4] > 0.6 * travelling, (peaks, travelling)

@@ -107,16 +107,27 @@ def test_ring_and_hybrid_in_pieces_equal_reference(layout):
     """K/V in pieces: the ring, and the hybrid strategy's ring across groups; Ulysses refuses."""
     comm = MPI.COMM_WORLD
     q, k, v = global_inputs(37, b=1, h=4, hkv=2)
+    dout = global_inputs(37, b=1, h=4, hkv=2, seed=1)[0]
     ref, _ = naive_attention(q, k, v, causal=True)
+    ref_grads = naive_attention_backward(q, k, v, dout, causal=True)
     local = [shard(x, comm, layout) for x in (q, k, v)]
+    ldout = shard(dout, comm, layout)
     for strategy, u in grids(comm.size):
         if strategy == "ulysses":
             with pytest.raises(HpcattnError, match=r"kv_pieces=3 is for the ring and hybrid"):
                 context_attention(*local, comm, strategy=strategy, kv_pieces=3)
+            out, lse = context_attention(*local, comm, strategy=strategy, layout=layout)
+            with pytest.raises(HpcattnError, match=r"kv_pieces=2 is for the ring and hybrid"):
+                context_attention_backward(*local, out, lse, ldout, comm, strategy=strategy,
+                                           layout=layout, kv_pieces=2)
             continue
-        out, _ = context_attention(*local, comm, strategy=strategy, ulysses_size=u, causal=True,
-                                   layout=layout, block_q=8, block_k=8, kv_pieces=3)
+        kw = dict(strategy=strategy, ulysses_size=u, causal=True, layout=layout, block_q=8,
+                  block_k=8, kv_pieces=3)
+        out, lse = context_attention(*local, comm, **kw)
         assert np.abs(unshard(out, comm, layout) - ref).max() < 1e-12, (strategy, u)
+        grads = context_attention_backward(*local, out, lse, ldout, comm, **kw)
+        for g, want in zip(grads, ref_grads):
+            assert np.abs(unshard(g, comm, layout) - want).max() < 1e-12, (strategy, u)
 
 
 def test_unknown_strategy_is_named():

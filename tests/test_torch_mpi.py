@@ -46,12 +46,14 @@ def _curves(model, tokens, targets, comm=None, layout=None):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_ring_adapter_trains_like_sdpa_on_one_process(layout):
+@pytest.mark.parametrize("kv_pieces", [1, 3])
+def test_ring_adapter_trains_like_sdpa_on_one_process(layout, kv_pieces):
     comm = MPI.COMM_WORLD
     gen = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 11, (2, 61), generator=gen)   # 61: uneven over 2 and 3 ranks
     targets = torch.roll(tokens, 1, dims=1)
-    ours, ours_grads = _curves(TinyModel(ht.RingAttention(comm, causal=True, layout=layout)),
+    ours, ours_grads = _curves(TinyModel(ht.RingAttention(comm, causal=True, layout=layout,
+                                                             kv_pieces=kv_pieces)),
                                tokens, targets, comm, layout)
     ref, ref_grads = _curves(TinyModel(lambda q, k, v: sdpa(q, k, v, True)), tokens, targets)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-11)

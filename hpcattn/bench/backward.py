@@ -126,7 +126,7 @@ def ring_backward_case(cfg: BenchConfig, comm, n: int, repeats: int) -> dict:
 
     dist = Distribution(n, comm.size, cfg.layout)
     q, k, v, dout = _rows(cfg, dist.positions(comm.rank))
-    kw = dict(causal=cfg.causal, layout=cfg.layout)
+    kw = dict(causal=cfg.causal, layout=cfg.layout, kv_pieces=cfg.kv_pieces or 1)
 
     def once():
         fwd_stats, bwd_stats = {}, {}
