@@ -50,6 +50,7 @@ def test_np_launches_mpiexec_and_check_passes(hpcattn_cmd, mpiexec, np_, layout,
 
 @pytest.mark.parametrize("np_, args, title", [
     (2, ["--backward", "--causal", "--layout", "zigzag"], "exact ring attention, forward + backward"),
+    (3, ["--backward", "--kv-pieces", "3"], "exact ring attention, forward + backward"),
     (3, ["--strategy", "ulysses", "--backward", "--kv-heads", "2", "--layout", "striped"],
      "exact Ulysses (all-to-all) attention, forward + backward"),
     (4, ["--strategy", "hybrid", "--ulysses-size", "2", "--causal"],
@@ -63,6 +64,7 @@ def test_strategies_and_backward_pass_their_check(hpcattn_cmd, mpiexec, np_, arg
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"hpcattn run: {title}\n")
     assert "PASSED" in proc.stdout
+    assert ("; K/V blocks in 3 pieces)" in proc.stdout) == ("--kv-pieces" in args), proc.stdout
     if "--backward" in args:  # the check covers the gradients, and the backward is timed
         assert ", backward numpy-blockwise  (HPCATTN_CPU_KERNEL=auto)" in proc.stdout, proc.stdout
         assert "(dq)" in proc.stdout and "(dk)" in proc.stdout and "(dv)" in proc.stdout

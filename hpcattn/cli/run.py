@@ -47,7 +47,8 @@ def print_summary(case: AttentionCase, res: dict, tol: float | None) -> bool:
         + (f", kv heads {kvh}" if kvh != case.heads else "")
         + f", head_dim {case.head_dim}, {case.dtype}, {'causal' if case.causal else 'non-causal'})",
         f"  ranks              {res['ranks']}  (layout {case.layout}, positions per rank "
-        f"{min(counts):,}..{max(counts):,})",
+        f"{min(counts):,}..{max(counts):,}"
+        + (f"; K/V blocks in {case.kv_pieces} pieces" if case.kv_pieces != 1 else "") + ")",
     ]
     if "cpu_kernel" in res:   # the per-rank kernel the calls ran (HPCATTN_CPU_KERNEL chooses)
         from .. import cpu_kernels
