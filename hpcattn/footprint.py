@@ -80,7 +80,7 @@ def rank_memory(n: int, *, batch: int, heads: int, kv_heads: int, head_dim: int,
     """(host, device) bytes of a rank holding ``n`` of the positions (``n_max``: the largest
     rank's count, which sizes the ring buffers, or ``kv_pieces`` of it rounded up; ``workers``:
     its CPU kernel threads). On CPU ``device`` is empty. ``backward`` adds what the gradients
-    hold on top (:func:`backward_bytes`; the backward ring passes whole blocks)."""
+    hold on top (:func:`backward_bytes`, whose travelling buffers ``kv_pieces`` shrinks too)."""
     n_max = n if n_max is None else n_max
     host, device_mem = _forward_memory(n, batch=batch, heads=heads, kv_heads=kv_heads,
                                        head_dim=head_dim, dtype=dtype, n_max=n_max, ranks=ranks,
