@@ -172,10 +172,14 @@ def check_pieces(kv_pieces) -> int:
     return int(kv_pieces)
 
 
-def piece_bounds(n: int, pieces: int) -> list:
-    """``[(start, stop), ...]``: the ``pieces`` near-equal runs a block of ``n`` keys travels in
-    (the same on every rank, from ``n`` alone; a run is empty when ``n < pieces``)."""
-    return [(j * n // pieces, (j + 1) * n // pieces) for j in range(pieces)]
+def piece_table(dist, size: int, pieces: int) -> tuple[list, int]:
+    """``(bounds, widest)``: ``bounds[r][j]`` is ``(start, stop)`` of piece j of rank r's block,
+    the ``pieces`` near-equal runs its ``dist.count(r)`` keys travel in (the same on every rank;
+    a run is empty when the block has fewer keys than pieces), and ``widest`` the longest run,
+    which sizes the ring's buffers."""
+    bounds = [[(j * n // pieces, (j + 1) * n // pieces) for j in range(pieces)]
+              for n in (dist.count(r) for r in range(size))]
+    return bounds, max(hi - lo for row in bounds for lo, hi in row)
 
 
 def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=None, dist_k=None,
@@ -208,8 +212,7 @@ def ring_over(q, k, v, comm, dist, be, *, causal: bool, scale, stats=None, mask=
         # the blocks travel in the form the per-rank kernel consumes (for NumPy: [k, 1], [v, 1]
         # per head), and every block is folded into one running state: no per-step output
         part = be.partial(q, k.shape[2], scale=scale, q_pos=q_pos, **kw, **block_kw)
-        bounds = [piece_bounds(dist_k.count(r), pieces) for r in range(size)]
-        widest = max(hi - lo for b in bounds for lo, hi in b)
+        bounds, widest = piece_table(dist_k, size, pieces)
         bufs = [be.xp.empty(part.packed_size(widest), dtype=k.dtype) for _ in range(2)]
         for piece in range(pieces):   # one whole ring per piece (one piece: the plain ring)
             lo, hi = bounds[rank][piece]

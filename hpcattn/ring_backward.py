@@ -30,7 +30,7 @@ from . import backend, exchange
 from .blockwise_backward import backward_input_error
 from .errors import CollectiveError
 from .masks import resolve
-from .ring import check_context_inputs, mask_spec, piece_bounds, ring_plan
+from .ring import check_context_inputs, mask_spec, piece_table, ring_plan
 
 KV_TAG, GRAD_TAG = 11, 12  # the two exchanges run at once between the same ranks
 
@@ -113,13 +113,12 @@ def _ring(state, be, clock, k, v, comm, dist, steps, useful, pieces=1):
     """The loop, one ring per piece of every block; ``dist`` is the KEYS' distribution (the
     queries stay in ``state``)."""
     size, rank = comm.size, comm.rank
-    bounds = [piece_bounds(dist.count(r), pieces) for r in range(size)]
+    bounds, widest = piece_table(dist, size, pieces)
 
     def count(r, piece):
         lo, hi = bounds[r][piece]
         return hi - lo
 
-    widest = max(count(r, j) for r in range(size) for j in range(pieces))
     xp = be.xp
     # K/V travel in the form (and precision) the state consumes; dK/dV always in acc_dtype
     kv_bufs = [xp.empty(state.packed_size(widest), dtype=state.packed_dtype) for _ in range(2)]
